@@ -1,0 +1,50 @@
+# vpnd: two commands on a fresh machine: `make demo` and `make test`.
+# Both install everything they need (Debian packages, a venv, pip packages).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_STAMP := .apt-installed
+# iproute2/nftables/ping for the netns suite; openssh-server for provisioning tests.
+APT_PACKAGES := iproute2 iputils-ping nftables openssl openssh-server openssh-client procps kmod
+
+.PHONY: all install apt venv test lint typecheck unit netns demo bench fuzz clean
+
+all: test
+
+apt: $(APT_STAMP)
+$(APT_STAMP): Makefile
+	@scripts/install-apt.sh $(APT_PACKAGES)
+	@touch $@
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: apt venv
+
+lint: venv
+	$(VENV)/bin/ruff check vpnd vpnctl tests netns-tests bench scripts
+	$(VENV)/bin/ruff format --check vpnd vpnctl tests netns-tests bench scripts
+
+typecheck: venv
+	$(VENV)/bin/mypy --strict vpnd vpnctl
+
+unit: venv
+	scripts/run-pytest tests
+
+netns: install
+	scripts/run-pytest netns-tests
+
+test: install lint typecheck unit netns
+
+demo: install
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) $(APT_STAMP) .mypy_cache .ruff_cache .pytest_cache

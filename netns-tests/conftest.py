@@ -1,0 +1,29 @@
+"""netns suite gate: needs root; without it, skip loudly (but fail under CI=true)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+
+def _is_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    msg = (
+        "\n" + "!" * 78 + "\n"
+        "!! netns-tests NEED ROOT: they create network namespaces, TUN devices and routes.\n"
+        "!! Not running as root, so every netns test is SKIPPED. Run `sudo make test`.\n"
+        + "!" * 78
+    )
+    if _is_ci():
+        pytest.exit(msg + "\n!! CI=true: a skip for lack of root is a FAILURE.", returncode=1)
+    print(msg, file=sys.stderr)
+    skip = pytest.mark.skip(reason="netns tests need root (see the notice above)")
+    for item in items:
+        item.add_marker(skip)
