@@ -1,0 +1,279 @@
+"""The client: connects to the gateway, brings up its TUN from the pushed CONFIG,
+reconnects with backoff. Kernel and network objects are injected; see vpnd.daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from vpnd.net.netlink import NetConfigurator
+from vpnd.net.tun import TunDevice
+from vpnd.net.vnet import ip_src_dst
+from vpnd.pki import TrustStore, verify_peer
+from vpnd.pki.identity import Role, VerifyError
+from vpnd.proto import (
+    CloseCode,
+    ConfigReceived,
+    Event,
+    PacketsReceived,
+    Session,
+    SessionClosed,
+    SessionConfig,
+    TunnelConfig,
+    describe_close,
+)
+from vpnd.transport.alerts import describe_alert
+from vpnd.transport.connection import TlsConnection
+from vpnd.transport.driver import SessionDriver
+from vpnd.transport.tlsengine import TlsAlertReceived, TlsHandshakeError
+
+log = logging.getLogger("vpnd.client")
+
+# Close codes after which retrying soon cannot help: back off to the maximum delay.
+_PERMANENT = {
+    CloseCode.AUTH_FAILED,
+    CloseCode.REVOKED,
+    CloseCode.CERT_EXPIRED,
+    CloseCode.ADDRESS_CONFLICT,
+    CloseCode.POLICY,
+}
+_PERMANENT_ALERTS = {
+    "unknown_ca",
+    "certificate_revoked",
+    "certificate_expired",
+    "bad_certificate",
+    "unsupported_certificate",
+    "certificate_required",
+    "access_denied",
+}
+
+Connector = Callable[[], Awaitable[TlsConnection]]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server: str
+    """host:port, for logs."""
+    server_name: str
+    tun_name: str
+    handshake_timeout: float = 10.0
+    max_frame: int = 262144
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+
+
+@dataclass
+class Outcome:
+    """How one connection attempt ended: what to log and how long to wait."""
+
+    established: bool
+    permanent: bool
+    message: str
+
+
+class Client:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        connect: Connector,
+        tun_factory: Callable[[str], TunDevice],
+        net: NetConfigurator,
+        trust: TrustStore,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._connect = connect
+        self._tun_factory = tun_factory
+        self.net = net
+        self.trust = trust
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self.tun: TunDevice | None = None
+        self.config: TunnelConfig | None = None
+        self.connected = asyncio.Event()
+        self.last_outcome: Outcome | None = None
+        self._driver: SessionDriver | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._driver is not None:
+            self._driver.close(CloseCode.SHUTDOWN, "client shutting down")
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with exponential backoff and jitter until stopped."""
+        delay = self.settings.initial_delay
+        while not self._stop.is_set():
+            outcome = await self._attempt()
+            self.last_outcome = outcome
+            if self._stop.is_set():
+                break
+            if outcome.established:
+                delay = self.settings.initial_delay
+            wait = self.settings.max_delay if outcome.permanent else delay
+            wait *= 0.5 + self._rng.random() / 2
+            log.info("reconnecting in %.1f s", wait)
+            try:
+                await asyncio.wait_for(self._stop.wait(), wait)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self.settings.max_delay)
+
+    async def _attempt(self) -> Outcome:
+        s = self.settings
+        try:
+            conn = await self._connect()
+        except TlsHandshakeError as err:
+            msg = f"refused the gateway {s.server}: {err.reason}: {err.detail}"
+            log.error("%s", msg)
+            return Outcome(False, True, msg)
+        except TlsAlertReceived as err:
+            return self._alert_outcome(err.alert)
+        except (OSError, TimeoutError, ssl.SSLError) as err:
+            msg = f"cannot reach the gateway {s.server}: {err or type(err).__name__}"
+            log.warning("%s", msg)
+            return Outcome(False, False, msg)
+        try:
+            identity = verify_peer(
+                conn.engine.peer_chain_der(),
+                now=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
+                role=Role.GATEWAY,
+                trust=self.trust,
+                server_name=s.server_name,
+            )
+        except VerifyError as err:
+            conn.abort()
+            msg = f"refused the gateway {s.server}: {err}"
+            log.error("%s", msg)
+            return Outcome(False, True, msg)
+        log.info(
+            "connected to gateway %s (%s, serial %s, fingerprint %s)",
+            s.server,
+            identity.name,
+            identity.serial_hex,
+            identity.fingerprint[:16],
+        )
+        return await self._serve(conn)
+
+    async def _serve(self, conn: TlsConnection) -> Outcome:
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        state = {"established": False}
+        session = Session(
+            SessionConfig(
+                role="client",
+                max_frame=self.settings.max_frame,
+                config_timeout=self.settings.handshake_timeout,
+            ),
+            self._clock(),
+        )
+
+        def on_event(event: Event) -> None:
+            match event:
+                case ConfigReceived(config=cfg):
+                    asyncio.get_running_loop().create_task(self._bring_up(cfg))
+                    state["established"] = True
+                case PacketsReceived(packets=packets):
+                    if self.tun is not None:
+                        self.tun.write_batch(packets)
+
+        def on_lost(code: int, message: str, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if isinstance(exc, TlsAlertReceived):
+                out = self._alert_outcome(exc.alert)
+                done.set_result(Outcome(state["established"], out.permanent, out.message))
+                return
+            if code >= 0:
+                text = describe_close(code, message)
+                permanent = code in _PERMANENT
+            else:
+                text = f"lost the connection to the gateway: {message}"
+                permanent = False
+            (log.error if permanent else log.warning)("%s", text)
+            done.set_result(Outcome(state["established"], permanent, text))
+
+        driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        self._driver = driver
+        driver.start()
+        try:
+            return await done
+        finally:
+            self._driver = None
+            await self._tear_down()
+
+    def _alert_outcome(self, alert: str) -> Outcome:
+        msg = describe_alert(alert)
+        log.error("%s", msg)
+        return Outcome(False, alert in _PERMANENT_ALERTS, msg)
+
+    async def _bring_up(self, cfg: TunnelConfig) -> None:
+        driver = self._driver
+        if driver is None:
+            return
+        try:
+            tun = self._tun_factory(self.settings.tun_name)
+        except Exception as err:
+            log.error("cannot open TUN %s: %s", self.settings.tun_name, err)
+            driver.close(CloseCode.NORMAL, "client could not open its TUN")
+            return
+        self.tun = tun
+        self.config = cfg
+        try:
+            await self.net.configure_link(
+                tun.name, addresses=[cfg.address, *cfg.extra_addresses], mtu=cfg.mtu
+            )
+            for net in cfg.routes:
+                await self.net.add_route(net, tun.name)
+        except Exception as err:
+            log.error("cannot configure %s: %s", tun.name, err)
+            driver.close(CloseCode.NORMAL, "client could not configure its TUN")
+            return
+        asyncio.get_running_loop().add_reader(tun.fileno(), self._on_tun_readable)
+        log.info(
+            "tunnel up: %s address %s, routes %s, mtu %d",
+            tun.name,
+            cfg.address,
+            ", ".join(str(r) for r in cfg.routes) or "none",
+            cfg.mtu,
+        )
+        self.connected.set()
+
+    async def _tear_down(self) -> None:
+        self.connected.clear()
+        tun, self.tun = self.tun, None
+        cfg, self.config = self.config, None
+        if tun is None:
+            return
+        asyncio.get_running_loop().remove_reader(tun.fileno())
+        if cfg is not None:
+            for net in cfg.routes:
+                try:
+                    await self.net.del_route(net, tun.name)
+                except Exception as err:
+                    log.warning("could not remove route %s: %s", net, err)
+        # Closing the TUN fd deletes the device and every route through it.
+        tun.close()
+        log.info("tunnel down: %s removed", tun.name)
+
+    def _on_tun_readable(self) -> None:
+        driver, tun, cfg = self._driver, self.tun, self.config
+        if driver is None or tun is None or cfg is None:
+            return
+        own = {cfg.address.ip.packed, *(a.ip.packed for a in cfg.extra_addresses)}
+        for _ in range(16):
+            packets = tun.read_batch(64)
+            if not packets:
+                return
+            # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
+            batch = [p for p in packets if (a := ip_src_dst(p)) is not None and a[0] in own]
+            if batch:
+                driver.session.send_packets(batch, self._clock())
+                driver.flush()

@@ -1,0 +1,423 @@
+"""The gateway: admits verified peers, routes packets between the TUN and sessions.
+
+All kernel and network objects are injected (TUN, netlink, TLS server), so the whole
+gateway runs in unit tests over fakes; ``vpnd.daemon`` builds the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vpnd.logsetup import PeerLogger
+from vpnd.net.netlink import NetConfigurator
+from vpnd.net.tun import TunDevice
+from vpnd.net.vnet import ip_src_dst
+from vpnd.pki import TrustStore, verify_peer
+from vpnd.pki.identity import IPNetwork, PeerIdentity, Role, VerifyError
+from vpnd.policy.addresses import AddressConflict, AddressTable
+from vpnd.proto import (
+    CloseCode,
+    ConfigReceived,
+    Event,
+    HelloReceived,
+    PacketsReceived,
+    Session,
+    SessionClosed,
+    SessionConfig,
+    TunnelConfig,
+)
+from vpnd.transport.connection import TlsConnection
+from vpnd.transport.driver import SessionDriver
+
+log = logging.getLogger("vpnd.gateway")
+audit = logging.getLogger("vpnd.audit")
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway needs from the config, already validated."""
+
+    tun_name: str
+    mtu: int
+    overlay_networks: tuple[IPNetwork, ...]
+    gateway_addresses: tuple[IPInterface, ...]
+    push_routes: tuple[IPNetwork, ...] = ()
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_frame: int = 262144
+    max_sessions: int = 10000
+    peer_queue_bytes: int = 4 * 1024 * 1024
+    duplicate: str = "replace"
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connected peer: its verified identity and the session carrying it."""
+
+    key: int
+    identity: PeerIdentity
+    driver: SessionDriver
+    remote: str
+    log: PeerLogger
+    connected_at: float
+    admitted: bool = False
+    drops: Counter[str] = field(default_factory=Counter)
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def __hash__(self) -> int:
+        return self.key
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tun: TunDevice,
+        net: NetConfigurator,
+        trust: TrustStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.tun = tun
+        self.net = net
+        self.trust = trust
+        self._clock = clock
+        self._keys = itertools.count(1)
+        self.peers: dict[int, Peer] = {}
+        self.table: AddressTable[Peer] = AddressTable()
+        self.drops: Counter[str] = Counter()
+        self.handshakes: Counter[str] = Counter()
+        self._routes_added: list[IPNetwork] = []
+        self._reader_installed = False
+        self._stopping = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.net.configure_link(s.tun_name, addresses=list(s.gateway_addresses), mtu=s.mtu)
+        for net in s.overlay_networks:
+            if not any(a.network == net for a in s.gateway_addresses):
+                await self.net.add_route(net, s.tun_name)
+                self._routes_added.append(net)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        self._reader_installed = True
+        log.info(
+            "gateway up on %s: %s, overlay %s",
+            s.tun_name,
+            ", ".join(str(a) for a in s.gateway_addresses),
+            ", ".join(str(n) for n in s.overlay_networks),
+        )
+
+    async def stop(self, reason: str = "gateway shutting down") -> None:
+        """Tell every peer, then remove everything we added to the kernel."""
+        self._stopping = True
+        for peer in list(self.peers.values()):
+            peer.driver.close(CloseCode.SHUTDOWN, reason)
+        if self._reader_installed:
+            asyncio.get_running_loop().remove_reader(self.tun.fileno())
+            self._reader_installed = False
+        for net in self._routes_added:
+            await self.net.del_route(net, self.settings.tun_name)
+        self._routes_added.clear()
+
+    # ---- admission -------------------------------------------------------------------
+
+    def on_connection(self, conn: TlsConnection) -> None:
+        """A TLS handshake completed (OpenSSL checked chain, EKU and CRL): verify fully."""
+        remote = _fmt_remote(conn.peername)
+        if self._stopping:
+            conn.close()
+            return
+        try:
+            identity = verify_peer(
+                conn.engine.peer_chain_der(),
+                now=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
+                role=Role.PEER,
+                trust=self.trust,
+            )
+        except VerifyError as err:
+            self._refuse_unverified(conn, remote, err)
+            return
+        key = next(self._keys)
+        plog = PeerLogger(
+            log, {"peer": identity.name, "fingerprint": identity.fingerprint, "remote": remote}
+        )
+        session = Session(
+            SessionConfig(
+                role="gateway",
+                keepalive_interval=self.settings.keepalive_interval,
+                keepalive_timeout=self.settings.keepalive_timeout,
+                max_frame=self.settings.max_frame,
+                config_timeout=self.settings.handshake_timeout,
+            ),
+            self._clock(),
+        )
+        peer: Peer | None = None
+
+        def on_event(event: Event) -> None:
+            assert peer is not None
+            self._on_event(peer, event)
+
+        def on_lost(code: int, message: str, exc: BaseException | None) -> None:
+            assert peer is not None
+            self._on_lost(peer, code, message)
+
+        driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        peer = Peer(key, identity, driver, remote, plog, self._clock())
+        self.peers[key] = peer
+        # A certificate that expires while connected is cut at notAfter: a timer, not polling.
+        session.set_deadline(
+            identity.not_after.timestamp(),
+            CloseCode.CERT_EXPIRED,
+            identity.not_after.isoformat(),
+        )
+        plog.info("authenticated serial %s, addresses %s", identity.serial_hex, _addrs(identity))
+        driver.start()
+
+    def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
+        self.handshakes[f"refused_{err.reason.value}"] += 1
+        audit.warning(
+            "refused %s: %s",
+            remote,
+            err,
+            extra={"event": "auth_refused", "remote": remote, "reason": err.reason.value},
+        )
+        # The handshake already succeeded, so no TLS alert can carry our reason: a
+        # CLOSE frame does, and the client prints it.
+        session = Session(SessionConfig(role="gateway"), self._clock())
+        session.close(CloseCode.AUTH_FAILED, err.reason.value, self._clock())
+        conn.write(session.data_to_send())
+        conn.close()
+
+    def _admit(self, peer: Peer) -> None:
+        ident = peer.identity
+        if len(self.table) >= self.settings.max_sessions:
+            peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
+            return
+        networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
+        outside = [
+            n for n in networks[: len(ident.addresses)] if not self._in_overlay(n)
+        ]
+        if outside:
+            peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
+            return
+        same = [
+            p
+            for p in self.table.owners()
+            if p.identity.serial == ident.serial and p.identity.issuer == ident.issuer
+        ]
+        if same and self.settings.duplicate == "reject":
+            peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
+            return
+        try:
+            if same:
+                old = same[0]
+                # Atomic takeover: the routes move to the new session in one step, so no
+                # moment exists where two sessions (or none) own the address.
+                self.table.replace(old, peer)
+                old.log.info("replaced by a new connection from %s", peer.remote)
+                old.driver.close(CloseCode.REPLACED, "replaced by a newer connection")
+            else:
+                self.table.add(peer, networks)
+        except AddressConflict as err:
+            peer.log.warning("refused: %s", err)
+            audit.warning(
+                "refused %s: address conflict",
+                ident.name,
+                extra={"event": "auth_refused", "reason": "address_conflict", **_audit(peer)},
+            )
+            peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
+            return
+        peer.admitted = True
+        self.handshakes["accepted"] += 1
+        for net in ident.routes:
+            asyncio.get_running_loop().create_task(self._route_add(peer, net))
+        primary = ident.addresses[0]
+        prefix = next(n.prefixlen for n in self.settings.overlay_networks if primary in n)
+        extra = tuple(
+            ipaddress.ip_interface(f"{a}/{self._prefix_of(a)}") for a in ident.addresses[1:]
+        )
+        gw = next(
+            (a.ip for a in self.settings.gateway_addresses if a.version == primary.version),
+            self.settings.gateway_addresses[0].ip,
+        )
+        routes = tuple(
+            n
+            for n in (*self.settings.overlay_networks, *self.settings.push_routes)
+            if not any(a in n for a in ident.addresses)
+        )
+        peer.driver.session.send_config(
+            TunnelConfig(
+                address=ipaddress.ip_interface(f"{primary}/{prefix}"),
+                gateway=gw,
+                routes=routes,
+                mtu=self.settings.mtu,
+                keepalive_interval=self.settings.keepalive_interval,
+                keepalive_timeout=self.settings.keepalive_timeout,
+                offload=False,
+                extra_addresses=extra,
+            ),
+            self._clock(),
+        )
+        audit.info(
+            "accepted %s",
+            ident.name,
+            extra={"event": "auth_accepted", **_audit(peer)},
+        )
+
+    def _in_overlay(self, net: IPNetwork) -> bool:
+        return any(
+            net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
+            for o in self.settings.overlay_networks
+        )
+
+    def _prefix_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+        for n in self.settings.overlay_networks:
+            if addr in n:
+                return n.prefixlen
+        return addr.max_prefixlen
+
+    async def _route_add(self, peer: Peer, net: IPNetwork) -> None:
+        try:
+            await self.net.add_route(net, self.settings.tun_name)
+        except Exception as err:  # a bad route must not take the gateway down
+            peer.log.error("could not add route %s: %s", net, err)
+
+    async def _route_del(self, net: IPNetwork) -> None:
+        try:
+            await self.net.del_route(net, self.settings.tun_name)
+        except Exception as err:
+            log.error("could not remove route %s: %s", net, err)
+
+    # ---- events ----------------------------------------------------------------------
+
+    def _on_event(self, peer: Peer, event: Event) -> None:
+        match event:
+            case PacketsReceived(packets=packets):
+                self._from_peer(peer, packets)
+            case HelloReceived():
+                self._admit(peer)
+            case ConfigReceived():
+                pass  # the session rejects CONFIG sent to a gateway
+            case SessionClosed(code=code, message=message, by_peer=by_peer):
+                who = "peer" if by_peer else "gateway"
+                peer.log.info("session closed by %s: %s %s", who, _code_name(code), message)
+
+    def _on_lost(self, peer: Peer, code: int, message: str) -> None:
+        self.peers.pop(peer.key, None)
+        if not peer.admitted:
+            return
+        peer.admitted = False
+        owned = self.table.networks_of(peer)
+        self.table.remove(peer)
+        routed = [n for n in owned if n in peer.identity.routes]
+        for net in routed:
+            asyncio.get_running_loop().create_task(self._route_del(net))
+        peer.log.info("disconnected (%s), freed %s", message, ", ".join(str(n) for n in owned))
+
+    # ---- data path -------------------------------------------------------------------
+
+    def _from_peer(self, peer: Peer, packets: Sequence[bytes | memoryview]) -> None:
+        to_tun: list[bytes | memoryview] = []
+        to_peers: dict[Peer, list[bytes | memoryview]] = {}
+        lookup = self.table.lookup_raw
+        for pkt in packets:
+            addrs = ip_src_dst(pkt)
+            if addrs is None:
+                peer.drops["not_ip"] += 1
+                continue
+            src, dst = addrs
+            if lookup(src) is not peer:
+                peer.drops["spoofed_source"] += 1
+                continue
+            peer.packets_in += 1
+            peer.bytes_in += len(pkt)
+            other = lookup(dst)
+            if other is None:
+                to_tun.append(pkt)
+            elif other is peer:
+                peer.drops["hairpin"] += 1
+            else:
+                to_peers.setdefault(other, []).append(pkt)
+        if to_tun:
+            self.tun.write_batch(to_tun)
+        for other, batch in to_peers.items():
+            self._to_peer(other, batch)
+
+    def _to_peer(self, peer: Peer, packets: list[bytes | memoryview]) -> None:
+        if not peer.admitted:
+            return
+        if peer.driver.conn.write_buffer_size > self.settings.peer_queue_bytes:
+            # One slow peer must not stall the others or grow memory: drop, like a router.
+            peer.drops["queue_full"] += len(packets)
+            return
+        dropped = peer.driver.session.send_packets(packets, self._clock())
+        if dropped:
+            peer.drops["oversize"] += dropped
+        peer.packets_out += len(packets) - dropped
+        peer.bytes_out += sum(len(p) for p in packets)
+        peer.driver.flush()
+
+    def _on_tun_readable(self) -> None:
+        lookup = self.table.lookup_raw
+        for _ in range(16):  # bounded: let the loop serve sockets between bursts
+            packets = self.tun.read_batch(64)
+            if not packets:
+                return
+            batches: dict[Peer, list[bytes | memoryview]] = {}
+            for pkt in packets:
+                addrs = ip_src_dst(pkt)
+                if addrs is None:
+                    self.drops["tun_not_ip"] += 1
+                    continue
+                owner = lookup(addrs[1])
+                if owner is None:
+                    self.drops["no_route"] += 1
+                    continue
+                batches.setdefault(owner, []).append(pkt)
+            for owner, batch in batches.items():
+                self._to_peer(owner, batch)
+
+
+def _fmt_remote(peername: tuple[str, int] | None) -> str:
+    if peername is None:
+        return "?"
+    host, port = peername[0], peername[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addrs(identity: PeerIdentity) -> str:
+    return ", ".join(str(a) for a in identity.addresses)
+
+
+def _audit(peer: Peer) -> dict[str, object]:
+    return {
+        "peer": peer.identity.name,
+        "serial": peer.identity.serial_hex,
+        "fingerprint": peer.identity.fingerprint,
+        "remote": peer.remote,
+    }
+
+
+def _code_name(code: int) -> str:
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return str(code)
