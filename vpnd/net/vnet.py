@@ -1,0 +1,143 @@
+"""virtio_net_hdr handling: packets read from an offload TUN carry one, and a peer's is untrusted.
+
+A header from the far side is written to our TUN as-is, so it is checked here first:
+the kernel trusts it to build a GSO skb. We accept only what a Linux TUN read
+produces (GSO NONE/TCPv4/TCPv6, optional ECN, partial TCP/UDP checksums) and
+refuse everything else with a short, stable drop reason.
+"""
+
+from __future__ import annotations
+
+import struct
+
+VNET_HDR_LEN = 10
+_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+F_NEEDS_CSUM = 1
+F_DATA_VALID = 2
+_KNOWN_FLAGS = F_NEEDS_CSUM | F_DATA_VALID
+
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+_GSO_BY_FRAGS = 0xFFFF  # kernel-internal marker, never valid from outside
+
+_TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check): the kernel insists on it for TSO
+_IPPROTO_TCP = 6
+_PLAIN = bytes(VNET_HDR_LEN)
+
+
+def plain_vnet_header() -> bytes:
+    """The header of a packet with no offload: all zeros."""
+    return _PLAIN
+
+
+def strip_vnet(pkt: bytes | memoryview) -> memoryview:
+    """The IP packet after the header (zero-copy). Raises ValueError if shorter than a header."""
+    if len(pkt) < VNET_HDR_LEN:
+        raise ValueError(f"packet of {len(pkt)} bytes is shorter than a virtio_net_hdr")
+    return memoryview(pkt)[VNET_HDR_LEN:]
+
+
+def _ip_header_len(pkt: bytes | memoryview, off: int, size: int) -> tuple[int, int, int] | None:
+    """(version, L3 header length, L4 protocol) if the IP header is well-formed and its
+    length field matches ``size`` exactly, else None."""
+    if size < 1:
+        return None
+    version = pkt[off] >> 4
+    if version == 4:
+        if size < 20:
+            return None
+        ihl = (pkt[off] & 0x0F) * 4
+        total = (pkt[off + 2] << 8) | pkt[off + 3]
+        if ihl < 20 or ihl > size or total != size:
+            return None
+        return 4, ihl, pkt[off + 9]
+    if version == 6:
+        if size < 40:
+            return None
+        payload = (pkt[off + 4] << 8) | pkt[off + 5]
+        if payload + 40 != size:
+            return None
+        return 6, 40, pkt[off + 6]
+    return None
+
+
+def validate_vnet_packet(pkt: bytes | memoryview) -> str | None:
+    """None if ``pkt`` (header + IP packet) is safe to write to an offload TUN, else a drop reason.
+
+    Never raises, whatever the bytes.
+    """
+    n = len(pkt)
+    if n < VNET_HDR_LEN + 1:
+        return "vnet_short"
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(pkt, 0)
+    size = n - VNET_HDR_LEN
+    if flags & ~_KNOWN_FLAGS or flags == _KNOWN_FLAGS:
+        return "vnet_bad_flags"
+    base = gso_type & ~GSO_ECN
+    if base not in (GSO_NONE, GSO_TCPV4, GSO_TCPV6) or (gso_type & GSO_ECN and base == GSO_NONE):
+        return "vnet_bad_gso_type"
+    if hdr_len > size:
+        return "vnet_bad_hdr_len"
+    ip = _ip_header_len(pkt, VNET_HDR_LEN, size)
+    if ip is None:
+        return "vnet_not_ip"
+    version, l3_len, proto = ip
+    if flags & F_NEEDS_CSUM:
+        if csum_start < l3_len or csum_start + csum_offset + 2 > size:
+            return "vnet_bad_csum_offsets"
+    elif csum_start or csum_offset:
+        # The kernel zeroes these unless the checksum is partial; anything else is forged.
+        return "vnet_bad_csum_offsets"
+    if base == GSO_NONE:
+        if gso_size:
+            return "vnet_gso_size"
+        return None
+    # A GSO super-packet: TCP only, over the IP version the type names.
+    if gso_size in (0, _GSO_BY_FRAGS):
+        return "vnet_gso_size"
+    if (base == GSO_TCPV4) != (version == 4):
+        return "vnet_gso_ip_version"
+    if proto != _IPPROTO_TCP:
+        return "vnet_gso_not_tcp"
+    if not flags & F_NEEDS_CSUM:
+        return "vnet_gso_needs_csum"
+    if csum_start != l3_len or csum_offset != _TCP_CSUM_OFFSET:
+        return "vnet_bad_csum_offsets"
+    tcp_off = VNET_HDR_LEN + l3_len
+    if size < l3_len + 20:
+        return "vnet_bad_tcp_header"
+    doff = (pkt[tcp_off + 12] >> 4) * 4
+    if doff < 20 or l3_len + doff > size:
+        return "vnet_bad_tcp_header"
+    return None
+
+
+def ip_src_dst(pkt: bytes | memoryview, offset: int = 0) -> tuple[bytes, bytes] | None:
+    """Raw (source, destination) address bytes of the IPv4/IPv6 packet at ``offset``.
+
+    None if the header is not well-formed: too short, bad IHL, or a length field that
+    claims more bytes than there are. Cheap enough to call on every packet.
+    """
+    avail = len(pkt) - offset
+    if offset < 0 or avail < 1:
+        return None
+    version = pkt[offset] >> 4
+    if version == 4:
+        if avail < 20:
+            return None
+        ihl = (pkt[offset] & 0x0F) * 4
+        total = (pkt[offset + 2] << 8) | pkt[offset + 3]
+        if ihl < 20 or total < ihl or total > avail:
+            return None
+        return bytes(pkt[offset + 12 : offset + 16]), bytes(pkt[offset + 16 : offset + 20])
+    if version == 6:
+        if avail < 40:
+            return None
+        payload = (pkt[offset + 4] << 8) | pkt[offset + 5]
+        if payload + 40 > avail:
+            return None
+        return bytes(pkt[offset + 8 : offset + 24]), bytes(pkt[offset + 24 : offset + 40])
+    return None
