@@ -1,0 +1,728 @@
+"""A PKI directory and the admin operations on it: the engine behind ``vpnctl``.
+
+Layout of the directory (created 0700)::
+
+    ca.pem            CA certificate (0644)
+    ca.key            CA private key (0600, encrypted when a passphrase is given)
+    inventory.sqlite  issued certificates, address leases, revocations, CRL counter
+    crl.pem           the current signed CRL (0644)
+
+Address convention: in each overlay network the network and broadcast addresses are
+never handed out, and the *first usable* address (10.8.0.1 in 10.8.0.0/24) is
+reserved for the gateway. A peer issued without explicit addresses gets the next free
+address of the CA's first network; a gateway gets the first usable one. Renewing a
+name without explicit addresses keeps the addresses of its current valid certificate.
+
+Atomicity: address allocation, signing, writing the files and recording happen inside
+one ``BEGIN IMMEDIATE`` inventory transaction. Files are written before the commit, so
+the inventory never records a certificate that was not produced; if writing fails
+the transaction rolls back and no file of the set is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from vpnd.atomicfile import PRIVATE, PUBLIC, atomic_write
+from vpnd.pki.authority import ca_networks, create_ca, issue_certificate, verify_csr
+from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_pem
+from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
+from vpnd.pki.inventory import CertRecord, Inventory, serial_hex
+from vpnd.pki.keys import (
+    KEY_TYPES_CA,
+    KEY_TYPES_LEAF,
+    PrivateKey,
+    PublicKey,
+    certificate_pem,
+    fingerprint,
+    generate_key,
+    load_certificate,
+    load_private_key,
+    private_key_pem,
+)
+from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
+from vpnd.pki.profile import describe_certificate
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+INVENTORY = "inventory.sqlite"
+CRL = "crl.pem"
+PKI_FILES = (CA_CERT, CA_KEY, INVENTORY, CRL)
+
+DEFAULT_CA_DAYS = 3650
+DEFAULT_PEER_DAYS = 90
+DEFAULT_GATEWAY_DAYS = 365
+DEFAULT_CRL_DAYS = 7
+# Certificates start a little in the past so a gateway whose clock lags the admin's
+# does not see them as not-yet-valid.
+BACKDATE = dt.timedelta(minutes=5)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CaCreated:
+    """Result of :meth:`PkiDir.init_ca`."""
+
+    name: str
+    fingerprint: str
+    networks: tuple[IPNetwork, ...]
+    not_after: dt.datetime
+    key_type: str
+    encrypted: bool
+    """Whether ca.key was written encrypted."""
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """Result of :meth:`PkiDir.issue` and :meth:`PkiDir.sign_csr`."""
+
+    record: CertRecord
+    """What the inventory now holds for the new certificate."""
+    certificate: x509.Certificate
+    files: tuple[Path, ...]
+    """Files written (empty when sign_csr was asked not to write one)."""
+    warnings: tuple[str, ...] = ()
+    """Things the admin should know, e.g. the lifetime was capped to the CA's expiry."""
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return certificate_pem(self.certificate)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlSigned:
+    """A freshly signed CRL."""
+
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    revoked_count: int
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Result of :meth:`PkiDir.revoke`."""
+
+    revoked: tuple[CertRecord, ...]
+    """Certificates revoked by this call (records updated)."""
+    already_revoked: tuple[CertRecord, ...]
+    """Certificates asked for that were revoked before; nothing changed for them."""
+    crl: CrlSigned | None
+    """The re-signed CRL, or None when nothing new was revoked."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListedCertificate:
+    """An inventory record with its status at listing time."""
+
+    record: CertRecord
+    status: str
+    """``valid``, ``expired`` or ``revoked``."""
+    days_left: int
+    """Whole days until not_after (negative once expired)."""
+
+
+class PkiDir:
+    """High-level PKI operations on one directory. Every refusal is a ``PkiError``.
+
+    ``passphrase`` is the CA key's passphrase: used to encrypt the key in
+    :meth:`init_ca` and to decrypt it for every signing operation. ``clock`` returns
+    an aware UTC datetime; tests pass a stepped one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        passphrase: bytes | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        if passphrase is not None and not passphrase:
+            raise PkiError("the CA passphrase is empty")
+        self.path = Path(path)
+        self._passphrase = passphrase
+        self._clock = clock
+
+    # --- paths and state ---------------------------------------------------------------
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.path / CA_CERT
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.path / CA_KEY
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.path / INVENTORY
+
+    @property
+    def crl_path(self) -> Path:
+        return self.path / CRL
+
+    def now(self) -> dt.datetime:
+        """The current time, truncated to seconds (X.509 precision)."""
+        return self._clock().astimezone(dt.UTC).replace(microsecond=0)
+
+    def ca_key_encrypted(self) -> bool:
+        """Whether ca.key is passphrase-protected (so the caller knows to ask for one)."""
+        try:
+            head = self.ca_key_path.read_bytes()[:200]
+        except FileNotFoundError:
+            raise PkiError(
+                f"no CA in {self.path} ({CA_KEY} missing); run 'vpnctl ca init'"
+            ) from None
+        except OSError as exc:
+            raise PkiError(f"{self.ca_key_path}: cannot read: {exc.strerror or exc}") from None
+        return b"ENCRYPTED" in head
+
+    def ca_certificate(self) -> x509.Certificate:
+        if not self.ca_cert_path.exists():
+            raise PkiError(f"no CA in {self.path} ({CA_CERT} missing); run 'vpnctl ca init'")
+        return load_certificate(self.ca_cert_path)
+
+    # --- CA ------------------------------------------------------------------------------
+
+    def init_ca(
+        self,
+        *,
+        name: str,
+        networks: Sequence[IPNetwork],
+        days: int = DEFAULT_CA_DAYS,
+        key_type: str = "ecdsa-p256",
+        crl_days: int = DEFAULT_CRL_DAYS,
+    ) -> CaCreated:
+        """Create the CA key, certificate, inventory and an initial empty CRL.
+
+        Refuses if any PKI file is already present. On failure, whatever this call
+        created is removed again, so it can simply be retried.
+        """
+        _positive_days(days, "CA lifetime")
+        _positive_days(crl_days, "CRL validity")
+        if key_type not in KEY_TYPES_CA:
+            raise PkiError(f"CA key type {key_type!r} is not one of {', '.join(KEY_TYPES_CA)}")
+        nets = tuple(dict.fromkeys(networks))
+        if not nets:
+            raise PkiError("a CA needs at least one overlay network (--network CIDR)")
+        present = [f for f in PKI_FILES if (self.path / f).exists()]
+        if present:
+            raise PkiError(
+                f"{self.path} already holds a CA ({', '.join(present)}); refusing to overwrite"
+            )
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PkiError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+
+        now = self.now()
+        key = generate_key(key_type)
+        ca_cert = create_ca(
+            name=name,
+            networks=nets,
+            key=key,
+            not_before=now - BACKDATE,
+            not_after=now + dt.timedelta(days=days),
+        )
+        created: list[Path] = []
+        try:
+            inv = Inventory.create(self.inventory_path, crl_days=crl_days)
+            created.append(self.inventory_path)
+            with inv, inv.transaction():
+                created.append(self.ca_key_path)
+                _write(self.ca_key_path, private_key_pem(key, self._passphrase), PRIVATE)
+                created.append(self.ca_cert_path)
+                _write(self.ca_cert_path, certificate_pem(ca_cert), PUBLIC)
+                created.append(self.crl_path)
+                self._sign_crl(inv, ca_cert, key, now, crl_days)
+        except BaseException:
+            for path in created:
+                for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            raise
+        return CaCreated(
+            name=describe_certificate(ca_cert).name,
+            fingerprint=fingerprint(ca_cert),
+            networks=ca_networks(ca_cert),
+            not_after=ca_cert.not_valid_after_utc,
+            key_type=key_type,
+            encrypted=self._passphrase is not None,
+            files=tuple(self.path / f for f in PKI_FILES),
+        )
+
+    # --- issuing -------------------------------------------------------------------------
+
+    def issue(
+        self,
+        name: str,
+        *,
+        out_dir: str | os.PathLike[str],
+        role: Role = Role.PEER,
+        addresses: Sequence[IPAddress] = (),
+        groups: Sequence[str] = (),
+        routes: Sequence[IPNetwork] = (),
+        dns_names: Sequence[str] = (),
+        days: int | None = None,
+        key_type: str = "ecdsa-p256",
+    ) -> Issued:
+        """Generate a key pair and certificate; write ``NAME.key``, ``NAME.pem``, ``ca.pem``."""
+        cn = canonical_name(name)
+        if key_type not in KEY_TYPES_LEAF:
+            raise PkiError(f"key type {key_type!r} is not one of {', '.join(KEY_TYPES_LEAF)}")
+        out = self._output_dir(out_dir)
+        if cn == "ca":
+            # NAME.pem would collide with the ca.pem written next to it.
+            raise PkiError("the name 'ca' is reserved: its files would clash with ca.pem")
+        key = generate_key(key_type)
+        ca_pem = certificate_pem(self.ca_certificate())
+        key_pem = private_key_pem(key)
+        key_path, cert_path, ca_path = out / f"{cn}.key", out / f"{cn}.pem", out / CA_CERT
+
+        def write(cert: x509.Certificate) -> tuple[Path, ...]:
+            _write_together(
+                [
+                    (key_path, key_pem, PRIVATE),
+                    (cert_path, certificate_pem(cert), PUBLIC),
+                    (ca_path, ca_pem, PUBLIC),
+                ]
+            )
+            return (cert_path, key_path, ca_path)
+
+        return self._issue(
+            cn,
+            public_key=key.public_key(),
+            role=role,
+            addresses=addresses,
+            groups=groups,
+            routes=routes,
+            dns_names=dns_names,
+            days=days,
+            write=write,
+        )
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        out_path: str | os.PathLike[str] | None,
+        role: Role = Role.PEER,
+        addresses: Sequence[IPAddress] = (),
+        groups: Sequence[str] = (),
+        routes: Sequence[IPNetwork] = (),
+        dns_names: Sequence[str] = (),
+        days: int | None = None,
+    ) -> Issued:
+        """Sign a CSR: its signature is checked, its CN canonicalised, and everything
+        else it requests is ignored (the admin decides addresses and groups).
+
+        With ``out_path`` the certificate is written there atomically (0644) before the
+        record commits. With ``out_path=None`` (provisioning) nothing is written: the
+        caller delivers ``Issued.certificate`` and then calls :meth:`mark_delivered`.
+        """
+        cn, public_key = verify_csr(csr)
+        target: Path | None = None
+        if out_path is not None:
+            target = Path(out_path)
+            self._output_dir(target.parent if str(target.parent) else Path("."))
+            if target.is_dir():
+                raise PkiError(f"{target} is a directory; give the certificate file to write")
+            if target.resolve() in {(self.path / f).resolve() for f in PKI_FILES}:
+                raise PkiError(f"refusing to overwrite the PKI file {target}")
+        dest = target
+
+        def write(cert: x509.Certificate) -> tuple[Path, ...]:
+            if dest is None:
+                return ()
+            _write(dest, certificate_pem(cert), PUBLIC)
+            return (dest,)
+
+        return self._issue(
+            cn,
+            public_key=public_key,
+            role=role,
+            addresses=addresses,
+            groups=groups,
+            routes=routes,
+            dns_names=dns_names,
+            days=days,
+            write=write,
+        )
+
+    def mark_delivered(self, serial: int, delivered: bool = True) -> None:
+        with self._inventory() as inv, inv.transaction():
+            inv.mark_delivered(serial, delivered)
+
+    def _issue(
+        self,
+        cn: str,
+        *,
+        public_key: PublicKey,
+        role: Role,
+        addresses: Sequence[IPAddress],
+        groups: Sequence[str],
+        routes: Sequence[IPNetwork],
+        dns_names: Sequence[str],
+        days: int | None,
+        write: Callable[[x509.Certificate], tuple[Path, ...]],
+    ) -> Issued:
+        role = Role(role)
+        dns = tuple(dict.fromkeys(canonical_dns_name(d) for d in dns_names))
+        if role is Role.GATEWAY and not dns:
+            raise PkiError("a gateway certificate needs at least one DNS name (--dns NAME)")
+        if role is Role.PEER and dns:
+            raise PkiError("DNS names are for gateway certificates only (add --gateway)")
+        grps = tuple(dict.fromkeys(canonical_group(g) for g in groups))
+        nets = tuple(dict.fromkeys(routes))
+        wanted = tuple(dict.fromkeys(addresses))
+        if days is None:
+            days = DEFAULT_GATEWAY_DAYS if role is Role.GATEWAY else DEFAULT_PEER_DAYS
+        _positive_days(days, "certificate lifetime")
+
+        now = self.now()
+        ca_cert = self.ca_certificate()
+        ca_not_after = ca_cert.not_valid_after_utc
+        if now >= ca_not_after:
+            raise PkiError(
+                f"the CA expired on {_day(ca_not_after)}; it cannot issue (create a new CA)"
+            )
+        if now < ca_cert.not_valid_before_utc:
+            raise PkiError(
+                f"the CA is not valid before {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
+            )
+        networks = ca_networks(ca_cert)
+        for addr in wanted:
+            _check_in_networks(addr, networks)
+
+        warnings: list[str] = []
+        not_after = now + dt.timedelta(days=days)
+        if not_after > ca_not_after:
+            not_after = ca_not_after
+            warnings.append(
+                f"capped to the CA's expiry {_day(ca_not_after)} (asked for {days} days)"
+            )
+        not_before = max(now - BACKDATE, ca_cert.not_valid_before_utc)
+        ca_key = self._ca_key()
+
+        with self._inventory() as inv, inv.transaction():
+            chosen = self._addresses_for(
+                inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
+            )
+            cert = issue_certificate(
+                ca_cert=ca_cert,
+                ca_key=ca_key,
+                name=cn,
+                public_key=public_key,
+                role=role,
+                addresses=chosen,
+                groups=grps,
+                routes=nets,
+                dns_names=dns,
+                not_before=not_before,
+                not_after=not_after,
+            )
+            record = _record_of(cert, issued_at=now)
+            inv.add(record)
+            files = write(cert)
+        return Issued(record=record, certificate=cert, files=files, warnings=tuple(warnings))
+
+    def _addresses_for(
+        self,
+        inv: Inventory,
+        *,
+        cn: str,
+        role: Role,
+        wanted: tuple[IPAddress, ...],
+        networks: tuple[IPNetwork, ...],
+        now: dt.datetime,
+    ) -> tuple[IPAddress, ...]:
+        if wanted:
+            for addr in wanted:
+                _refuse_if_held(inv, addr, cn, now)
+            return wanted
+        # Renewal: keep the overlay address(es) the name already has.
+        current = [r for r in inv.by_name(cn) if r.is_valid(now) and r.role is role]
+        if current:
+            kept = tuple(a for a in current[-1].addresses if any(a in net for net in networks))
+            if kept:
+                for addr in kept:
+                    _refuse_if_held(inv, addr, cn, now)
+                return kept
+        network = networks[0]
+        hosts: Iterator[IPAddress] = iter(network.hosts())
+        first = next(hosts, None)
+        if first is None:
+            raise PkiError(f"network {network} has no usable address")
+        if role is Role.GATEWAY:
+            _refuse_if_held(inv, first, cn, now, hint=" (reserved for the gateway; pass --ip)")
+            return (first,)
+        held = inv.leased_addresses(now)
+        # `hosts` already yielded the gateway's address; the loop is bounded by the
+        # network size and stops at the first address not held.
+        for addr in hosts:
+            holders = [r for r in held.get(addr, []) if r.name != cn]
+            if not holders:
+                return (addr,)
+        raise PkiError(
+            f"network {network} has no free address left; revoke unused certificates or pass --ip"
+        )
+
+    # --- revocation ----------------------------------------------------------------------
+
+    def revoke(
+        self,
+        *,
+        name: str | None = None,
+        serial: int | None = None,
+        reason: str | None = None,
+    ) -> Revocation:
+        """Revoke by serial, or every currently valid certificate of ``name``; re-sign the CRL.
+
+        Asking for something already revoked is not an error: it is reported in
+        ``already_revoked`` and the CRL is left alone.
+        """
+        if (name is None) == (serial is None):
+            raise PkiError("revoke needs exactly one of a name or a serial")
+        if reason is not None and reason not in REASONS:
+            raise PkiError(f"unknown revocation reason {reason!r}: use one of {', '.join(REASONS)}")
+        ca_cert = self.ca_certificate()
+        ca_key = self._ca_key()
+        now = self.now()
+        with self._inventory() as inv, inv.transaction():
+            if serial is not None:
+                record = inv.get(serial)
+                if record is None:
+                    raise PkiError(
+                        f"no certificate with serial {serial_hex(serial)} in the inventory"
+                    )
+                targets = [record]
+            else:
+                cn = canonical_name(name or "")
+                records = inv.by_name(cn)
+                if not records:
+                    raise PkiError(f"no certificate was ever issued to {cn!r}")
+                targets = [r for r in records if r.is_valid(now)]
+                if not targets:
+                    revoked = tuple(r for r in records if r.revoked_at is not None)
+                    if revoked:
+                        return Revocation(revoked=(), already_revoked=revoked, crl=None)
+                    raise PkiError(
+                        f"{cn} has no valid certificate (all have expired); "
+                        "revoke one by --serial if you must"
+                    )
+            already = tuple(r for r in targets if r.revoked_at is not None)
+            fresh = [r for r in targets if r.revoked_at is None]
+            if not fresh:
+                return Revocation(revoked=(), already_revoked=already, crl=None)
+            for r in fresh:
+                inv.mark_revoked(r.serial, now, reason)
+            done = tuple(inv.get(r.serial) or r for r in fresh)
+            crl = self._sign_crl(inv, ca_cert, ca_key, now, inv.crl_days())
+        return Revocation(revoked=done, already_revoked=already, crl=crl)
+
+    def refresh_crl(self, *, days: int | None = None) -> CrlSigned:
+        """Re-sign the CRL (a cron job runs this before nextUpdate); CRLNumber increments."""
+        if days is not None:
+            _positive_days(days, "CRL validity")
+        ca_cert = self.ca_certificate()
+        ca_key = self._ca_key()
+        now = self.now()
+        with self._inventory() as inv, inv.transaction():
+            return self._sign_crl(inv, ca_cert, ca_key, now, days or inv.crl_days())
+
+    def _sign_crl(
+        self,
+        inv: Inventory,
+        ca_cert: x509.Certificate,
+        ca_key: PrivateKey,
+        now: dt.datetime,
+        days: int,
+    ) -> CrlSigned:
+        number = inv.next_crl_number()
+        entries = [
+            RevokedEntry(
+                serial=r.serial,
+                revoked_at=r.revoked_at,
+                reason=REASONS.get(r.revoke_reason) if r.revoke_reason else None,
+            )
+            for r in inv.revoked()
+            if r.revoked_at is not None
+        ]
+        next_update = now + dt.timedelta(days=days)
+        crl = build_crl(
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            revoked=entries,
+            crl_number=number,
+            this_update=now,
+            next_update=next_update,
+        )
+        _write(self.crl_path, crl_pem(crl), PUBLIC)
+        return CrlSigned(
+            number=number,
+            this_update=now,
+            next_update=next_update,
+            revoked_count=len(entries),
+            path=self.crl_path,
+        )
+
+    # --- listing -------------------------------------------------------------------------
+
+    def list_certificates(
+        self, *, expiring_within_days: int | None = None
+    ) -> list[ListedCertificate]:
+        """Every recorded certificate with its status; with ``expiring_within_days``, only
+        the valid ones that expire within that many days (what needs renewal)."""
+        now = self.now()
+        with self._inventory() as inv:
+            records = inv.all_certificates()
+        listed = [
+            ListedCertificate(record=r, status=r.status(now), days_left=(r.not_after - now).days)
+            for r in records
+        ]
+        if expiring_within_days is not None:
+            horizon = now + dt.timedelta(days=expiring_within_days)
+            listed = [c for c in listed if c.status == "valid" and c.record.not_after <= horizon]
+        return listed
+
+    # --- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _inventory(self) -> Iterator[Inventory]:
+        inv = Inventory.open(self.inventory_path)
+        try:
+            yield inv
+        finally:
+            inv.close()
+
+    def _ca_key(self) -> PrivateKey:
+        if not self.ca_key_path.exists():
+            raise PkiError(f"no CA key in {self.path} ({CA_KEY} missing)")
+        return load_private_key(self.ca_key_path, self._passphrase)
+
+    def _output_dir(self, out_dir: str | os.PathLike[str]) -> Path:
+        out = Path(out_dir)
+        if not out.is_dir():
+            raise PkiError(f"output directory {out} does not exist; create it first")
+        if out.resolve() == self.path.resolve():
+            raise PkiError(
+                f"refusing to write peer files into the PKI directory {out}; use another --out"
+            )
+        return out
+
+
+def _positive_days(days: int, what: str) -> None:
+    if days <= 0:
+        raise PkiError(f"{what} must be at least 1 day, not {days}")
+
+
+def _day(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%d")
+
+
+def _check_in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> None:
+    nets = tuple(networks)
+    for net in nets:
+        if addr in net:
+            if addr == net.network_address and net.num_addresses > 2:
+                raise PkiError(f"{addr} is the network address of {net}")
+            if (
+                isinstance(net, ipaddress.IPv4Network)
+                and net.prefixlen < 31
+                and addr == net.broadcast_address
+            ):
+                raise PkiError(f"{addr} is the broadcast address of {net}")
+            return
+    shown = ", ".join(str(n) for n in nets)
+    raise PkiError(f"{addr} is outside the CA's overlay network(s) {shown}")
+
+
+def _refuse_if_held(
+    inv: Inventory, addr: IPAddress, cn: str, now: dt.datetime, hint: str = ""
+) -> None:
+    others = [r for r in inv.holders(addr, now) if r.name != cn]
+    if others:
+        h = others[0]
+        raise PkiError(
+            f"{addr} is already held by {h.name} (serial {h.serial_hex}, "
+            f"valid until {_day(h.not_after)}){hint}"
+        )
+
+
+def _record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
+    info = describe_certificate(cert)
+    return CertRecord(
+        serial=cert.serial_number,
+        name=info.name,
+        role=Role(info.role),
+        addresses=tuple(info.addresses),
+        groups=tuple(info.groups),
+        routes=tuple(info.routes),
+        dns_names=tuple(info.dns_names),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        fingerprint=fingerprint(cert),
+        issued_at=issued_at,
+    )
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    try:
+        atomic_write(path, data, mode)
+    except OSError as exc:
+        raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write a set of files so that either all are replaced or none is.
+
+    Each file is first written completely (atomic_write: fsynced, final mode) under a
+    hidden staging name next to its target; only when all are staged are they renamed
+    into place. A failure removes the staged files and leaves the old set untouched.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.staged")
+            staged.append((tmp, path))
+            atomic_write(tmp, data, mode)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise PkiError(
+            f"cannot write {exc.filename or 'output files'}: {exc.strerror or exc}"
+        ) from None
+    _fsync_dirs({path.parent for _, path in staged})
+
+
+def _fsync_dirs(dirs: Iterable[Path]) -> None:
+    # The renames are durable only once the directory entries are on disk.
+    for directory in dirs:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
