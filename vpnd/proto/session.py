@@ -1,0 +1,468 @@
+"""The sans-I/O tunnel session: bytes and ``now`` in; bytes, events and a timer out.
+
+Driven like aioquic's ``QuicConnection``: the owner feeds decrypted stream bytes to
+``receive_data()``, writes ``data_to_send()`` to the TLS stream, dispatches
+``next_event()`` until None, and calls ``handle_timer()`` when ``get_timer()`` says.
+Nothing here reads a clock or touches a socket.
+
+Keepalive: a PING goes out when nothing was *sent* for ``keepalive_interval``; the
+peer is declared dead when nothing was *received* for ``keepalive_timeout``. Until
+the tunnel is established the ``SessionConfig`` values apply; from then on both ends
+use the values in the pushed ``TunnelConfig``, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vpnd.proto.close import CloseCode
+from vpnd.proto.errors import LocalProtocolError, RemoteProtocolError
+from vpnd.proto.events import (
+    ConfigReceived,
+    Event,
+    HelloReceived,
+    PacketsReceived,
+    SessionClosed,
+)
+from vpnd.proto.frames import (
+    DATA_OVERHEAD,
+    DEFAULT_MAX_FRAME,
+    EXTENSION_MIN,
+    FLAG_VNET,
+    FORMAT_MAX_LENGTH,
+    HEADER,
+    HEADER_SIZE,
+    JSON_MAX,
+    PACKET_PREFIX_SIZE,
+    U32,
+    VNET_HDR_LEN,
+    FrameDecoder,
+    FrameType,
+    decode_close,
+    decode_data,
+    encode_close,
+)
+from vpnd.proto.messages import SOFTWARE, Hello, TunnelConfig
+
+Role = Literal["gateway", "client"]
+
+# DATA header plus its flags byte, written in one go.
+_DATA_START = struct.Struct(">IB")
+_PING = struct.Struct(">Q")
+
+
+class SessionState(enum.Enum):
+    """Where a session is in its life."""
+
+    AWAIT_HELLO = "await_hello"  # gateway: waiting for the client's HELLO
+    AWAIT_CONFIG = "await_config"  # client: waiting for CONFIG; gateway: owner must send it
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+_S = SessionState
+_F = FrameType
+
+# The spec: role -> state -> frame received from the peer -> next state. Anything
+# missing is the peer's protocol error. Ignorable extensions (>= 0x80) are allowed
+# in every open state.
+_RECEIVE: dict[Role, dict[SessionState, dict[FrameType, SessionState]]] = {
+    "gateway": {
+        _S.AWAIT_HELLO: {_F.HELLO: _S.AWAIT_CONFIG, _F.CLOSE: _S.CLOSED},
+        _S.AWAIT_CONFIG: {_F.PING: _S.AWAIT_CONFIG, _F.PONG: _S.AWAIT_CONFIG, _F.CLOSE: _S.CLOSED},
+        _S.ESTABLISHED: {
+            _F.DATA: _S.ESTABLISHED,
+            _F.PING: _S.ESTABLISHED,
+            _F.PONG: _S.ESTABLISHED,
+            _F.CLOSE: _S.CLOSED,
+        },
+    },
+    "client": {
+        _S.AWAIT_CONFIG: {
+            _F.CONFIG: _S.ESTABLISHED,
+            _F.PING: _S.AWAIT_CONFIG,
+            _F.PONG: _S.AWAIT_CONFIG,
+            _F.CLOSE: _S.CLOSED,
+        },
+        _S.ESTABLISHED: {
+            _F.DATA: _S.ESTABLISHED,
+            _F.PING: _S.ESTABLISHED,
+            _F.PONG: _S.ESTABLISHED,
+            _F.CLOSE: _S.CLOSED,
+        },
+    },
+}
+
+# Our own actions: role -> state -> action -> next state; anything missing is our bug.
+_SEND: dict[Role, dict[SessionState, dict[str, SessionState]]] = {
+    "gateway": {
+        _S.AWAIT_CONFIG: {"config": _S.ESTABLISHED},
+        _S.ESTABLISHED: {"data": _S.ESTABLISHED},
+    },
+    "client": {_S.ESTABLISHED: {"data": _S.ESTABLISHED}},
+}
+
+_PEER: dict[Role, str] = {"gateway": "client", "client": "gateway"}
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LocalProtocolError(f"SessionConfig.{name} must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise LocalProtocolError(f"SessionConfig.{name} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How a session behaves; validated on construction (``LocalProtocolError``)."""
+
+    role: Role
+    """"gateway" or "client"."""
+    keepalive_interval: float = 10.0
+    """Seconds without sending before a PING (until CONFIG takes over)."""
+    keepalive_timeout: float = 30.0
+    """Seconds without receiving before the peer is dead (until CONFIG takes over)."""
+    max_frame: int = DEFAULT_MAX_FRAME
+    """Largest frame payload accepted, and the size DATA frames are split to."""
+    config_timeout: float = 10.0
+    """Client: CONFIG must arrive by then. Gateway: HELLO must arrive, and CONFIG be sent."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ("gateway", "client"):
+            raise LocalProtocolError(
+                f"SessionConfig.role must be 'gateway' or 'client', got {self.role!r}"
+            )
+        _check_seconds("keepalive_interval", self.keepalive_interval)
+        _check_seconds("keepalive_timeout", self.keepalive_timeout)
+        _check_seconds("config_timeout", self.config_timeout)
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise LocalProtocolError(
+                "SessionConfig.keepalive_timeout must exceed keepalive_interval"
+            )
+        if isinstance(self.max_frame, bool) or not isinstance(self.max_frame, int):
+            raise LocalProtocolError("SessionConfig.max_frame must be an integer")
+        if not JSON_MAX <= self.max_frame <= FORMAT_MAX_LENGTH:
+            raise LocalProtocolError(
+                f"SessionConfig.max_frame must be in {JSON_MAX}..{FORMAT_MAX_LENGTH}, "
+                f"got {self.max_frame}"
+            )
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    """Traffic counters; ``bytes_*`` count stream bytes, ``packets_*`` IP packets."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    """Reason -> count: "oversize", "short" (empty, or shorter than a virtio_net_hdr)
+    and "closed" for packets not sent; "extension" for skipped unknown frames."""
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + count
+
+
+class Session:
+    """One tunnel session, gateway or client side, without I/O."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        now: float,
+        *,
+        offload: bool = False,
+        software: str = SOFTWARE,
+    ) -> None:
+        self.config = config
+        self.role: Role = config.role
+        self.state = _S.AWAIT_HELLO if config.role == "gateway" else _S.AWAIT_CONFIG
+        self.peer_hello: Hello | None = None
+        """Gateway side: the client's HELLO, once received."""
+        self.tunnel_config: TunnelConfig | None = None
+        """The pushed CONFIG, once sent (gateway) or received (client)."""
+        self.counters = SessionCounters()
+        self.rtt: float | None = None
+        """Seconds between our last answered PING and its PONG."""
+        self.close_event: SessionClosed | None = None
+        """How the session ended, once it has."""
+        self._decoder = FrameDecoder(config.max_frame)
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._vnet_ok = False
+        self._ka_interval = config.keepalive_interval
+        self._ka_timeout = config.keepalive_timeout
+        self._last_sent = now
+        self._last_received = now
+        self._setup_deadline = now + config.config_timeout
+        self._deadline: tuple[float, int, str] | None = None
+        self._ping_seq = 0
+        self._ping_out: tuple[bytes, float] | None = None
+        self._hello: Hello | None = None
+        if config.role == "client":
+            self._hello = Hello(offload=offload, software=software)
+            self._queue(_F.HELLO, self._hello.to_json(), now)
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is CLOSED."""
+        return self.state is _S.CLOSED
+
+    # ---- input -------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | memoryview, now: float) -> None:
+        """Feed decrypted stream bytes, in chunks of any size. Ignored once CLOSED."""
+        if self.state is _S.CLOSED or not data:
+            return
+        self._last_received = now
+        counters = self.counters
+        counters.bytes_in += len(data)
+        decoder = self._decoder
+        decoder.feed(data)
+        events = self._events
+        try:
+            while not self.closed:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                ftype, payload = frame
+                counters.frames_in += 1
+                # Hot path; the table allows DATA exactly in ESTABLISHED for both roles.
+                if ftype == _F.DATA and self.state is _S.ESTABLISHED:
+                    vnet, packets = decode_data(payload)
+                    if vnet and not self._vnet_ok:
+                        raise RemoteProtocolError("DATA frame uses VNET but offload is off")
+                    counters.packets_in += len(packets)
+                    events.append(PacketsReceived(packets, vnet))
+                else:
+                    self._handle_frame(ftype, payload, now)
+        except RemoteProtocolError as exc:
+            self._close(exc.code, str(exc), now, by_peer=False, send=True)
+
+    def _handle_frame(self, ftype: int, payload: memoryview, now: float) -> None:
+        if ftype >= EXTENSION_MIN:
+            self.counters.drop("extension")
+            return
+        kind = FrameType(ftype)  # the decoder already refused unknown critical types
+        new_state = _RECEIVE[self.role].get(self.state, {}).get(kind)
+        if new_state is None:
+            raise RemoteProtocolError(
+                f"{kind.name} frame from the {_PEER[self.role]} is not allowed in state "
+                f"{self.state.value}"
+            )
+        if kind is _F.HELLO:
+            hello = Hello.from_json(payload)
+            self.peer_hello = hello
+            self.state = new_state
+            self._events.append(HelloReceived(hello))
+        elif kind is _F.CONFIG:
+            cfg = TunnelConfig.from_json(payload)
+            if cfg.offload and not (self._hello is not None and self._hello.offload):
+                raise RemoteProtocolError("CONFIG enables offload, which this client did not offer")
+            self._establish(cfg)
+            self._events.append(ConfigReceived(cfg))
+        elif kind is _F.DATA:
+            raise AssertionError("DATA is handled on the hot path")  # pragma: no cover
+        elif kind is _F.PING:
+            self._queue(_F.PONG, payload, now)
+        elif kind is _F.PONG:
+            if self._ping_out is not None and payload == self._ping_out[0]:
+                self.rtt = now - self._ping_out[1]
+                self._ping_out = None
+        elif kind is _F.CLOSE:
+            code, message = decode_close(payload)
+            self._close(code, message, now, by_peer=True, send=False)
+
+    # ---- our actions -------------------------------------------------------------
+
+    def send_config(self, cfg: TunnelConfig, now: float) -> None:
+        """Gateway: push the tunnel configuration; the session becomes ESTABLISHED.
+
+        A no-op once CLOSED (the peer may have gone while the owner prepared ``cfg``).
+        """
+        if self.role != "gateway":
+            raise LocalProtocolError("only a gateway sends CONFIG")
+        if self.state is _S.CLOSED:
+            return
+        new_state = _SEND[self.role].get(self.state, {}).get("config")
+        if new_state is None:
+            raise LocalProtocolError(f"cannot send CONFIG in state {self.state.value}")
+        assert self.peer_hello is not None  # AWAIT_CONFIG is reached only via HELLO
+        if cfg.offload and not self.peer_hello.offload:
+            raise LocalProtocolError("cannot enable offload: the client did not offer it")
+        self._queue(_F.CONFIG, cfg.to_json(), now)
+        self._establish(cfg)
+
+    def send_packets(
+        self, packets: Sequence[bytes | memoryview], now: float, *, vnet: bool = False
+    ) -> int:
+        """Queue IP packets as DATA frames, as many per frame as ``max_frame`` allows.
+
+        Returns how many packets were *not* queued: too big for one frame ("oversize"),
+        empty or shorter than a virtio_net_hdr ("short"), or the session is CLOSED
+        ("closed"); each is counted in ``counters.drops``. Raises
+        ``LocalProtocolError`` before ESTABLISHED, or for ``vnet`` without offload.
+        """
+        if self.state is not _S.ESTABLISHED:
+            if self.state is _S.CLOSED:
+                if packets:
+                    self.counters.drop("closed", len(packets))
+                return len(packets)
+            raise LocalProtocolError(f"cannot send packets in state {self.state.value}")
+        if vnet and not self._vnet_ok:
+            raise LocalProtocolError("cannot send VNET packets: offload is off on this tunnel")
+        max_payload = self.config.max_frame
+        largest = max_payload - DATA_OVERHEAD
+        shortest = VNET_HDR_LEN if vnet else 1
+        flags = FLAG_VNET if vnet else 0
+        out = self._out
+        start_out = len(out)
+        pack_len = U32.pack_into
+        pack_start = _DATA_START.pack_into
+        frame_at = -1
+        frame_len = 0
+        frames = sent = oversize = short = 0
+        for packet in packets:
+            size = len(packet)
+            if size > largest:
+                oversize += 1
+                continue
+            if size < shortest:
+                short += 1
+                continue
+            if frame_at < 0 or frame_len + PACKET_PREFIX_SIZE + size > max_payload:
+                if frame_at >= 0:
+                    pack_start(out, frame_at, (_F.DATA << 24) | frame_len, flags)
+                frame_at = len(out)
+                out += b"\0\0\0\0\0"
+                frame_len = 1
+                frames += 1
+            at = len(out)
+            out += b"\0\0\0\0"
+            pack_len(out, at, size)
+            out += packet
+            frame_len += PACKET_PREFIX_SIZE + size
+            sent += 1
+        if frame_at >= 0:
+            pack_start(out, frame_at, (_F.DATA << 24) | frame_len, flags)
+        counters = self.counters
+        if oversize:
+            counters.drop("oversize", oversize)
+        if short:
+            counters.drop("short", short)
+        if frames:
+            counters.frames_out += frames
+            counters.bytes_out += len(out) - start_out
+            counters.packets_out += sent
+            self._last_sent = now
+        return oversize + short
+
+    def close(self, code: CloseCode, message: str, now: float) -> None:
+        """Queue CLOSE and end the session; idempotent."""
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 0xFFFF:
+            raise LocalProtocolError(f"close code {code!r} is not a 16-bit integer")
+        self._close(code, message, now, by_peer=False, send=True)
+
+    def set_deadline(self, when: float, code: CloseCode, message: str) -> None:
+        """At ``when``, close with ``code`` (e.g. certificate notAfter); replaces any earlier."""
+        if not math.isfinite(when):
+            raise LocalProtocolError(f"deadline {when!r} is not a finite time")
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 0xFFFF:
+            raise LocalProtocolError(f"close code {code!r} is not a 16-bit integer")
+        if self.state is not _S.CLOSED:
+            self._deadline = (when, code, message)
+
+    def clear_deadline(self) -> None:
+        """Forget the deadline (e.g. after an in-tunnel renewal)."""
+        self._deadline = None
+
+    # ---- output ------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Drain queued output: concatenated frames for the TLS stream."""
+        if not self._out:
+            return b""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def next_event(self) -> Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    # ---- time --------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called, or None once CLOSED."""
+        if self.state is _S.CLOSED:
+            return None
+        when = min(self._last_sent + self._ka_interval, self._last_received + self._ka_timeout)
+        if self.state is not _S.ESTABLISHED:
+            when = min(when, self._setup_deadline)
+        if self._deadline is not None:
+            when = min(when, self._deadline[0])
+        return when
+
+    def handle_timer(self, now: float) -> None:
+        """Act on whatever is due at ``now``; harmless to call early."""
+        if self.state is _S.CLOSED:
+            return
+        if self._deadline is not None and now >= self._deadline[0]:
+            _, code, message = self._deadline
+            self._close(code, message, now, by_peer=False, send=True)
+        elif self.state is not _S.ESTABLISHED and now >= self._setup_deadline:
+            self._close(CloseCode.CONFIG_TIMEOUT, self._setup_timeout_message(), now, False, True)
+        elif now >= self._last_received + self._ka_timeout:
+            message = f"nothing received from the {_PEER[self.role]} for {self._ka_timeout:g}s"
+            self._close(CloseCode.KEEPALIVE_TIMEOUT, message, now, by_peer=False, send=True)
+        elif now >= self._last_sent + self._ka_interval:
+            self._ping_seq += 1
+            payload = _PING.pack(self._ping_seq)
+            self._ping_out = (payload, now)
+            self._queue(_F.PING, payload, now)
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _setup_timeout_message(self) -> str:
+        limit = f"{self.config.config_timeout:g}s"
+        if self.state is _S.AWAIT_HELLO:
+            return f"no HELLO from the client within {limit}"
+        if self.role == "gateway":
+            return f"CONFIG was not sent within {limit} of the HELLO"
+        return f"no CONFIG from the gateway within {limit}"
+
+    def _establish(self, cfg: TunnelConfig) -> None:
+        self.tunnel_config = cfg
+        self._vnet_ok = cfg.offload
+        self._ka_interval = cfg.keepalive_interval
+        self._ka_timeout = cfg.keepalive_timeout
+        self.state = _S.ESTABLISHED
+
+    def _queue(self, ftype: int, payload: bytes | memoryview, now: float) -> None:
+        out = self._out
+        out += HEADER.pack((ftype << 24) | len(payload))
+        out += payload
+        self.counters.frames_out += 1
+        self.counters.bytes_out += HEADER_SIZE + len(payload)
+        self._last_sent = now
+
+    def _close(self, code: int, message: str, now: float, by_peer: bool, send: bool) -> None:
+        if self.state is _S.CLOSED:
+            return
+        if send:
+            self._queue(_F.CLOSE, encode_close(code, message), now)
+        self.state = _S.CLOSED
+        self._deadline = None
+        self._decoder = FrameDecoder(self.config.max_frame)  # free buffered input
+        event = SessionClosed(code, message, by_peer)
+        self.close_event = event
+        self._events.append(event)
