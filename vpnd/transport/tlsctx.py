@@ -1,0 +1,127 @@
+"""The two ``ssl.SSLContext`` profiles of vpnd: TLS 1.3 only, mutual auth, ALPN ``vpnd/1``.
+
+OpenSSL does the chain, EKU and CRL checks inside the handshake so that a refused peer
+gets the matching TLS alert (certificate_revoked, unknown_ca, ...) instead of a bare
+EOF. vpnd's own checks (``vpnd.pki``) run on top of this after the handshake.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+ALPN = "vpnd/1"
+
+
+class TlsConfigError(Exception):
+    """A TLS file (CA, CRL, certificate, key) cannot be used; one line naming the file."""
+
+
+# Security level 2: RSA/DH >= 2048 bits, ECC >= 224 bits, no SHA-1 signatures, in the
+# handshake *and* in the chain. The cipher list itself only matters below TLS 1.3.
+_CIPHERS = "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def server_context(
+    *,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    crl: Path | None,
+    key_passphrase: bytes | None = None,
+) -> ssl.SSLContext:
+    """Gateway context: requires a client certificate chaining to ``ca``.
+
+    With ``crl``, every certificate in the client's chain must be covered by a CRL of
+    its issuer (VERIFY_CRL_CHECK_CHAIN); a CA without a CRL makes OpenSSL refuse with
+    unable-to-get-CRL, i.e. revocation checking fails closed.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER)
+    _load_chain(ctx, cert, key, key_passphrase)
+    _load_trust(ctx, ca, "CA")
+    if crl is not None:
+        # cafile=, not cadata=: only the file loader picks up CRLs (PLATFORM.md).
+        _load_trust(ctx, crl, "CRL")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    # No session tickets: a resumed session would skip certificate (and CRL) checks.
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(
+    *,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    key_passphrase: bytes | None = None,
+) -> ssl.SSLContext:
+    """Peer context: the gateway must chain to ``ca`` and match the pinned DNS name.
+
+    The pinned name is given per connection as ``server_hostname``.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    _load_chain(ctx, cert, key, key_passphrase)
+    _load_trust(ctx, ca, "CA")
+    ctx.check_hostname = True
+    return ctx
+
+
+def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(_CIPHERS)  # before loading our own cert: the level applies to it too
+    ctx.set_alpn_protocols([ALPN])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, passphrase: bytes | None) -> None:
+    for path, what in ((cert, "certificate"), (key, "private key")):
+        _check_readable(path, what)
+
+    def _password() -> bytes:
+        if passphrase is None:
+            # Called only for an encrypted key; fail with a message, never prompt.
+            raise TlsConfigError(f"private key {key} is encrypted but no passphrase was given")
+        return passphrase
+
+    try:
+        ctx.load_cert_chain(certfile=cert, keyfile=key, password=_password)
+    except TlsConfigError:
+        raise
+    except ssl.SSLError as err:
+        raise TlsConfigError(
+            f"cannot use certificate {cert} with key {key}: {_ssl_reason(err)}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise TlsConfigError(f"cannot load certificate {cert} with key {key}: {err}") from None
+
+
+def _load_trust(ctx: ssl.SSLContext, path: Path, what: str) -> None:
+    _check_readable(path, what)
+    try:
+        before = ctx.cert_store_stats()
+        ctx.load_verify_locations(cafile=path)
+        after = ctx.cert_store_stats()
+    except ssl.SSLError as err:
+        raise TlsConfigError(f"cannot load {what} file {path}: {_ssl_reason(err)}") from None
+    except OSError as err:
+        raise TlsConfigError(f"cannot read {what} file {path}: {err.strerror}") from None
+    key = "crl" if what == "CRL" else "x509_ca"
+    if after[key] <= before[key]:
+        kind = "CRL" if what == "CRL" else "CA certificate"
+        raise TlsConfigError(f"{what} file {path} contains no PEM {kind}")
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise TlsConfigError(f"{what} file {path} does not exist or is not a regular file")
+
+
+def _ssl_reason(err: ssl.SSLError) -> str:
+    reason = getattr(err, "reason", None)
+    if isinstance(reason, str):
+        return reason.lower().replace("_", " ")
+    return str(err.strerror or err)
