@@ -1,0 +1,3 @@
+from vpnctl.cli import run
+
+run()
