@@ -174,6 +174,9 @@ class FakeNetConfigurator:
             raise NetError(f"{what}: mtu {mtu} out of range 68..65535")
         link.mtu = mtu
         link.ipv6_disabled = not any(a.version == 6 for a in addresses)
+        if link.ipv6_disabled:
+            # Disabling IPv6 on a link flushes its IPv6 routes, as Linux does.
+            link.routes = {d: r for d, r in link.routes.items() if d.version == 4}
         for old in link.addresses:
             if old not in addresses:
                 link.routes.pop(old.network, None)

@@ -1,0 +1,165 @@
+"""nftables rendering, name sanitising, and the nft runner's error mapping (via a stand-in nft)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+
+from vpnd.net.errors import NetError
+from vpnd.net.nftables import (
+    NftablesRuleset,
+    render_anti_spoof,
+    render_masquerade,
+    render_sets,
+    table_name,
+)
+
+N = ipaddress.ip_network
+
+
+@pytest.mark.parametrize(
+    ("ifname", "expected"),
+    [("vpn0", "vpnd_vpn0"), ("tun_a", "vpnd_tun_a"), ("VPN9", "vpnd_VPN9")],
+)
+def test_table_name_plain(ifname: str, expected: str) -> None:
+    assert table_name(ifname) == expected
+
+
+def test_table_name_sanitised_without_collisions() -> None:
+    a, b, c = table_name("vpn-0"), table_name("vpn.0"), table_name("vpn_0")
+    assert a.startswith("vpnd_vpn_0_") and b.startswith("vpnd_vpn_0_")
+    assert len({a, b, c}) == 3
+    for name in (a, b):
+        assert name.replace("_", "").isalnum()
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 16, "vpn 0", 'x"; flush ruleset', "..", "a/b"])
+def test_bad_interface_names_refused(bad: str) -> None:
+    with pytest.raises(NetError, match="interface name invalid"):
+        table_name(bad)
+    with pytest.raises(NetError, match="interface name invalid"):
+        NftablesRuleset(bad)
+    with pytest.raises(NetError, match="interface name invalid"):
+        render_anti_spoof(bad)
+
+
+def test_render_pieces() -> None:
+    sets = render_sets([ipaddress.ip_address("10.8.0.2"), N("10.9.0.0/24"), N("fd00::2/128")])
+    assert (
+        "set allowed4 { type ipv4_addr; flags interval; elements = { 10.8.0.2/32, 10.9.0.0/24 }; }"
+        in sets
+    )
+    assert "set allowed6 { type ipv6_addr; flags interval; elements = { fd00::2/128 }; }" in sets
+    assert "elements" not in render_sets()
+    spoof = render_anti_spoof("vpn0")
+    assert 'iifname "vpn0" ip saddr != @allowed4 counter drop' in spoof
+    assert 'iifname "vpn0" ip6 saddr != @allowed6 counter drop' in spoof
+    assert "priority raw" in spoof
+    masq = render_masquerade("vpn0", [N("10.8.0.0/24"), N("fd00::/64")])
+    assert 'ip saddr 10.8.0.0/24 oifname != "vpn0" masquerade' in masq
+    assert 'ip6 saddr fd00::/64 oifname != "vpn0" masquerade' in masq
+
+
+def test_render_and_transaction() -> None:
+    fw = NftablesRuleset("vpn0")
+    body = fw.render(overlays=[N("10.8.0.0/24")], masquerade=False)
+    assert "masquerade" not in body and "antispoof" in body
+    assert "antispoof" not in fw.render(overlays=[N("10.8.0.0/24")], anti_spoof=False)
+    tx = fw.transaction(body)
+    lines = tx.splitlines()
+    assert lines[:3] == [
+        "table inet vpnd_vpn0",
+        "delete table inet vpnd_vpn0",
+        "table inet vpnd_vpn0 {",
+    ]
+    assert lines[-1] == "}"
+
+
+def fake_nft(tmp_path: Path, script: str) -> str:
+    """A stand-in `nft` that logs its stdin, then runs ``script`` (sh) with it in ``$in``."""
+    path = tmp_path / "nft"
+    log = tmp_path / "stdin.log"
+    path.write_text(f'#!/bin/sh\nin=$(cat)\nprintf "%s\\n--\\n" "$in" >> "{log}"\n{script}\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_install_remove_and_elements_feed_nft(tmp_path: Path) -> None:
+    fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, "exit 0"))
+
+    async def scenario() -> None:
+        await fw.install(fw.render(overlays=[N("10.8.0.0/24")]))
+        await fw.add_sources([ipaddress.ip_address("10.8.0.2"), N("fd00::/64")])
+        await fw.delete_sources([ipaddress.ip_address("10.8.0.2")])
+        await fw.add_sources([])  # nothing to do: nft not run
+        await fw.remove()
+
+    asyncio.run(scenario())
+    runs = (tmp_path / "stdin.log").read_text().split("--\n")[:-1]
+    assert len(runs) == 4
+    assert runs[0].startswith("table inet vpnd_vpn0\ndelete table inet vpnd_vpn0\n")
+    assert runs[1] == (
+        "add element inet vpnd_vpn0 allowed4 { 10.8.0.2/32 }\n"
+        "add element inet vpnd_vpn0 allowed6 { fd00::/64 }\n"
+    )
+    assert runs[2] == "delete element inet vpnd_vpn0 allowed4 { 10.8.0.2/32 }\n"
+    assert runs[3] == "table inet vpnd_vpn0\ndelete table inet vpnd_vpn0\n"
+
+
+def test_nft_failure_becomes_one_line_net_error(tmp_path: Path) -> None:
+    nft = fake_nft(
+        tmp_path,
+        "echo '/dev/stdin:4:17-17: Error: syntax error, unexpected }' >&2\n"
+        "echo 'chain x { bogus }' >&2\nexit 1",
+    )
+    fw = NftablesRuleset("vpn0", nft=nft)
+    with pytest.raises(NetError) as info:
+        asyncio.run(fw.install("chain x { bogus }\n"))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg == (
+        "install table vpnd_vpn0: nft failed: /dev/stdin:4:17-17: Error: syntax error, unexpected }"
+    )
+
+
+def test_deleting_missing_elements_is_fine(tmp_path: Path) -> None:
+    # Fails any batch naming 10.8.0.7, the way nft does; others succeed.
+    nft = fake_nft(
+        tmp_path,
+        'case "$in" in *10.8.0.7*) echo "Error: element does not exist" >&2; exit 1;; esac',
+    )
+    fw = NftablesRuleset("vpn0", nft=nft)
+    asyncio.run(
+        fw.delete_sources([ipaddress.ip_address("10.8.0.7"), ipaddress.ip_address("10.8.0.2")])
+    )
+    runs = (tmp_path / "stdin.log").read_text().split("--\n")[:-1]
+    # One failed batch, then each element alone; the missing one is tolerated.
+    assert len(runs) == 3
+    assert "10.8.0.2" in runs[2]
+
+
+def test_other_delete_failures_still_raise(tmp_path: Path) -> None:
+    fw = NftablesRuleset(
+        "vpn0",
+        nft=fake_nft(
+            tmp_path, "echo 'Error: Could not process rule: Permission denied' >&2; exit 1"
+        ),
+    )
+    with pytest.raises(NetError, match="Permission denied"):
+        asyncio.run(fw.delete_sources([ipaddress.ip_address("10.8.0.2")]))
+
+
+def test_missing_nft_binary(tmp_path: Path) -> None:
+    fw = NftablesRuleset("vpn0", nft=str(tmp_path / "no-such-nft"))
+    with pytest.raises(NetError, match=r"not found \(apt-get install nftables\)"):
+        asyncio.run(fw.remove())
+
+
+def test_hung_nft_is_bounded(tmp_path: Path) -> None:
+    fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, "exec sleep 30"), timeout=0.2)
+    with pytest.raises(NetError, match=r"did not finish within 0\.2s"):
+        asyncio.run(fw.remove())
