@@ -295,7 +295,7 @@ class PkiDir:
         key_path, cert_path, ca_path = out / f"{cn}.key", out / f"{cn}.pem", out / CA_CERT
 
         def write(cert: x509.Certificate) -> tuple[Path, ...]:
-            _write_together(
+            write_together(
                 [
                     (key_path, key_pem, PRIVATE),
                     (cert_path, certificate_pem(cert), PUBLIC),
@@ -688,7 +688,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _write_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
+def write_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
     """Write a set of files so that either all are replaced or none is.
 
     Each file is first written completely (atomic_write: fsynced, final mode) under a

@@ -1,0 +1,3 @@
+from vpnd.cli import run
+
+run()

@@ -1,0 +1,161 @@
+"""The ``vpnd`` command: run the daemon (``vpnd --config FILE``) or make a key and CSR
+on the peer (``vpnd keygen``), the peer side of ``vpnctl sign``.
+
+Exit codes: 0 ok, 1 refused or failed, 2 usage error; errors are one ``vpnd: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from cryptography.hazmat.primitives import serialization
+
+from vpnd import __version__
+from vpnd.pki.authority import csr_for
+from vpnd.pki.identity import PkiError
+from vpnd.pki.keys import KEY_TYPES_LEAF, generate_key, private_key_pem
+from vpnd.pki.names import canonical_name
+from vpnd.pki.pkidir import write_together
+
+
+class UsageError(Exception):
+    """Malformed command line: exit code 2."""
+
+
+class CliError(Exception):
+    """Refused or failed: exit code 1."""
+
+
+class HelpRequested(Exception):  # a signal, not an error
+    def __init__(self, text: str) -> None:
+        super().__init__("help requested")
+        self.text = text
+
+
+class _Parser(argparse.ArgumentParser):
+    # Never print or exit from inside argparse: main() owns its streams and exit code.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError((message or f"exit {status}").strip())
+
+    def print_help(self, file: object = None) -> NoReturn:
+        raise HelpRequested(self.format_help())
+
+    def print_usage(self, file: object = None) -> NoReturn:
+        raise HelpRequested(self.format_usage())
+
+
+def _name(text: str) -> str:
+    try:
+        return canonical_name(text)
+    except PkiError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(
+        prog="vpnd",
+        description="vpnd: certificate-authenticated VPN daemon (gateway or client).",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage error.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--config", metavar="FILE", help="run the daemon with this YAML config")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    keygen = sub.add_parser(
+        "keygen",
+        help="make a private key and a CSR for 'vpnctl sign'",
+        description="Make a private key (0600) and a CSR carrying only NAME and the public "
+        "key; the admin signs it with 'vpnctl sign CSR --out CERT'.",
+    )
+    keygen.add_argument("--name", required=True, type=_name, help="peer name (a-z, 0-9, '-')")
+    keygen.add_argument("--out-key", required=True, metavar="KEY")
+    keygen.add_argument("--out-csr", required=True, metavar="CSR")
+    keygen.add_argument("--key-type", choices=KEY_TYPES_LEAF, default=KEY_TYPES_LEAF[0])
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing KEY")
+    return parser
+
+
+def _keygen(args: argparse.Namespace, out: TextIO) -> int:
+    key_path, csr_path = Path(args.out_key), Path(args.out_csr)
+    if key_path.resolve() == csr_path.resolve():
+        raise UsageError("--out-key and --out-csr must be different files")
+    for path in (key_path, csr_path):
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise PkiError(f"directory {parent} does not exist; create it first")
+        if path.is_dir():
+            raise PkiError(f"{path} is a directory; give a file name")
+    if key_path.exists() and not args.force:
+        # Overwriting a live key would break the running tunnel until a new cert arrives.
+        raise PkiError(f"{key_path} already exists; remove it or pass --force")
+    key = generate_key(args.key_type)
+    csr = csr_for(name=args.name, key=key)
+    write_together(
+        [
+            (key_path, private_key_pem(key), 0o600),
+            (csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644),
+        ]
+    )
+    out.write(f"wrote {key_path} (0600, {args.key_type}) and {csr_path} for {args.name}\n")
+    out.write(f"next: the admin runs 'vpnctl sign {csr_path} --out {args.name}.pem'\n")
+    return 0
+
+
+def _daemon(config: str, err: TextIO) -> int:
+    if not Path(config).is_file():
+        raise CliError(f"config file {config} does not exist")
+    # Imported lazily: keygen and --version must work without the daemon's
+    # kernel-facing dependencies.
+    try:
+        daemon = importlib.import_module("vpnd.daemon")
+    except ModuleNotFoundError as exc:
+        if exc.name == "vpnd.daemon":
+            err.write("vpnd: error: the daemon is not part of this build (vpnd.daemon missing)\n")
+        else:
+            err.write(f"vpnd: error: cannot load the daemon: {exc}\n")
+        return 1
+    code = daemon.run(config)
+    return int(code) if isinstance(code, int) else 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """Run vpnd with ``argv`` (without the program name); return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            out.write(f"vpnd {__version__}\n")
+            return 0
+        if args.command == "keygen":
+            if args.config is not None:
+                raise UsageError("--config runs the daemon; it does not go with keygen")
+            return _keygen(args, out)
+        if args.config is None:
+            raise UsageError("give --config FILE to run the daemon, or a command (see --help)")
+        return _daemon(args.config, err)
+    except HelpRequested as help_:
+        out.write(help_.text)
+        return 0
+    except UsageError as exc:
+        err.write(f"vpnd: error: {_one_line(str(exc))}\n")
+        return 2
+    except (PkiError, CliError) as exc:
+        err.write(f"vpnd: error: {_one_line(str(exc))}\n")
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.write(f"vpnd: error: {where}{_one_line(exc.strerror or str(exc))}\n")
+        return 1
+
+
+def run() -> None:
+    sys.exit(main(sys.argv[1:], sys.stdout, sys.stderr))
