@@ -1,0 +1,107 @@
+"""vpnd PKI: certificate profile, CA operations, CRLs and peer verification.
+
+Pure: imports only ``cryptography`` and ``pyasn1``, never asyncio, sockets or netlink.
+"""
+
+from vpnd.pki.authority import (
+    ca_networks,
+    check_ca_pair,
+    create_ca,
+    csr_for,
+    issue_certificate,
+    verify_csr,
+)
+from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_number, crl_pem, load_crls
+from vpnd.pki.identity import (
+    OID_PEER_ATTRIBUTES,
+    IPAddress,
+    IPNetwork,
+    PeerIdentity,
+    PkiError,
+    Reason,
+    Role,
+    VerifyError,
+)
+from vpnd.pki.keys import (
+    KEY_TYPES_CA,
+    KEY_TYPES_LEAF,
+    PrivateKey,
+    PublicKey,
+    certificate_pem,
+    fingerprint,
+    generate_key,
+    key_type,
+    load_certificate,
+    load_certificates,
+    load_csr,
+    load_private_key,
+    private_key_pem,
+)
+from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
+from vpnd.pki.profile import (
+    CertificateInfo,
+    PeerAttributes,
+    decode_peer_attributes,
+    describe_certificate,
+    encode_peer_attributes,
+    peer_attributes_of,
+)
+from vpnd.pki.verify import (
+    TrustStore,
+    VerifyOptions,
+    check_revocation,
+    load_trust_store,
+    verify_chain,
+    verify_peer,
+)
+
+__all__ = [
+    "KEY_TYPES_CA",
+    "KEY_TYPES_LEAF",
+    "OID_PEER_ATTRIBUTES",
+    "REASONS",
+    "CertificateInfo",
+    "IPAddress",
+    "IPNetwork",
+    "PeerAttributes",
+    "PeerIdentity",
+    "PkiError",
+    "PrivateKey",
+    "PublicKey",
+    "Reason",
+    "RevokedEntry",
+    "Role",
+    "TrustStore",
+    "VerifyError",
+    "VerifyOptions",
+    "build_crl",
+    "ca_networks",
+    "canonical_dns_name",
+    "canonical_group",
+    "canonical_name",
+    "certificate_pem",
+    "check_ca_pair",
+    "check_revocation",
+    "create_ca",
+    "crl_number",
+    "crl_pem",
+    "csr_for",
+    "decode_peer_attributes",
+    "describe_certificate",
+    "encode_peer_attributes",
+    "fingerprint",
+    "generate_key",
+    "issue_certificate",
+    "key_type",
+    "load_certificate",
+    "load_certificates",
+    "load_crls",
+    "load_csr",
+    "load_private_key",
+    "load_trust_store",
+    "peer_attributes_of",
+    "private_key_pem",
+    "verify_chain",
+    "verify_csr",
+    "verify_peer",
+]

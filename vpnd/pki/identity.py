@@ -53,6 +53,8 @@ class Reason(enum.StrEnum):
     BAD_EXTENSION = "bad_extension"
     CHAIN_INVALID = "chain_invalid"
     MALFORMED = "malformed"
+    NAME_MISMATCH = "name_mismatch"
+    """A gateway certificate does not carry the name the client pinned (server_name)."""
 
 
 class PkiError(Exception):
@@ -90,8 +92,8 @@ class PeerIdentity:
     """Firewall groups (custom extension)."""
     dns_names: tuple[str, ...] = ()
     """SAN dNSName entries (gateways, for pinning)."""
-    not_before: dt.datetime = dt.datetime.min.replace(tzinfo=dt.UTC)
-    not_after: dt.datetime = dt.datetime.max.replace(tzinfo=dt.UTC)
+    not_before: dt.datetime = dt.datetime.min.replace(tzinfo=dt.UTC)  # noqa: RUF009 - immutable
+    not_after: dt.datetime = dt.datetime.max.replace(tzinfo=dt.UTC)  # noqa: RUF009 - immutable
     chain_serials: tuple[tuple[str, int], ...] = ()
     """(issuer, serial) of every non-root cert in the verified chain, leaf first:
     what a live CRL re-check needs to find revoked intermediates."""
