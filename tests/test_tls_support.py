@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from vpnd.transport.tlsctx import client_context, server_context
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
 class Issued:
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,9 @@ def issue(
     dns: tuple[str, ...] = (),
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
+    key: PrivateKey | None = None,
 ) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     if eku is None:
         eku = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
     san: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -167,3 +172,60 @@ def write_pair(
         )
     )
     return Files(cert, key)
+
+
+GATEWAY_NAME = "gw.vpn.test"
+
+
+@dataclass(frozen=True)
+class World:
+    """A CA, a gateway and a set of client certificates, all on disk."""
+
+    directory: Path
+    ca: Issued
+    ca_file: Path
+    crl_file: Path
+    gateway: Files
+    clients: dict[str, Files]
+    other_ca_file: Path
+
+    def server_ctx(self, *, ca: Path | None = None, crl: Path | None = None) -> ssl.SSLContext:
+        return server_context(
+            ca=ca or self.ca_file,
+            cert=self.gateway.cert,
+            key=self.gateway.key,
+            crl=crl or self.crl_file,
+        )
+
+    def client_ctx(self, name: str = "alice", *, ca: Path | None = None) -> ssl.SSLContext:
+        files = self.clients[name]
+        return client_context(ca=ca or self.ca_file, cert=files.cert, key=files.key)
+
+
+def build_world(directory: Path) -> World:
+    """alice (good), bob (revoked), carol (expired), dave (not yet valid), eve (other CA),
+    srv (serverAuth-only), far (IP outside the name constraints), weak (RSA-1024 key)."""
+    ca = make_ca("vpn-ca", permitted=["10.8.0.0/16"])
+    other = make_ca("other-ca")
+    gateway = issue(ca, "gw", server=True, ips=("10.8.0.1",), dns=(GATEWAY_NAME,))
+    leaves = {
+        "alice": issue(ca, "alice", ips=("10.8.0.2",)),
+        "bob": issue(ca, "bob", ips=("10.8.0.3",)),
+        "carol": issue(
+            ca, "carol", ips=("10.8.0.4",), not_before=NOW - 10 * DAY, not_after=NOW - DAY
+        ),
+        "dave": issue(ca, "dave", ips=("10.8.0.5",), not_before=NOW + DAY, not_after=NOW + 9 * DAY),
+        "eve": issue(other, "eve", ips=("10.8.0.6",)),
+        "srv": issue(ca, "srv", server=True, ips=("10.8.0.7",)),
+        "far": issue(ca, "far", ips=("10.9.0.8",)),
+        "weak": issue(ca, "weak", ips=("10.8.0.9",), key=rsa.generate_private_key(65537, 1024)),
+    }
+    return World(
+        directory=directory,
+        ca=ca,
+        ca_file=write_ca(directory, ca),
+        crl_file=write_crl(directory, ca, [leaves["bob"].cert]),
+        gateway=write_pair(directory, "gw", gateway),
+        clients={name: write_pair(directory, name, leaf) for name, leaf in leaves.items()},
+        other_ca_file=write_ca(directory, other, "other-ca"),
+    )

@@ -187,6 +187,9 @@ class TlsEngine:
                     self._failure = TlsProtocolError(alert, _detail(err))
                 break
             if not chunk:
+                # CPython returns b"" (not SSLZeroReturnError) for a close_notify when
+                # we have not sent ours yet.
+                self._failure = TlsClosed()
                 break
             chunks.append(chunk)
         if chunks:
