@@ -437,7 +437,7 @@ class Session:
         if self.state is _S.AWAIT_HELLO:
             return f"no HELLO from the client within {limit}"
         if self.role == "gateway":
-            return f"CONFIG was not sent within {limit} of the HELLO"
+            return f"CONFIG was not sent within {limit} of the session start"
         return f"no CONFIG from the gateway within {limit}"
 
     def _establish(self, cfg: TunnelConfig) -> None:
