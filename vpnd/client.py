@@ -4,6 +4,7 @@ reconnects with backoff. Kernel and network objects are injected; see vpnd.daemo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -23,7 +24,6 @@ from vpnd.proto import (
     Event,
     PacketsReceived,
     Session,
-    SessionClosed,
     SessionConfig,
     TunnelConfig,
     describe_close,
@@ -121,10 +121,8 @@ class Client:
             wait = self.settings.max_delay if outcome.permanent else delay
             wait *= 0.5 + self._rng.random() / 2
             log.info("reconnecting in %.1f s", wait)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, self.settings.max_delay)
 
     async def _attempt(self) -> Outcome:

@@ -36,6 +36,7 @@ from vpnd.proto import (
 )
 from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
+from vpnd.transport.tlsengine import TlsHandshakeError
 
 log = logging.getLogger("vpnd.gateway")
 audit = logging.getLogger("vpnd.audit")
@@ -191,6 +192,18 @@ class Gateway:
         plog.info("authenticated serial %s, addresses %s", identity.serial_hex, _addrs(identity))
         driver.start()
 
+    def on_refused(self, peername: tuple[str, int] | None, err: TlsHandshakeError) -> None:
+        """OpenSSL refused the handshake (and sent the alert): count and audit it."""
+        remote = _fmt_remote(peername)
+        self.handshakes[f"refused_{err.reason}"] += 1
+        audit.warning(
+            "refused %s in the TLS handshake: %s (%s)",
+            remote,
+            err.reason,
+            err.detail,
+            extra={"event": "auth_refused", "remote": remote, "reason": err.reason},
+        )
+
     def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
         self.handshakes[f"refused_{err.reason.value}"] += 1
         audit.warning(
@@ -212,9 +225,7 @@ class Gateway:
             peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
             return
         networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
-        outside = [
-            n for n in networks[: len(ident.addresses)] if not self._in_overlay(n)
-        ]
+        outside = [n for n in networks[: len(ident.addresses)] if not self._in_overlay(n)]
         if outside:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
             return

@@ -18,7 +18,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -38,7 +40,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         # Control characters from peer-supplied strings must not forge log lines.
-        return line.replace("\r", "\\r").replace("\n", "\\n") if "\n" in line or "\r" in line else line
+        return (
+            line.replace("\r", "\\r").replace("\n", "\\n") if "\n" in line or "\r" in line else line
+        )
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
@@ -54,7 +58,9 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
 class PeerLogger(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every line with the peer's name and certificate fingerprint (aioquic style)."""
 
-    def process(self, msg: str, kwargs: MutableMapping[str, Any]) -> tuple[str, MutableMapping[str, Any]]:
+    def process(
+        self, msg: str, kwargs: MutableMapping[str, Any]
+    ) -> tuple[str, MutableMapping[str, Any]]:
         extra = dict(self.extra or {})
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         prefix = extra.get("peer") or extra.get("remote") or "?"

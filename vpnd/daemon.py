@@ -1,0 +1,304 @@
+"""Composition root: the only place concrete edges are built and wired together.
+
+``run(config_path)`` loads and validates the config once, builds the real TUN,
+netlink, nftables and TLS objects, runs a gateway or a client, and on SIGTERM/SIGINT
+(or a crash of the session) removes everything it put into the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography import x509
+
+from vpnd.client import Client, ClientSettings
+from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
+from vpnd.gateway import Gateway, GatewaySettings
+from vpnd.logsetup import setup_logging
+from vpnd.net.errors import NetError, TunError
+from vpnd.net.netlink import PyRoute2Configurator
+from vpnd.net.nftables import NftablesRuleset
+from vpnd.net.tun import LinuxTun
+from vpnd.pki import TrustStore, load_trust_store
+from vpnd.pki.authority import ca_networks
+from vpnd.pki.identity import IPNetwork, PkiError
+from vpnd.pki.keys import fingerprint, load_certificate
+from vpnd.transport.connection import TlsConnection, connect, serve
+from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
+
+log = logging.getLogger("vpnd")
+T = TypeVar("T")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+def run(config_path: str) -> int:
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as err:
+        print(f"vpnd: {err}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log.level.value, cfg.log.format.value)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    try:
+        return asyncio.run(_main(cfg))
+    except StartupError as err:
+        log.error("cannot start: %s", err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _main(cfg: GatewayConfig | ClientConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if isinstance(cfg, GatewayConfig):
+        await _run_gateway(cfg, stop)
+    else:
+        await _run_client(cfg, stop)
+    return 0
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().splitlines()[0] if path.read_bytes() else b""
+    except OSError as err:
+        raise StartupError(f"pki.key_passphrase_file: cannot read {path}: {err.strerror}") from None
+
+
+def _trust(cfg: GatewayConfig | ClientConfig) -> TrustStore:
+    allow_stale = cfg.pki.crl_stale == CrlStale.ALLOW
+    if allow_stale:
+        log.warning(
+            "pki.crl_stale is 'allow': a CRL past its nextUpdate will be ACCEPTED; "
+            "revocations issued since may be missed"
+        )
+    try:
+        return load_trust_store(cfg.pki.ca, cfg.pki.crl, allow_stale_crl=allow_stale)
+    except PkiError as err:
+        raise StartupError(str(err)) from None
+
+
+def _own_certificate(cfg: GatewayConfig | ClientConfig, now: dt.datetime) -> None:
+    try:
+        cert = load_certificate(cfg.pki.cert)
+    except PkiError as err:
+        raise StartupError(f"pki.cert: {err}") from None
+    left = cert.not_valid_after_utc - now
+    log.info(
+        "own certificate %s, serial %x, fingerprint %s, valid until %s",
+        cert.subject.rfc4514_string(),
+        cert.serial_number,
+        fingerprint(cert)[:16],
+        cert.not_valid_after_utc.isoformat(),
+    )
+    if left.total_seconds() <= 0:
+        log.error(
+            "own certificate EXPIRED at %s; ask your admin for a new one",
+            cert.not_valid_after_utc.isoformat(),
+        )
+    elif left <= dt.timedelta(days=cfg.pki.expiry_warning_days):
+        log.warning(
+            "own certificate expires in %d days (%s): renew it now",
+            left.days,
+            cert.not_valid_after_utc.isoformat(),
+        )
+
+
+@contextlib.asynccontextmanager
+async def _netlink() -> AsyncIterator[PyRoute2Configurator]:
+    net = PyRoute2Configurator()
+    try:
+        yield net
+    finally:
+        with contextlib.suppress(Exception):
+            await net.close()
+
+
+async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+    now = dt.datetime.now(dt.UTC)
+    _own_certificate(cfg, now)
+    trust = _trust(cfg)
+    try:
+        ctx = server_context(
+            ca=cfg.pki.ca,
+            cert=cfg.pki.cert,
+            key=cfg.pki.key,
+            crl=cfg.pki.crl,
+            key_passphrase=_passphrase(cfg.pki.key_passphrase_file),
+        )
+    except TlsConfigError as err:
+        raise StartupError(str(err)) from None
+    own = load_certificate(cfg.pki.cert)
+    overlays = _overlay_networks(trust)
+    addrs = _san_addresses(own)
+    gw_ifaces = []
+    for addr in addrs:
+        prefix = next((n.prefixlen for n in overlays if addr in n), None)
+        if prefix is None:
+            raise StartupError(f"gateway address {addr} is outside the CA's networks")
+        gw_ifaces.append(ipaddress.ip_interface(f"{addr}/{prefix}"))
+    if not gw_ifaces:
+        raise StartupError("the gateway certificate carries no overlay IP address")
+    settings = GatewaySettings(
+        tun_name=cfg.tun.name,
+        mtu=cfg.tun.mtu,
+        overlay_networks=overlays,
+        gateway_addresses=tuple(gw_ifaces),
+        push_routes=cfg.push_routes,
+        keepalive_interval=cfg.keepalive.interval,
+        keepalive_timeout=cfg.keepalive.timeout,
+        handshake_timeout=cfg.handshake_timeout,
+        max_frame=cfg.limits.max_frame,
+        max_sessions=cfg.limits.max_sessions,
+        peer_queue_bytes=cfg.limits.peer_queue_bytes,
+        duplicate=cfg.duplicate.value,
+    )
+    async with _netlink() as net, contextlib.AsyncExitStack() as undo:
+        if await net.link_exists(cfg.tun.name):
+            # A persistent device of that name (left by another tool or an old version)
+            # would make TUNSETIFF attach to it; replace it rather than fail.
+            log.warning("found a stale link %s: deleting it", cfg.tun.name)
+            await net.delete_link(cfg.tun.name)
+        tun = _open_tun(cfg.tun.name)
+        undo.callback(tun.close)
+        gateway = Gateway(settings, tun=tun, net=net, trust=trust)
+        await _guard(gateway.start())
+        undo.push_async_callback(gateway.stop)
+        if cfg.forwarding:
+            previous = await _guard(net.set_ip_forwarding(True))
+            if not previous:
+                undo.push_async_callback(net.set_ip_forwarding, False)
+        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
+            nft = NftablesRuleset(cfg.tun.name)
+            await _guard(
+                nft.install(
+                    nft.render(
+                        overlays=overlays,
+                        masquerade=cfg.nat == NatMode.MASQUERADE,
+                        anti_spoof=False,
+                    )
+                )
+            )
+            undo.push_async_callback(nft.remove)
+        try:
+            server = await serve(
+                cfg.listen.host,
+                cfg.listen.port,
+                ctx,
+                gateway.on_connection,
+                handshake_timeout=cfg.handshake_timeout,
+                on_refused=gateway.on_refused,
+            )
+        except OSError as err:
+            raise StartupError(
+                f"listen {cfg.listen.host}:{cfg.listen.port}: {err.strerror}"
+            ) from None
+        log.info("listening on %s:%d (TLS 1.3, ALPN vpnd/1)", cfg.listen.host, cfg.listen.port)
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: closing sessions and removing kernel state")
+            server.close()
+            await gateway.stop()
+            await asyncio.sleep(0.05)  # let CLOSE frames reach the wire
+
+
+async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
+    now = dt.datetime.now(dt.UTC)
+    _own_certificate(cfg, now)
+    try:
+        # A client checks the gateway against its CA; a CRL is optional on clients.
+        trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
+    except PkiError as err:
+        raise StartupError(str(err)) from None
+    try:
+        ctx = client_context(
+            ca=cfg.pki.ca,
+            cert=cfg.pki.cert,
+            key=cfg.pki.key,
+            key_passphrase=_passphrase(cfg.pki.key_passphrase_file),
+        )
+    except TlsConfigError as err:
+        raise StartupError(str(err)) from None
+    settings = ClientSettings(
+        server=f"{cfg.server.host}:{cfg.server.port}",
+        server_name=cfg.server_name,
+        tun_name=cfg.tun.name,
+        handshake_timeout=cfg.handshake_timeout,
+        max_frame=cfg.limits.max_frame,
+        initial_delay=cfg.reconnect.initial_delay,
+        max_delay=cfg.reconnect.max_delay,
+    )
+
+    async def dial() -> TlsConnection:
+        return await connect(
+            cfg.server.host,
+            cfg.server.port,
+            ctx,
+            server_hostname=cfg.server_name,
+            timeout=cfg.handshake_timeout,
+        )
+
+    async with _netlink() as net:
+        client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
+        task = asyncio.create_task(client.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        client.stop()
+        stopper.cancel()
+        try:
+            await asyncio.wait_for(task, 5)
+        except TimeoutError:
+            log.warning("client did not stop within 5 s; cancelling")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _open_tun(name: str) -> LinuxTun:
+    try:
+        return LinuxTun.open(name)
+    except TunError as err:
+        raise StartupError(str(err)) from None
+
+
+async def _guard(aw: Awaitable[T]) -> T:
+    """Kernel set-up failures (netlink, nft) stop start-up with a clear message."""
+    try:
+        return await aw
+    except NetError as err:
+        raise StartupError(str(err)) from None
+
+
+def _overlay_networks(trust: TrustStore) -> tuple[IPNetwork, ...]:
+    nets: list[IPNetwork] = []
+    for root in trust.roots:
+        nets.extend(n for n in ca_networks(root) if n not in nets)
+    if not nets:
+        raise StartupError("the CA certificate has no permitted IP subtrees (overlay networks)")
+    return tuple(nets)
+
+
+def _san_addresses(cert: x509.Certificate) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.IPAddress))  # type: ignore[arg-type]
