@@ -407,3 +407,27 @@ def test_local_misuse_raises() -> None:
 def test_bad_session_config(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(LocalProtocolError, match=fragment):
         SessionConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _frame_sizes(out: bytes) -> list[int]:
+    sizes, pos = [], 0
+    while pos < len(out):
+        (word,) = struct.unpack_from(">I", out, pos)
+        sizes.append(word & 0xFFFFFF)
+        pos += 4 + (word & 0xFFFFFF)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [(4183, [8192]), (4184, [1 + 4 + 4000, 1 + 4 + 4184])],
+)
+def test_frames_fill_exactly_to_max_frame(second: int, expected: list[int]) -> None:
+    pair = Pair(max_frame=8192)
+    pair.handshake()
+    assert pair.cl.send_packets([b"p" * 4000, b"q" * second], pair.now) == 0
+    out = pair.cl.data_to_send()
+    assert _frame_sizes(out) == expected
+    pair.gw.receive_data(out, pair.now)
+    pair.drain()
+    assert packets_of(pair.gw_events) == [b"p" * 4000, b"q" * second]

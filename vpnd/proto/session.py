@@ -312,7 +312,7 @@ class Session:
         ("closed"); each is counted in ``counters.drops``. Raises
         ``LocalProtocolError`` before ESTABLISHED, or for ``vnet`` without offload.
         """
-        if self.state is not _S.ESTABLISHED:
+        if _SEND[self.role].get(self.state, {}).get("data") is None:
             if self.state is _S.CLOSED:
                 if packets:
                     self.counters.drop("closed", len(packets))
@@ -367,7 +367,11 @@ class Session:
         return oversize + short
 
     def close(self, code: CloseCode, message: str, now: float) -> None:
-        """Queue CLOSE and end the session; idempotent."""
+        """Queue CLOSE and end the session; idempotent.
+
+        The owner should still write ``data_to_send()`` (it holds the CLOSE) before
+        closing the TLS stream.
+        """
         if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 0xFFFF:
             raise LocalProtocolError(f"close code {code!r} is not a 16-bit integer")
         self._close(code, message, now, by_peer=False, send=True)
