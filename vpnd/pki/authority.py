@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vpnd.pki.extensions import get_extension, get_extension_or_none
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
 from vpnd.pki.keys import (
     KEY_TYPES_CA,
@@ -72,10 +73,7 @@ def _same_key(a: object, b: object) -> bool:
 def check_ca_pair(ca_cert: x509.Certificate, ca_key: PrivateKey) -> None:
     """Refuse a CA certificate that is not a CA, or a key that does not belong to it."""
     _check_ca_key(ca_key)
-    try:
-        bc = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except (x509.ExtensionNotFound, ValueError):
-        bc = None
+    bc = get_extension_or_none(ca_cert, x509.BasicConstraints)
     if bc is None or not bc.ca:
         raise PkiError("the CA certificate is not a CA (basicConstraints CA:TRUE missing)")
     if not _same_key(ca_cert.public_key(), ca_key.public_key()):
@@ -154,11 +152,11 @@ def create_ca(
 def ca_networks(ca_cert: x509.Certificate) -> tuple[IPNetwork, ...]:
     """The overlay networks a CA may issue for: its permitted IP name-constraint subtrees."""
     try:
-        nc = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
-    except x509.ExtensionNotFound:
-        raise PkiError("the CA certificate has no name constraints (no overlay networks)") from None
-    except ValueError as exc:
-        raise PkiError(f"the CA certificate's extensions are malformed: {exc}") from None
+        nc = get_extension(ca_cert, x509.NameConstraints)
+    except PkiError as exc:
+        raise PkiError(f"the CA certificate has {exc}") from None
+    if nc is None:
+        raise PkiError("the CA certificate has no name constraints (no overlay networks)")
     nets = tuple(
         gn.value
         for gn in (nc.permitted_subtrees or ())
@@ -246,12 +244,7 @@ def issue_certificate(
         serial = x509.random_serial_number()
     if not isinstance(serial, int) or not 0 < serial <= MAX_SERIAL:
         raise PkiError("serial must be a positive integer of at most 159 bits")
-    try:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        )
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    aki = authority_key_identifier(ca_cert, ca_key)
     is_ec = isinstance(leaf_key, ec.EllipticCurvePublicKey)
     eku = ExtendedKeyUsageOID.CLIENT_AUTH if role is Role.PEER else ExtendedKeyUsageOID.SERVER_AUTH
     san: list[x509.GeneralName] = [x509.IPAddress(a) for a in addrs]
@@ -286,6 +279,16 @@ def issue_certificate(
         .add_extension(x509.UnrecognizedExtension(PEER_ATTRIBUTES_OID, extension), critical=False)
     )
     return builder.sign(ca_key, signature_hash(ca_key))
+
+
+def authority_key_identifier(
+    ca_cert: x509.Certificate, ca_key: PrivateKey
+) -> x509.AuthorityKeyIdentifier:
+    """AKI for what this CA signs: from its SKI when it has one, else from its key."""
+    ski = get_extension_or_none(ca_cert, x509.SubjectKeyIdentifier)
+    if ski is not None:
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
 
 
 def csr_for(*, name: str, key: PrivateKey) -> x509.CertificateSigningRequest:

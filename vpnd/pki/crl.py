@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID
 
-from vpnd.pki.authority import MAX_SERIAL, check_ca_pair, signature_hash
+from vpnd.pki.authority import (
+    MAX_SERIAL,
+    authority_key_identifier,
+    check_ca_pair,
+    signature_hash,
+)
+from vpnd.pki.extensions import all_extensions, get_extension, get_extension_or_none
 from vpnd.pki.identity import PkiError
 from vpnd.pki.keys import MAX_FILE_BYTES, PrivateKey
 from vpnd.pki.strength import weak_signature
@@ -70,12 +76,7 @@ def build_crl(
         raise PkiError("the CRL's next_update must be later than this_update")
     if not isinstance(crl_number, int) or not 0 <= crl_number <= MAX_SERIAL:
         raise PkiError("the CRL number must be a non-negative integer of at most 159 bits")
-    try:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        )
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    aki = authority_key_identifier(ca_cert, ca_key)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
@@ -139,11 +140,9 @@ def load_crls(path: str | os.PathLike[str]) -> list[x509.CertificateRevocationLi
 
 
 def _key_usage_allows_crl(issuer: x509.Certificate) -> bool:
-    try:
-        ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True  # RFC 5280 6.3.3(f): only a present keyUsage must assert cRLSign
-    return bool(ku.crl_sign)
+    ku = get_extension(issuer, x509.KeyUsage)
+    # RFC 5280 6.3.3(f): only a present keyUsage must assert cRLSign.
+    return ku is None or bool(ku.crl_sign)
 
 
 def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> str | None:
@@ -163,12 +162,12 @@ def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -
     weak = weak_signature(crl)
     if weak:
         return f"CRL {weak}"
-    if not _key_usage_allows_crl(issuer):
-        return "CRL issuer's keyUsage lacks cRLSign"
     try:
-        extensions = crl.extensions
-    except ValueError as exc:
-        return f"CRL extensions are malformed: {exc}"
+        if not _key_usage_allows_crl(issuer):
+            return "CRL issuer's keyUsage lacks cRLSign"
+        extensions = all_extensions(crl)
+    except PkiError as exc:
+        return f"CRL or issuer has {exc}"
     number = None
     for ext in extensions:
         if ext.oid == ExtensionOID.CRL_NUMBER:
@@ -186,14 +185,12 @@ def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -
             for ext in revoked.extensions:
                 if ext.critical and ext.oid != CRLEntryExtensionOID.CRL_REASON:
                     return f"unsupported critical CRL entry extension {ext.oid.dotted_string}"
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         return f"CRL entries are malformed: {exc}"
     return None
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int:
     """The CRL's number, or -1 when it has none (it is then unusable anyway)."""
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except (x509.ExtensionNotFound, ValueError):
-        return -1
+    number = get_extension_or_none(crl, x509.CRLNumber)
+    return -1 if number is None else int(number.crl_number)

@@ -26,6 +26,7 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, namedtype, univ
 
+from vpnd.pki.extensions import all_extensions, get_extension_or_none
 from vpnd.pki.identity import OID_PEER_ATTRIBUTES, IPAddress, IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, key_type
 from vpnd.pki.names import canonical_group
@@ -142,11 +143,9 @@ def decode_peer_attributes(der: bytes) -> PeerAttributes:
 def peer_attributes_of(cert: x509.Certificate) -> PeerAttributes:
     """The certificate's peer attributes (empty when the extension is absent); PkiError if bad."""
     try:
-        ext = cert.extensions.get_extension_for_oid(PEER_ATTRIBUTES_OID)
+        ext = all_extensions(cert).get_extension_for_oid(PEER_ATTRIBUTES_OID)
     except x509.ExtensionNotFound:
         return PeerAttributes()
-    except ValueError as exc:
-        raise PkiError(f"certificate extensions are malformed: {exc}") from None
     if ext.critical:
         raise PkiError("peer attributes extension must not be critical")
     value = ext.value
@@ -208,13 +207,6 @@ class CertificateInfo:
         }
 
 
-def _ext_value(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> object | None:
-    try:
-        return cert.extensions.get_extension_for_class(cls).value
-    except Exception:
-        return None
-
-
 def _safe_name(name_fn: object) -> str:
     try:
         return str(name_fn() if callable(name_fn) else name_fn)
@@ -229,12 +221,12 @@ def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
         name = str(cns[0].value) if cns else ""
     except Exception:
         name = ""
-    bc = _ext_value(cert, x509.BasicConstraints)
+    bc = get_extension_or_none(cert, x509.BasicConstraints)
     is_ca = isinstance(bc, x509.BasicConstraints) and bc.ca
-    eku_value = _ext_value(cert, x509.ExtendedKeyUsage)
+    eku_value = get_extension_or_none(cert, x509.ExtendedKeyUsage)
     eku_oids = list(eku_value) if isinstance(eku_value, x509.ExtendedKeyUsage) else []
     eku = tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku_oids)
-    san = _ext_value(cert, x509.SubjectAlternativeName)
+    san = get_extension_or_none(cert, x509.SubjectAlternativeName)
     addresses: tuple[IPAddress, ...] = ()
     dns_names: tuple[str, ...] = ()
     if isinstance(san, x509.SubjectAlternativeName):

@@ -35,6 +35,8 @@ def weak_key(cert: x509.Certificate) -> str | None:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             return f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+        if key.key_size % 8:
+            return f"RSA modulus of {key.key_size} bits is not a whole number of bytes"
         return None
     if isinstance(key, dsa.DSAPublicKey):
         return "DSA keys are not accepted"

@@ -31,6 +31,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, Subject, Verifi
 
 from vpnd.pki.authority import ca_networks
 from vpnd.pki.crl import crl_number, crl_problem, load_crls
+from vpnd.pki.extensions import all_extensions, get_extension_or_none
 from vpnd.pki.identity import (
     IPAddress,
     IPNetwork,
@@ -46,8 +47,6 @@ from vpnd.pki.profile import peer_attributes_of
 from vpnd.pki.strength import weak_key, weak_signature
 
 log = logging.getLogger("vpnd.pki")
-
-MAX_CHAIN_CERTS = 8  # leaf + intermediates a peer may send; more is abuse, not a chain
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,16 @@ class VerifyOptions:
     """Apply the vpnd certificate profile on top of path validation and revocation."""
     max_chain_depth: int | None = None
     """Passed to cryptography's PolicyBuilder (its default when None)."""
+    max_sent_certs: int = 8
+    """Most certificates a peer may send (leaf + intermediates); more is abuse, not a chain."""
 
 
 STRICT = VerifyOptions()
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
+    bc = get_extension_or_none(cert, x509.BasicConstraints)
+    return bc is not None and bc.ca
 
 
 def load_trust_store(
@@ -170,17 +169,12 @@ def _subject_for(server_name: str) -> Subject:
 
 
 def _eku(cert: x509.Certificate) -> list[x509.ObjectIdentifier] | None:
-    try:
-        return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        return None
+    eku = get_extension_or_none(cert, x509.ExtendedKeyUsage)
+    return None if eku is None else list(eku)
 
 
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
+    return get_extension_or_none(cert, x509.SubjectAlternativeName)
 
 
 def _addresses(cert: x509.Certificate) -> tuple[IPAddress, ...]:
@@ -197,9 +191,9 @@ def _addresses(cert: x509.Certificate) -> tuple[IPAddress, ...]:
 def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
     """The vpnd profile's checks that need only the leaf (before path building)."""
     try:
-        leaf.extensions  # noqa: B018 - parse once, so malformed extensions get their own reason
-    except ValueError as exc:
-        raise VerifyError(Reason.MALFORMED, f"leaf extensions are malformed: {exc}") from None
+        all_extensions(leaf)  # malformed extensions get their own reason, not "absent"
+    except PkiError as exc:
+        raise VerifyError(Reason.MALFORMED, f"leaf has {exc}") from None
     if _is_ca(leaf):
         raise VerifyError(
             Reason.CA_AS_LEAF, "the leaf certificate is a CA (basicConstraints CA:TRUE)"
@@ -249,6 +243,36 @@ def _check_strength(certs: Sequence[x509.Certificate]) -> None:
         problem = weak_signature(cert)
         if problem:
             raise VerifyError(Reason.WEAK_SIGNATURE, f"{_label(cert)}: {problem}")
+
+
+def _check_structure(chain: Sequence[x509.Certificate]) -> None:
+    """RFC 5280 / CABF rules cryptography's verifier leaves out: positive serials, AKI on
+    every non-root, SKI on every CA, a self-consistent root AKI."""
+    for cert in chain[:-1]:
+        # Revocation is keyed by serial; a zero or negative one is a broken issuer.
+        if cert.serial_number <= 0:
+            raise VerifyError(Reason.CHAIN_INVALID, f"{_label(cert)} has a non-positive serial")
+        # Every vpnd certificate carries an AKI; its absence means a foreign, sloppy issuer.
+        if get_extension_or_none(cert, x509.AuthorityKeyIdentifier) is None:
+            raise VerifyError(Reason.CHAIN_INVALID, f"{_label(cert)} has no authorityKeyIdentifier")
+    for cert in chain[1:]:
+        if get_extension_or_none(cert, x509.SubjectKeyIdentifier) is None:
+            raise VerifyError(
+                Reason.CHAIN_INVALID, f"CA {_label(cert)} has no subjectKeyIdentifier"
+            )
+    root = chain[-1]
+    aki = get_extension_or_none(root, x509.AuthorityKeyIdentifier)
+    ski = get_extension_or_none(root, x509.SubjectKeyIdentifier)
+    # Only a self-issued anchor must point at itself; an anchored intermediate does not.
+    if aki is not None and ski is not None and root.subject == root.issuer:
+        if aki.authority_cert_issuer is not None or aki.authority_cert_serial_number is not None:
+            raise VerifyError(
+                Reason.CHAIN_INVALID, f"root {_label(root)} AKI names an issuer/serial"
+            )
+        if aki.key_identifier is not None and aki.key_identifier != ski.digest:
+            raise VerifyError(
+                Reason.CHAIN_INVALID, f"root {_label(root)} AKI does not match its own SKI"
+            )
 
 
 def _label(cert: x509.Certificate) -> str:
@@ -393,10 +417,10 @@ def verify_chain(
     now = _utc(now)
     if not chain:
         raise VerifyError(Reason.NO_CERTIFICATE, "the peer sent no certificate")
-    if len(chain) > MAX_CHAIN_CERTS:
+    if len(chain) > options.max_sent_certs:
         raise VerifyError(
             Reason.CHAIN_INVALID,
-            f"the peer sent {len(chain)} certificates (at most {MAX_CHAIN_CERTS})",
+            f"the peer sent {len(chain)} certificates (at most {options.max_sent_certs})",
         )
     certs = [_parse(item, i) for i, item in enumerate(chain)]
     leaf, intermediates = certs[0], certs[1:]
@@ -412,12 +436,17 @@ def verify_chain(
         else:
             if subject is None:
                 raise PkiError("verifying a gateway needs the server name it must carry")
-            built = builder.build_server_verifier(subject).verify(leaf, intermediates)
+            try:
+                verifier = builder.build_server_verifier(subject)
+            except ValueError as exc:
+                raise PkiError(f"invalid server name {subject.value!s:.80}: {exc}") from None
+            built = verifier.verify(leaf, intermediates)
     except VerificationError as exc:
         raise _map_library_error(
             str(exc), leaf=leaf, candidates=certs, trust=trust, now=now, options=options
         ) from None
     _check_strength(built)
+    _check_structure(built)
     if options.profile:
         root = built[-1]
         try:
