@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
+from nslib import NetnsFactory
 
 
 def _is_ci() -> bool:
@@ -18,8 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     msg = (
         "\n" + "!" * 78 + "\n"
         "!! netns-tests NEED ROOT: they create network namespaces, TUN devices and routes.\n"
-        "!! Not running as root, so every netns test is SKIPPED. Run `sudo make test`.\n"
-        + "!" * 78
+        "!! Not running as root, so every netns test is SKIPPED. Run `sudo make test`.\n" + "!" * 78
     )
     if _is_ci():
         pytest.exit(msg + "\n!! CI=true: a skip for lack of root is a FAILURE.", returncode=1)
@@ -27,3 +28,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="netns tests need root (see the notice above)")
     for item in items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[NetnsFactory]:
+    """Makes throwaway ``vpnt-`` namespaces; deletes them (and their processes) even when
+    the test fails, then verifies nothing survived."""
+    factory = NetnsFactory()
+    try:
+        yield factory
+    finally:
+        problems = factory.cleanup()
+    assert not problems, f"netns teardown problems: {problems}"
+    factory.assert_clean()

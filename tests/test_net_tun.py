@@ -53,7 +53,7 @@ def test_read_batch_returns_whatever_is_ready() -> None:
 
 def test_write_batch_counts_refusals_and_keeps_going() -> None:
     tun, peer = pair()
-    pkts = [b"\x45one", memoryview(b"\x45two"), b"\x45three"]
+    pkts: list[bytes | memoryview] = [b"\x45one", memoryview(b"\x45two"), b"\x45three"]
     assert tun.write_batch(pkts) == 3
     assert [peer.recv(100) for _ in range(3)] == [b"\x45one", b"\x45two", b"\x45three"]
     peer.close()  # now every write fails with EPIPE, like the kernel refusing
