@@ -1,0 +1,309 @@
+"""A gateway and clients in one process: real TLS on 127.0.0.1, kernel edges faked.
+
+This is the whole admission and data path (verify -> HELLO -> CONFIG -> TUN/routes ->
+packets between peers, the gateway and its LAN), with no root and no namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from pki_fixtures import TestCA, make_ca
+
+from vpnd.client import Client, ClientSettings
+from vpnd.gateway import Gateway, GatewaySettings
+from vpnd.net.fakes import FakeNetConfigurator, FakeTun
+from vpnd.pki import load_trust_store
+from vpnd.pki.crl import RevokedEntry, build_crl, crl_pem
+from vpnd.pki.identity import Role
+from vpnd.transport.connection import TlsConnection, connect, serve
+from vpnd.transport.tlsctx import client_context, server_context
+
+REAL_NOW = dt.datetime.now(dt.UTC)
+DAY = dt.timedelta(days=1)
+OVERLAY = ipaddress.ip_network("10.8.0.0/24")
+LAN = ipaddress.ip_network("192.168.50.0/24")
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes = b"ping") -> bytes:
+    """A minimal, well-formed IPv4/UDP packet (checksums are not checked by the fakes)."""
+    udp = struct.pack("!HHHH", 40000, 7, 8 + len(payload), 0) + payload
+    total = 20 + len(udp)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, total, 1, 0, 64, 17, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )  # fmt: skip
+    return header + udp
+
+
+@dataclass
+class Node:
+    client: Client
+    tun: list[FakeTun]
+    net: FakeNetConfigurator
+    task: asyncio.Task[None]
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ca = make_ca(
+            "corp-ca", networks=[OVERLAY], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 900 * DAY
+        )
+        self.ca_path = tmp / "ca.pem"
+        self.crl_path = tmp / "crl.pem"
+        self.ca_path.write_bytes(self.ca.cert.public_bytes(Encoding.PEM))
+        self.write_crl()
+        gw = self.ca.issue(
+            "gw",
+            role=Role.GATEWAY,
+            addresses=["10.8.0.1"],
+            dns_names=["gw.test"],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 90 * DAY,
+        )
+        self.gw_cert, self.gw_key = gw.write(tmp, "gw")
+        self.gw_net = FakeNetConfigurator()
+        self.gw_tun = FakeTun("vpn0", net=self.gw_net)
+        self.gateway: Gateway | None = None
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.nodes: list[Node] = []
+
+    def write_crl(self, revoked: tuple[int, ...] = ()) -> None:
+        crl = build_crl(
+            ca_cert=self.ca.cert,
+            ca_key=self.ca.key,
+            revoked=[RevokedEntry(s, REAL_NOW - DAY, None) for s in revoked],
+            crl_number=len(revoked) + 1,
+            this_update=REAL_NOW - dt.timedelta(hours=1),
+            next_update=REAL_NOW + 7 * DAY,
+        )
+        self.crl_path.write_bytes(crl_pem(crl))
+
+    async def start_gateway(self) -> None:
+        settings = GatewaySettings(
+            tun_name="vpn0",
+            mtu=1400,
+            overlay_networks=(OVERLAY,),
+            gateway_addresses=(ipaddress.ip_interface("10.8.0.1/24"),),
+            push_routes=(LAN,),
+            keepalive_interval=5,
+            keepalive_timeout=15,
+        )
+        self.gateway = Gateway(
+            settings,
+            tun=self.gw_tun,
+            net=self.gw_net,
+            trust=load_trust_store(self.ca_path, self.crl_path),
+        )
+        await self.gateway.start()
+        ctx = server_context(ca=self.ca_path, cert=self.gw_cert, key=self.gw_key, crl=self.crl_path)
+        self.server = await serve(
+            "127.0.0.1",
+            0,
+            ctx,
+            self.gateway.on_connection,
+            handshake_timeout=5,
+            on_refused=self.gateway.on_refused,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def start_client(self, name: str, ca: TestCA | None = None, addr: str = "10.8.0.2") -> Node:
+        issuer = ca or self.ca
+        leaf = issuer.issue(
+            name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
+        )
+        cert, key = leaf.write(self.tmp, name)
+        ctx = client_context(ca=self.ca_path, cert=cert, key=key)
+        net = FakeNetConfigurator()
+        tuns: list[FakeTun] = []
+
+        def tun_factory(ifname: str) -> FakeTun:
+            tun = FakeTun(ifname, net=net)
+            tuns.append(tun)
+            return tun
+
+        async def dial() -> TlsConnection:
+            return await connect("127.0.0.1", self.port, ctx, server_hostname="gw.test", timeout=5)
+
+        client = Client(
+            ClientSettings(
+                server=f"127.0.0.1:{self.port}",
+                server_name="gw.test",
+                tun_name="tun0",
+                initial_delay=0.05,
+                max_delay=0.2,
+            ),
+            connect=dial,
+            tun_factory=tun_factory,
+            net=net,
+            trust=load_trust_store(self.ca_path, None, crl_required=False),
+        )
+        node = Node(client, tuns, net, asyncio.create_task(client.run()))
+        self.nodes.append(node)
+        return node
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            node.client.stop()
+        for node in self.nodes:
+            await asyncio.wait_for(node.task, 5)
+        if self.server is not None:
+            self.server.close()
+        if self.gateway is not None:
+            await self.gateway.stop()
+        self.gw_tun.close()
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Wait for a condition; the timeout only bounds a hang, it is not a speed assertion."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"never happened: {what}") from None
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+def test_two_peers_get_addresses_routes_and_reach_each_other(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice", addr="10.8.0.2")
+            bob = w.start_client("bob", addr="10.8.0.3")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            await asyncio.wait_for(bob.client.connected.wait(), 5)
+            cfg = alice.client.config
+            assert cfg is not None
+            assert cfg.address == ipaddress.ip_interface("10.8.0.2/24")
+            assert LAN in cfg.routes
+            assert LAN in alice.net.routes.get("tun0", {})
+            # alice -> bob goes hub-and-spoke through the gateway
+            pkt = ipv4_packet("10.8.0.2", "10.8.0.3", b"hello bob")
+            alice.tun[0].inject(pkt)
+            await until(lambda: bob.tun[0].written, "bob receives")
+            assert bob.tun[0].written == [pkt]
+            # alice -> LAN host goes to the gateway's TUN (the kernel forwards it)
+            lan_pkt = ipv4_packet("10.8.0.2", "192.168.50.10")
+            alice.tun[0].inject(lan_pkt)
+            await until(lambda: w.gw_tun.written, "gateway TUN receives")
+            assert w.gw_tun.written == [lan_pkt]
+            # the LAN's reply, routed by the kernel into the gateway TUN, reaches alice
+            reply = ipv4_packet("192.168.50.10", "10.8.0.2", b"pong")
+            w.gw_tun.inject(reply)
+            await until(lambda: reply in alice.tun[0].written, "alice receives the reply")
+            # a packet with a forged source, sent inside alice's session, is dropped
+            assert w.gateway is not None
+            driver = alice.client._driver
+            assert driver is not None
+            driver.session.send_packets([ipv4_packet("10.8.0.3", "192.168.50.10")], 0.0)
+            driver.flush()
+            peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            await until(lambda: peer.drops["spoofed_source"] == 1, "spoof counted")
+            assert w.gw_tun.written == [lan_pkt]
+        finally:
+            await w.close()
+        # stop removed every route and TUN on both sides
+        assert all(t.closed for n in w.nodes for t in n.tun)
+        assert w.gw_net.routes.get("vpn0", {}) == {} or set(w.gw_net.routes["vpn0"]) <= {OVERLAY}
+
+    run(scenario())
+
+
+def test_peer_from_other_ca_is_refused_and_gets_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            other = make_ca(
+                "evil-ca",
+                networks=[OVERLAY],
+                not_before=REAL_NOW - DAY,
+                not_after=REAL_NOW + 100 * DAY,
+            )
+            mallory = w.start_client("mallory", ca=other, addr="10.8.0.9")
+            await until(lambda: mallory.client.last_outcome is not None, "refusal")
+            outcome = mallory.client.last_outcome
+            assert outcome is not None and not outcome.established and outcome.permanent
+            assert "CA" in outcome.message or "trust" in outcome.message
+            assert mallory.tun == []  # never got a TUN
+            assert w.gateway is not None and not w.gateway.peers
+            assert any(k.startswith("refused_") for k in w.gateway.handshakes)
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_revoked_peer_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        leaf = w.ca.issue(
+            "carol",
+            addresses=["10.8.0.7"],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 30 * DAY,
+        )
+        w.write_crl((leaf.cert.serial_number,))
+        await w.start_gateway()
+        try:
+            cert, key = leaf.write(tmp_path, "carol")
+            ctx = client_context(ca=w.ca_path, cert=cert, key=key)
+            net = FakeNetConfigurator()
+            client = Client(
+                ClientSettings(
+                    server="x",
+                    server_name="gw.test",
+                    tun_name="tun0",
+                    initial_delay=0.05,
+                    max_delay=0.2,
+                ),
+                connect=lambda: connect(
+                    "127.0.0.1", w.port, ctx, server_hostname="gw.test", timeout=5
+                ),
+                tun_factory=lambda n: FakeTun(n, net=net),
+                net=net,
+                trust=load_trust_store(w.ca_path, None, crl_required=False),
+            )
+            task = asyncio.create_task(client.run())
+            await until(lambda: client.last_outcome is not None, "refusal")
+            client.stop()
+            await asyncio.wait_for(task, 5)
+            assert client.last_outcome is not None
+            assert "revoked" in client.last_outcome.message
+            assert client.last_outcome.permanent
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_gateway_stop_sends_close_and_clients_tear_down(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        assert w.gateway is not None
+        await w.gateway.stop("maintenance")
+        await until(lambda: alice.tun[0].closed, "client TUN removed")
+        assert alice.client.last_outcome is not None
+        assert "maintenance" in alice.client.last_outcome.message
+        await w.close()
+
+    run(scenario())
