@@ -258,7 +258,7 @@ class TlsConnection(asyncio.Protocol):
     def _handshake_done(self, err: Exception | None) -> None:
         callback, self._on_handshake = self._on_handshake, None
         if callback is not None:
-            callback(self, err)
+            callback(self, _detached(err))
 
     def _read_app(self) -> None:
         while not self._ended:
@@ -292,7 +292,7 @@ class TlsConnection(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
-        self._end_reason = reason
+        self._end_reason = _detached(reason)
         if self._backlog is None:
             self._report_close()
 
@@ -326,6 +326,16 @@ class TlsConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _detached(err: Exception | None) -> Exception | None:
+    """Drop traceback and chained context: they pin this connection's frames (and the
+    whole connection) for as long as a caller keeps the error, e.g. in a log buffer."""
+    if err is not None:
+        err.__traceback__ = None
+        err.__context__ = None
+        err.__cause__ = None
+    return err
 
 
 async def connect(
