@@ -30,8 +30,10 @@ def join_index(path: str, index: int) -> str:
 def parse_yaml(text: str, *, source: str) -> object:
     """Parse one YAML document. An empty document, several documents, invalid YAML and
     duplicate keys all raise ConfigError; the result is plain dicts/lists/scalars."""
-    loader = _StrictLoader(text)
+    loader: _StrictLoader | None = None
     try:
+        # The constructor already scans for forbidden characters, so it is inside the try.
+        loader = _StrictLoader(text)
         node = loader.get_single_node()
         if node is None:
             raise ConfigError(source, "", "the file is empty; expected a YAML mapping of settings")
@@ -39,7 +41,10 @@ def parse_yaml(text: str, *, source: str) -> object:
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
         raise ConfigError(source, "", _describe_yaml_error(err)) from None
-    except yaml.YAMLError as err:  # ReaderError (bad characters) carries no mark
+    except yaml.reader.ReaderError as err:
+        detail = f"character #x{err.character:04x} at offset {err.position}: {err.reason}"
+        raise ConfigError(source, "", f"invalid YAML: {detail}") from None
+    except yaml.YAMLError as err:
         raise ConfigError(source, "", f"invalid YAML: {err}") from None
     except RecursionError:
         raise ConfigError(source, "", "invalid YAML: nested too deeply") from None
@@ -47,7 +52,8 @@ def parse_yaml(text: str, *, source: str) -> object:
         # SafeConstructor lets a few of these escape, e.g. the timestamp 2024-13-45.
         raise ConfigError(source, "", f"invalid YAML value: {err}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _describe_yaml_error(err: yaml.MarkedYAMLError) -> str:
