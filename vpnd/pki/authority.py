@@ -233,13 +233,13 @@ def issue_certificate(
     nb, na = _utc(not_before, "not_before"), _utc(not_after, "not_after")
     if na <= nb:
         raise PkiError("not_after must be later than not_before")
+    if nb >= ca_cert.not_valid_after_utc:
+        raise PkiError("the CA has expired: renew the CA first")
     if na > ca_cert.not_valid_after_utc:
         raise PkiError(
             f"not_after {na.isoformat()} is after the CA expires "
             f"({ca_cert.not_valid_after_utc.isoformat()}): shorten the lifetime"
         )
-    if nb >= ca_cert.not_valid_after_utc:
-        raise PkiError("the CA has expired: renew the CA first")
     if serial is None:
         serial = x509.random_serial_number()
     if not isinstance(serial, int) or not 0 < serial <= MAX_SERIAL:
