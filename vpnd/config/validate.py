@@ -120,7 +120,11 @@ class Section:
 
 
 def unknown_key(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key.lower(), allowed, n=1, cutoff=0.6)
+    lowered = key.lower()
+    close = difflib.get_close_matches(lowered, allowed, n=1, cutoff=0.6)
+    if not close and lowered:
+        # difflib misses abbreviations such as `tcp` for `tcp_timeout`.
+        close = [k for k in allowed if k.startswith(lowered) or lowered.startswith(k)][:1]
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key; {hint}(valid keys: {', '.join(allowed)})"
 
