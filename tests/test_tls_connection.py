@@ -381,9 +381,10 @@ def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
 
 def test_connect_to_a_silent_server_times_out(world: World) -> None:
     async def main() -> None:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read()
-            writer.close()
+        writers: list[asyncio.StreamWriter] = []
+
+        def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)  # accept TCP, never answer the ClientHello
 
         server = await asyncio.start_server(silent, HOST, 0)
         port = server.sockets[0].getsockname()[1]
@@ -393,6 +394,8 @@ def test_connect_to_a_silent_server_times_out(world: World) -> None:
                     HOST, port, world.client_ctx(), server_hostname=GATEWAY_NAME, timeout=0.2
                 )
         finally:
+            for writer in writers:
+                writer.close()
             server.close()
             await server.wait_closed()
 
@@ -439,7 +442,9 @@ def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None
 
 def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
     async def main() -> None:
-        gw = await start_gateway(world, lambda conn: conn.set_receiver(conn.write, print))
+        gw = await start_gateway(
+            world, lambda conn: conn.set_receiver(conn.write, lambda _reason: None)
+        )
         try:
             reader, writer = await asyncio.open_connection(HOST, gw.port)
             writer.write(hashlib.shake_256(b"garbage").digest(4096))
