@@ -342,8 +342,6 @@ class PkiDir:
             self._output_dir(target.parent if str(target.parent) else Path("."))
             if target.is_dir():
                 raise PkiError(f"{target} is a directory; give the certificate file to write")
-            if target.resolve() in {(self.path / f).resolve() for f in PKI_FILES}:
-                raise PkiError(f"refusing to overwrite the PKI file {target}")
         dest = target
 
         def write(cert: x509.Certificate) -> tuple[Path, ...]:
