@@ -160,6 +160,7 @@ class Netns:
             for raw in self.run(cmd).stdout.splitlines():
                 text = re.sub(r"^\d+:\s+", "", raw)  # interface index
                 text = re.sub(r"\\\s+valid_lft.*$", "", text)  # lifetimes change with time
+                text = re.sub(r"\s+tentative\b", "", text)  # IPv6 DAD finishes on its own
                 text = " ".join(text.split())
                 if text:
                     lines.append(f"{tag}: {text}")
@@ -202,6 +203,8 @@ def veth(
         if mtu is not None:
             ns.run(["ip", "link", "set", name, "mtu", str(mtu)])
         ns.run(["ip", "addr", "add", addr, "dev", name])
+        # No IPv6 DAD: a "tentative" address would differ between before/after snapshots.
+        ns.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.accept_dad=0"])
         ns.run(["ip", "link", "set", name, "up"])
     return name_a, name_b
 

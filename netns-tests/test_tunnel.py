@@ -1,0 +1,229 @@
+"""The tunnel end to end: real vpnd processes, real TUN, routes and kernel, in namespaces."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import signal
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from nslib import NetnsFactory
+from vpnlab import GW_OVERLAY, GW_WAN, LAN_HOST, PORT, SERVER_NAME, Lab
+
+from vpnd.pki.authority import issue_certificate
+from vpnd.pki.identity import Role
+from vpnd.pki.keys import (
+    certificate_pem,
+    generate_key,
+    load_certificate,
+    load_private_key,
+    private_key_pem,
+)
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
+    lab = Lab(netns_factory)
+    lab.build()
+    lab.make_pki()
+    try:
+        yield lab
+    finally:
+        problems = lab.cleanup()
+        assert not problems, problems
+
+
+def _up(lab: Lab, name: str) -> None:
+    assert lab.wait_log(name, r"tunnel up: tun0"), (
+        f"{name} never came up:\n{lab.hosts[name].log_text()}"
+    )
+
+
+def test_verified_peers_reach_gateway_each_other_and_lan(lab: Lab) -> None:
+    gw_before = lab.hosts["gw"].ns.snapshot()
+    alice_before = lab.hosts["alice"].ns.snapshot()
+    lab.issue("alice", "--groups", "eng")
+    lab.issue("bob")
+    lab.start_gateway()
+    assert lab.wait_log("gw", r"listening on"), lab.hosts["gw"].log_text()
+    lab.start_client("alice")
+    lab.start_client("bob")
+    _up(lab, "alice")
+    _up(lab, "bob")
+
+    # Address from the certificate, pushed LAN route, via the TUN.
+    addr = lab.hosts["alice"].ns.run(["ip", "-o", "-4", "addr", "show", "tun0"]).stdout
+    assert "10.8.0.2/24" in addr
+    routes = lab.hosts["alice"].ns.run(["ip", "route", "show", "dev", "tun0"]).stdout
+    assert "192.168.50.0/24" in routes
+
+    assert lab.ping("alice", GW_OVERLAY)
+    assert lab.ping("alice", "10.8.0.3"), "peer to peer through the hub"
+    assert lab.ping("bob", "10.8.0.2")
+    assert lab.ping("alice", LAN_HOST), "internal host behind the gateway via the pushed route"
+
+    # TCP through the tunnel to the LAN host, a payload that spans many packets.
+    lan = lab.lan
+    assert lan is not None
+    server = textwrap.dedent(
+        """
+        import socket, sys
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 8080)); s.listen(1); s.settimeout(20)
+        c, _ = s.accept(); c.settimeout(20); data = b""
+        while len(data) < 200000:
+            chunk = c.recv(65536)
+            if not chunk: break
+            data += chunk
+        c.sendall(str(len(data)).encode() + b" " + str(sum(data) % 65521).encode()); c.close()
+        """
+    )
+    srv = lan.popen([str(lab_python()), "-c", server], lab.workdir / "tcp-server.log")
+    client = textwrap.dedent(
+        f"""
+        import socket, time
+        payload = bytes(i % 251 for i in range(200000))
+        for _ in range(50):
+            try:
+                s = socket.create_connection(("{LAN_HOST}", 8080), timeout=5); break
+            except OSError:
+                time.sleep(0.1)
+        s.sendall(payload); s.shutdown(socket.SHUT_WR)
+        print(s.recv(100).decode(), sum(payload) % 65521)
+        """
+    )
+    out = lab.hosts["alice"].ns.python(["-c", client], timeout=60).stdout.split()
+    assert out[0] == "200000" and out[1] == out[2], out
+    srv.wait(10)
+
+    lab.stop("alice")
+    lab.stop("bob")
+    lab.stop("gw")
+    # Everything the daemons changed in the kernel is gone again.
+    assert lab.hosts["alice"].ns.snapshot() == alice_before
+    assert lab.hosts["gw"].ns.snapshot() == gw_before
+
+
+def lab_python() -> str:
+    from nslib import PYTHON
+
+    return PYTHON
+
+
+def _assert_refused(lab: Lab, name: str, pattern: str) -> None:
+    assert lab.wait_log(name, pattern), lab.hosts[name].log_text()
+    assert not lab.has_link(name, "tun0"), f"{name} got a TUN although refused"
+
+
+def test_other_ca_revoked_and_expired_peers_are_refused(lab: Lab) -> None:
+    gw_before = lab.hosts["gw"].ns.snapshot()
+    lab.start_gateway()
+    assert lab.wait_log("gw", r"listening on")
+    # mallory: a certificate from another CA
+    other = lab.other_ca()
+    certs = lab.issue("mallory", pki=other)
+    (certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes())  # she trusts our gateway
+    lab.start_client("mallory", certs=certs)
+    _assert_refused(lab, "mallory", r"(?i)does not trust|unknown.ca")
+    lab.stop("mallory")
+    # bob: revoked before connecting (the gateway's CRL is re-read on restart here;
+    # live CRL reloading is the access-control issue's job)
+    lab.issue("bob")
+    lab.vpnctl("revoke", "bob", "--reason", "keyCompromise")
+    lab.stop("gw")
+    lab.start_gateway()
+    assert lab.wait_log("gw", r"listening on")
+    lab.start_client("bob")
+    _assert_refused(lab, "bob", r"(?i)revoked")
+    lab.stop("bob")
+    # alice: a certificate that expired yesterday, signed by the real CA
+    certs = lab.issue("alice")
+    ca_cert = load_certificate(lab.pki / "ca.pem")
+    ca_key = load_private_key(lab.pki / "ca.key")
+    key = generate_key("ecdsa-p256")
+    now = dt.datetime.now(dt.UTC)
+    cert = issue_certificate(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        name="alice",
+        public_key=key.public_key(),
+        role=Role.PEER,
+        addresses=[ipaddress.ip_address("10.8.0.40")],
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    )
+    (certs / "alice.pem").write_bytes(certificate_pem(cert))
+    (certs / "alice.key").write_bytes(private_key_pem(key))
+    lab.start_client("alice", certs=certs)
+    _assert_refused(lab, "alice", r"(?i)expired")
+    lab.stop("alice")
+    assert lab.wait_log("gw", r"refused .*certificate_expired")
+    assert lab.wait_log("gw", r"refused .*certificate_revoked")
+    assert not lab.wait_log("gw", r"accepted", timeout=0.5)
+    lab.stop("gw")
+    assert lab.hosts["gw"].ns.snapshot() == gw_before
+
+
+def test_no_client_certificate_is_refused_with_an_alert(lab: Lab) -> None:
+    lab.start_gateway()
+    assert lab.wait_log("gw", r"listening on")
+    probe = textwrap.dedent(
+        f"""
+        import socket, ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations("{lab.pki / "ca.pem"}")
+        ctx.set_alpn_protocols(["vpnd/1"])
+        s = ctx.wrap_socket(socket.create_connection(("{GW_WAN}", {PORT}), timeout=5),
+                            server_hostname="{SERVER_NAME}")
+        try:
+            s.recv(10)
+            print("NO-ALERT")
+        except ssl.SSLError as e:
+            print(e.reason)
+        """
+    )
+    out = lab.hosts["mallory"].ns.python(["-c", probe], timeout=30).stdout
+    assert "CERTIFICATE_REQUIRED" in out, out
+    assert lab.wait_log("gw", r"refused .*certificate_required")
+
+
+def test_gateway_restart_client_reconnects_by_itself(lab: Lab) -> None:
+    lab.issue("alice")
+    lab.start_gateway()
+    lab.start_client("alice")
+    _up(lab, "alice")
+    assert lab.ping("alice", GW_OVERLAY)
+    gw = lab.hosts["gw"]
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGKILL)  # a crash: no CLOSE frame, no clean-up
+    gw.proc.wait(5)
+    gw.proc = None
+    # The TUN died with the process (non-persistent), so its routes went too.
+    assert lab.wait_link("gw", "vpn0", present=False)
+    lab.start_gateway()
+    assert lab.wait_log("gw", r"accepted alice", timeout=30), lab.hosts["alice"].log_text()
+    assert lab.wait_log("alice", r"(?s)tunnel down.*tunnel up: tun0", timeout=30)
+    assert lab.ping("alice", GW_OVERLAY, count=3)
+
+
+def test_killed_client_frees_its_address(lab: Lab) -> None:
+    lab.issue("alice")
+    lab.start_gateway()
+    lab.start_client("alice")
+    _up(lab, "alice")
+    alice = lab.hosts["alice"]
+    assert alice.proc is not None
+    alice.proc.send_signal(signal.SIGKILL)
+    alice.proc.wait(5)
+    alice.proc = None
+    assert not lab.has_link("alice", "tun0"), "the TUN must vanish with the process"
+    assert lab.wait_log("gw", r"\[alice .*disconnected.*freed 10\.8\.0\.2/32", timeout=20)
+    # The address is free: the same peer connects again at once.
+    lab.start_client("alice")
+    assert lab.wait_log("gw", r"(?s)freed 10\.8\.0\.2.*accepted alice", timeout=20)
+    _up(lab, "alice")
+    assert lab.ping("alice", GW_OVERLAY)

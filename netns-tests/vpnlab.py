@@ -1,0 +1,239 @@
+"""A whole vpnd deployment in network namespaces: used by the netns tests and `make demo`.
+
+Topology (every address lives inside namespaces we create):
+
+    alice ─┐                       ┌─ lan host 192.168.50.10
+    bob   ─┼─ wan bridge 172.31.0/24 ─ gw ─┘ (192.168.50.1 on gw)
+    mallory┘   (gw .1, alice .2, bob .3, mallory .4)
+
+The PKI is made with the real `vpnctl`, the daemons are the real `vpnd` processes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from nslib import ROOT, Netns, NetnsFactory, veth
+
+VPNCTL = str(ROOT / ".venv" / "bin" / "vpnctl")
+VPND = str(ROOT / ".venv" / "bin" / "vpnd")
+OVERLAY = "10.8.0.0/24"
+LAN = "192.168.50.0/24"
+LAN_HOST = "192.168.50.10"
+GW_WAN = "172.31.0.1"
+GW_OVERLAY = "10.8.0.1"
+PORT = 4443
+SERVER_NAME = "gw.vpn.test"
+
+
+@dataclass
+class Host:
+    name: str
+    ns: Netns
+    wan_ip: str
+    config: Path | None = None
+    log: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    overlay_ip: str | None = None
+    starts: int = 0
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+
+@dataclass
+class Lab:
+    factory: NetnsFactory
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vpnlab-")))
+    hosts: dict[str, Host] = field(default_factory=dict)
+    lan: Netns | None = None
+    wan: Netns | None = None
+
+    # ---- topology ------------------------------------------------------------------
+
+    def build(self, clients: tuple[str, ...] = ("alice", "bob", "mallory")) -> None:
+        self.wan = self.factory()
+        self.wan.run(["ip", "link", "add", "br0", "type", "bridge"])
+        self.wan.run(["ip", "link", "set", "br0", "up"])
+        for i, name in enumerate(("gw", *clients), start=1):
+            ns = self.factory()
+            ip = f"172.31.0.{i}"
+            self._bridge_port(ns, ip)
+            self.hosts[name] = Host(name, ns, ip)
+        gw = self.hosts["gw"].ns
+        self.lan = self.factory()
+        veth(gw, self.lan, "192.168.50.1/24", f"{LAN_HOST}/24")
+        # The LAN host routes the overlay back through the gateway (no NAT needed).
+        self.lan.run(["ip", "route", "add", OVERLAY, "via", "192.168.50.1"])
+
+    def _bridge_port(self, ns: Netns, ip: str) -> None:
+        assert self.wan is not None
+        tag = ns.name[-6:]
+        outer, inner = f"br{tag}", f"wn{tag}"
+        self.wan.run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner,
+                      "netns", ns.name])  # fmt: skip
+        self.wan.run(["ip", "link", "set", outer, "master", "br0"])
+        self.wan.run(["ip", "link", "set", outer, "up"])
+        ns.run(["ip", "link", "set", inner, "name", "eth0"])
+        # No IPv6 DAD on the underlay: its address would flip from "tentative" between
+        # the before/after snapshots that prove the clean-up.
+        ns.run(["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"])
+        ns.run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
+        ns.run(["ip", "link", "set", "eth0", "up"])
+
+    # ---- PKI -----------------------------------------------------------------------
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def vpnctl(self, *args: str, pki: Path | None = None, check: bool = True) -> str:
+        res = subprocess.run(
+            [VPNCTL, "--pki", str(pki or self.pki), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"vpnctl {' '.join(args)} failed: {res.stderr.strip()}")
+        return res.stdout + res.stderr
+
+    def make_pki(self) -> None:
+        self.vpnctl("ca", "init", "--name", "corp-vpn", "--network", OVERLAY)
+        self.issue("gw", "--gateway", "--dns", SERVER_NAME, "--ip", GW_OVERLAY)
+
+    def issue(self, name: str, *args: str, pki: Path | None = None) -> Path:
+        out = self.workdir / "certs" / name
+        out.mkdir(parents=True, exist_ok=True)
+        self.vpnctl("issue", name, *args, "--out", str(out), pki=pki)
+        return out
+
+    def other_ca(self) -> Path:
+        """A second, unrelated CA (same overlay network): what an attacker could make."""
+        other = self.workdir / "other-pki"
+        self.vpnctl("ca", "init", "--name", "evil-ca", "--network", OVERLAY, pki=other)
+        return other
+
+    # ---- daemons -------------------------------------------------------------------
+
+    def start_gateway(self, **extra: object) -> Host:
+        host = self.hosts["gw"]
+        certs = self.workdir / "certs" / "gw"
+        cfg: dict[str, object] = {
+            "mode": "gateway",
+            "listen": f"{GW_WAN}:{PORT}",
+            "pki": {
+                "ca": str(self.pki / "ca.pem"),
+                "cert": str(certs / "gw.pem"),
+                "key": str(certs / "gw.key"),
+                "crl": str(self.pki / "crl.pem"),
+            },
+            "tun": {"name": "vpn0", "mtu": 1400},
+            "push_routes": [LAN],
+            "keepalive": {"interval": 2, "timeout": 6},
+            "control_socket": str(self.workdir / "gw.sock"),
+            "log": {"level": "info"},
+            **extra,
+        }
+        host.overlay_ip = GW_OVERLAY
+        return self._start(host, cfg)
+
+    def start_client(self, name: str, certs: Path | None = None, **extra: object) -> Host:
+        host = self.hosts[name]
+        certs = certs or self.workdir / "certs" / name
+        cfg: dict[str, object] = {
+            "mode": "client",
+            "server": f"{GW_WAN}:{PORT}",
+            "server_name": SERVER_NAME,
+            "pki": {
+                "ca": str(certs / "ca.pem"),
+                "cert": str(certs / f"{name}.pem"),
+                "key": str(certs / f"{name}.key"),
+            },
+            "tun": {"name": "tun0", "mtu": 1400},
+            "keepalive": {"interval": 2, "timeout": 6},
+            "reconnect": {"initial_delay": 0.5, "max_delay": 5},
+            "control_socket": str(self.workdir / f"{name}.sock"),
+            "log": {"level": "info"},
+            **extra,
+        }
+        return self._start(host, cfg)
+
+    def _start(self, host: Host, cfg: dict[str, object]) -> Host:
+        host.config = self.workdir / f"{host.name}.yaml"
+        host.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        # A fresh log per start, so waits never match a previous run's lines.
+        host.starts += 1
+        host.log = self.workdir / f"{host.name}.{host.starts}.log"
+        host.proc = host.ns.popen([VPND, "--config", str(host.config)], host.log)
+        return host
+
+    def stop(self, name: str, timeout: float = 10) -> int | None:
+        host = self.hosts[name]
+        if host.proc is None:
+            return None
+        host.proc.terminate()
+        try:
+            return host.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            host.proc.kill()
+            host.proc.wait(5)
+            raise AssertionError(f"vpnd on {name} ignored SIGTERM for {timeout}s") from None
+        finally:
+            host.proc = None
+
+    # ---- observations --------------------------------------------------------------
+
+    def wait_log(self, name: str, pattern: str, timeout: float = 15) -> bool:
+        """Wait (bounded) for a line matching ``pattern`` in the daemon's log."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            if rx.search(self.hosts[name].log_text()):
+                return True
+            proc = self.hosts[name].proc
+            if proc is not None and proc.poll() is not None:
+                return bool(rx.search(self.hosts[name].log_text()))
+            time.sleep(0.1)
+        return False
+
+    def has_link(self, name: str, ifname: str) -> bool:
+        res = self.hosts[name].ns.run(["ip", "link", "show", ifname], check=False)
+        return res.returncode == 0
+
+    def wait_link(self, name: str, ifname: str, present: bool = True, timeout: float = 15) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.has_link(name, ifname) == present:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def ping(self, name: str, dst: str, count: int = 3, timeout: float = 2) -> bool:
+        ns = self.lan if name == "lan" else self.hosts[name].ns
+        assert ns is not None
+        res = ns.run(
+            ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(timeout), dst],
+            check=False,
+            timeout=count * (timeout + 1) + 5,
+        )
+        return res.returncode == 0
+
+    def cleanup(self) -> list[str]:
+        problems: list[str] = []
+        for name, host in self.hosts.items():
+            if host.proc is not None and host.proc.poll() is None:
+                try:
+                    self.stop(name)
+                except AssertionError as err:
+                    problems.append(str(err))
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return problems
