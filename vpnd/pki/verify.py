@@ -338,9 +338,11 @@ def _map_library_error(
     if "no interior errors" in text:
         return VerifyError(Reason.UNKNOWN_CA, "no trusted CA issued this certificate")
     if "forbidden public key algorithm" in text or "rsa key is too weak" in text:
-        return VerifyError(Reason.WEAK_KEY, detail)
+        named = [f"{_label(c)}: {p}" for c in candidates if (p := weak_key(c))]
+        return VerifyError(Reason.WEAK_KEY, named[0] if named else detail[:200])
     if "forbidden signature algorithm" in text:
-        return VerifyError(Reason.WEAK_SIGNATURE, detail)
+        named = [f"{_label(c)}: {p}" for c in candidates if (p := weak_signature(c))]
+        return VerifyError(Reason.WEAK_SIGNATURE, named[0] if named else detail[:200])
     if "basicconstraints.ca must not be asserted in an ee" in text:
         return VerifyError(Reason.CA_AS_LEAF, detail)
     if "2.5.29.17" in text and "missing required extension" in text:
