@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""`make demo`: vpnd's main job, live, in throwaway network namespaces.
+
+Builds a gateway with an internal LAN behind it, two employees' laptops and an
+outsider; makes a CA with vpnctl; shows that verified peers get through and that a
+certificate from another CA and a revoked one get nothing; then removes everything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "netns-tests"))
+
+from nslib import NetnsFactory, list_namespaces  # noqa: E402
+from vpnlab import GW_OVERLAY, LAN_HOST, Lab  # noqa: E402
+
+GREEN, RED, BOLD, DIM, RESET = "\033[32m", "\033[31m", "\033[1m", "\033[2m", "\033[0m"
+if not sys.stdout.isatty():
+    GREEN = RED = BOLD = DIM = RESET = ""
+
+
+class Demo:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.steps = 0
+
+    def section(self, title: str) -> None:
+        print(f"\n{BOLD}== {title}{RESET}")
+
+    def check(self, what: str, fn: Callable[[], bool]) -> bool:
+        self.steps += 1
+        started = time.monotonic()
+        try:
+            ok = fn()
+        except Exception as err:  # a demo step must report, not crash
+            ok = False
+            what = f"{what} ({err})"
+        mark = f"{GREEN}PASS{RESET}" if ok else f"{RED}FAIL{RESET}"
+        print(f"  [{mark}] {what} {DIM}({time.monotonic() - started:.1f}s){RESET}")
+        if not ok:
+            self.failures.append(what)
+        return ok
+
+    def show(self, text: str) -> None:
+        for line in text.strip().splitlines():
+            print(f"        {DIM}{line}{RESET}")
+
+
+def last_line(text: str, needle: str) -> str:
+    lines = [ln for ln in text.splitlines() if needle.lower() in ln.lower()]
+    return lines[-1] if lines else "(no such line)"
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make demo needs root: it creates network namespaces, TUN devices and routes.")
+        print("Run it as root (e.g. `sudo make demo`).")
+        return 1
+    demo = Demo()
+    factory = NetnsFactory()
+    lab = Lab(factory)
+    try:
+        demo.section(
+            "1. Network: gateway + internal LAN, laptops alice, bob, carol, outsider mallory"
+        )
+        lab.build(clients=("alice", "bob", "mallory", "carol"))
+        print(f"  namespaces: {', '.join(ns.name for ns in factory.namespaces)}")
+        print("  underlay 172.31.0.0/24 (gw .1), overlay 10.8.0.0/24, LAN 192.168.50.0/24")
+
+        demo.section("2. PKI with vpnctl: CA, gateway, peers; carol gets revoked")
+        lab.make_pki()
+        lab.issue("alice", "--groups", "eng")
+        lab.issue("bob", "--groups", "ops")
+        lab.issue("carol")
+        out = lab.vpnctl("revoke", "carol", "--reason", "keyCompromise")
+        demo.show(out)
+        demo.show(lab.vpnctl("list"))
+        other = lab.other_ca()
+        mallory_certs = lab.issue("mallory", pki=other)
+        (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes())
+        print("  mallory holds a certificate from a different CA ('evil-ca') for the same overlay")
+
+        demo.section("3. Gateway and verified peers")
+        before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
+        lab.start_gateway()
+        demo.check(
+            "gateway listening on 172.31.0.1:4443", lambda: lab.wait_log("gw", "listening on")
+        )
+        lab.start_client("alice")
+        lab.start_client("bob")
+        demo.check(
+            "alice: tunnel up, address 10.8.0.2 from her certificate",
+            lambda: lab.wait_log("alice", r"tunnel up: tun0 address 10\.8\.0\.2/24"),
+        )
+        demo.check(
+            "bob: tunnel up, address 10.8.0.3 from his certificate",
+            lambda: lab.wait_log("bob", r"tunnel up: tun0 address 10\.8\.0\.3/24"),
+        )
+        demo.show(last_line(lab.hosts["gw"].log_text(), "accepted alice"))
+
+        demo.section("4. Verified peer gets through")
+        demo.check(
+            f"alice pings the gateway's overlay address {GW_OVERLAY}",
+            lambda: lab.ping("alice", GW_OVERLAY),
+        )
+        demo.check(
+            "alice pings bob (10.8.0.3) through the gateway", lambda: lab.ping("alice", "10.8.0.3")
+        )
+        demo.check(
+            f"alice pings the internal host {LAN_HOST} via the pushed route",
+            lambda: lab.ping("alice", LAN_HOST),
+        )
+
+        demo.section("5. Unverified and revoked peers get nothing")
+        lab.start_client("mallory", certs=mallory_certs)
+        demo.check(
+            "mallory (other CA) is refused with a TLS alert",
+            lambda: lab.wait_log("mallory", r"does not trust"),
+        )
+        demo.show(last_line(lab.hosts["mallory"].log_text(), "does not trust"))
+        demo.check("mallory has no tunnel interface", lambda: not lab.has_link("mallory", "tun0"))
+        demo.check(
+            "mallory cannot reach the internal host (no route, no tunnel)",
+            lambda: not lab.ping("mallory", LAN_HOST, count=1, timeout=1),
+        )
+        lab.start_client("carol")
+        demo.check("carol (revoked) is refused", lambda: lab.wait_log("carol", r"revoked"))
+        demo.show(last_line(lab.hosts["carol"].log_text(), "revoked"))
+        demo.check("carol has no tunnel interface", lambda: not lab.has_link("carol", "tun0"))
+        demo.show(last_line(lab.hosts["gw"].log_text(), "certificate_revoked"))
+
+        demo.section("6. Tear-down")
+        for name in ("mallory", "carol", "alice", "bob", "gw"):
+            lab.stop(name)
+        demo.check(
+            "alice's kernel state is exactly as before (ip addr + ip route)",
+            lambda: lab.hosts["alice"].ns.snapshot() == before["alice"],
+        )
+        demo.check(
+            "gateway's kernel state is exactly as before",
+            lambda: lab.hosts["gw"].ns.snapshot() == before["gw"],
+        )
+    finally:
+        problems = lab.cleanup() + factory.cleanup()
+        left = [ns.name for ns in factory.namespaces if ns.name in list_namespaces()]
+        demo.check(
+            "every namespace, interface and process removed", lambda: not problems and not left
+        )
+    total = demo.steps
+    if demo.failures:
+        bad = len(demo.failures)
+        print(f"\n{RED}{BOLD}VERDICT: FAIL{RESET}: {bad} of {total} steps did not behave:")
+        for f in demo.failures:
+            print(f"  - {f}")
+        return 1
+    print(f"\n{GREEN}{BOLD}VERDICT: PASS{RESET}: all {total} steps behaved.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
