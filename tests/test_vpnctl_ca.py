@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vpnctl import cli
+from vpnd import atomicfile
 from vpnd.pki.crl import load_crls
 from vpnd.pki.keys import load_certificate
 from vpnd.pki.pkidir import PkiDir
@@ -129,23 +130,21 @@ def test_list_on_a_directory_without_ca(tmp_path: Path) -> None:
 def test_init_failure_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vpnd.pki import pkidir
-
-    real = pkidir.atomic_write
+    real = atomicfile.atomic_write
 
     def failing(path: object, data: bytes, mode: int = 0o644) -> None:
         if str(path).endswith("crl.pem"):
             raise OSError(28, "No space left on device", str(path))
         real(path, data, mode)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pkidir, "atomic_write", failing)
+    monkeypatch.setattr("vpnd.pki.pkidir.atomic_write", failing)
     pki = tmp_path / "pki"
     code, _, err = init(pki)
     assert code == 1
     assert_one_error_line(err)
     assert "No space left" in err
     assert os.listdir(pki) == []
-    monkeypatch.setattr(pkidir, "atomic_write", real)
+    monkeypatch.setattr("vpnd.pki.pkidir.atomic_write", real)
     assert init(pki)[0] == 0
 
 
@@ -236,7 +235,7 @@ def test_missing_passphrase_prompts_on_a_terminal(
         return "correct horse"
 
     monkeypatch.setattr(cli, "_stdin_is_tty", lambda: True)
-    monkeypatch.setattr(cli.getpass, "getpass", fake_getpass)
+    monkeypatch.setattr("getpass.getpass", fake_getpass)
     code, out, err = run("--pki", str(pki), "crl")
     assert code == 0, err
     assert len(prompts) == 1 and "ca.key" in prompts[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vpnctl import cli
+from vpnd import atomicfile
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.pkidir import PkiDir
@@ -300,18 +301,16 @@ def test_expired_ca_refuses_to_issue(tmp_path: Path, out: Path) -> None:
 def test_failed_write_changes_nothing(
     pki: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vpnd.pki import pkidir
-
     assert issue("alice", out)[0] == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    real = pkidir.atomic_write
+    real = atomicfile.atomic_write
 
     def failing(path: object, data: bytes, mode: int = 0o644) -> None:
         if "alice.pem" in str(path):
             raise OSError(28, "No space left on device", str(path))
         real(path, data, mode)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pkidir, "atomic_write", failing)
+    monkeypatch.setattr("vpnd.pki.pkidir.atomic_write", failing)
     code, _, err = issue("alice", out)  # a renewal that cannot be written
     assert code == 1
     assert_one_error_line(err)
@@ -361,3 +360,13 @@ def test_concurrent_issue_hands_out_distinct_addresses(pki: Path, out: Path) -> 
     assert {r["addresses"][0] for r in rows} == set(got)  # type: ignore[index]
     assert not [f for f in os.listdir(out) if f.startswith(".")]
     assert not [f for f in os.listdir(pki) if f.endswith((".tmp", ".staged"))]
+
+
+@pytest.mark.parametrize("victim", ["ca.key", "ca.pem", "inventory.sqlite"])
+def test_garbled_pki_files_are_refused(pki: Path, out: Path, victim: str) -> None:
+    (pki / victim).write_bytes(b"-----BEGIN GARBAGE-----\nzzzz\n" * 50)
+    code, _, err = issue("alice", out)
+    assert code == 1
+    assert_one_error_line(err)
+    assert victim in err or "inventory" in err
+    assert os.listdir(out) == []
