@@ -173,3 +173,18 @@ def test_key_type_names() -> None:
     assert key_type(rsa_key(1024).public_key()) == "rsa-1024"
     assert key_type(ed25519.Ed25519PrivateKey.generate().public_key()) == "ed25519"
     assert key_type(object()) == "unknown"
+
+
+def test_traditional_encrypted_key(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "trad.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
+    with pytest.raises(PkiError, match=r"trad\.pem is encrypted"):
+        load_private_key(path)
+    assert key_type(load_private_key(path, b"pw")) == "ecdsa-p256"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -483,3 +484,11 @@ def test_load_trust_store_refuses(tmp_path: Path, ca: TestCA) -> None:
     empty.write_bytes(b"")
     with pytest.raises(PkiError, match="holds no PEM certificate"):
         load_trust_store(empty, None)
+
+
+def test_check_revocation_without_chain_serials(ca: TestCA) -> None:
+    alice = ca.issue("alice")
+    ident = dataclasses.replace(accepted(alice, ca.trust()), chain_serials=())
+    with pytest.raises(VerifyError) as err:
+        check_revocation(ident, ca.trust(revoked=[alice]), now=NOW)
+    assert err.value.reason is Reason.REVOKED

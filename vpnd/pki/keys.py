@@ -114,7 +114,9 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = No
     data = _read(p, "private key")
     if b"-----BEGIN" not in data or b"PRIVATE KEY-----" not in data:
         raise PkiError(f"{p}: not a PEM private key")
-    encrypted = b"ENCRYPTED" in data
+    encrypted = (
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
+    )
     if encrypted and passphrase is None:
         raise PkiError(f"{p.name} is encrypted: give --passphrase-file")
     if not encrypted and passphrase is not None:

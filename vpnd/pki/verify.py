@@ -529,7 +529,9 @@ def check_revocation(identity: PeerIdentity, trust: TrustStore, *, now: dt.datet
     roots_by_name: dict[str, list[x509.Certificate]] = {}
     for root in trust.roots:
         roots_by_name.setdefault(root.subject.rfc4514_string(), []).append(root)
-    for issuer, serial in identity.chain_serials:
+    # An identity built without its chain still has its own (issuer, serial) checked.
+    pairs = identity.chain_serials or ((identity.issuer, identity.serial),)
+    for issuer, serial in pairs:
         crls = [c for c in trust.crls if c.issuer.rfc4514_string() == issuer]
         if not crls:
             if trust.crl_required:
