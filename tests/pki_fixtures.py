@@ -64,7 +64,7 @@ def rsa_key(bits: int = 1024) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def _hash_for(key: AnyPrivateKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: AnyPrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):

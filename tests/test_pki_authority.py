@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from typing import TypeVar
 
 import pytest
 from cryptography import x509
@@ -26,9 +27,10 @@ NET = ipaddress.ip_network("10.8.0.0/16")
 NET6 = ipaddress.ip_network("fd00:8::/64")
 
 
-def _ext(
-    cert: x509.Certificate, cls: type[x509.ExtensionType]
-) -> x509.Extension[x509.ExtensionType]:
+T = TypeVar("T", bound=x509.ExtensionType)
+
+
+def _ext(cert: x509.Certificate, cls: type[T]) -> x509.Extension[T]:
     return cert.extensions.get_extension_for_class(cls)
 
 

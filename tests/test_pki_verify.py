@@ -61,10 +61,15 @@ def refused(
     return err.value
 
 
-def accepted(leaf: Leaf, trust: TrustStore, **kw: object) -> PeerIdentity:
-    return verify_peer(
-        leaf.chain, now=kw.pop("now", NOW), role=kw.pop("role", Role.PEER), trust=trust, **kw
-    )  # type: ignore[arg-type]
+def accepted(
+    leaf: Leaf,
+    trust: TrustStore,
+    *,
+    role: Role = Role.PEER,
+    now: dt.datetime = NOW,
+    server_name: str | None = None,
+) -> PeerIdentity:
+    return verify_peer(leaf.chain, now=now, role=role, trust=trust, server_name=server_name)
 
 
 @pytest.fixture(scope="module")
