@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from nslib import ROOT, Netns, NetnsFactory, veth
+from nslib import PYTHON, ROOT, Netns, NetnsFactory, veth
 
 VPNCTL = str(ROOT / ".venv" / "bin" / "vpnctl")
 VPND = str(ROOT / ".venv" / "bin" / "vpnd")
@@ -31,6 +31,31 @@ GW_WAN = "172.31.0.1"
 GW_OVERLAY = "10.8.0.1"
 PORT = 4443
 SERVER_NAME = "gw.vpn.test"
+
+TCP_SINK = """
+import socket, zlib
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); c.settimeout(30); n = 0; crc = 0
+while n < {size}:
+    chunk = c.recv(65536)
+    if not chunk: break
+    n += len(chunk); crc = zlib.crc32(chunk, crc)
+c.sendall(f"{{n}} {{crc}}".encode()); c.close()
+"""
+TCP_SOURCE = """
+import socket, time, zlib
+payload = bytes(i % 251 for i in range({size}))
+for _ in range(100):
+    try:
+        s = socket.create_connection(("{ip}", {port}), timeout=5); break
+    except OSError:
+        time.sleep(0.1)
+else:
+    raise SystemExit("no connection")
+s.settimeout(30); s.sendall(payload); s.shutdown(socket.SHUT_WR)
+print(s.recv(100).decode(), zlib.crc32(payload))
+"""
 
 
 @dataclass
@@ -55,6 +80,7 @@ class Lab:
     hosts: dict[str, Host] = field(default_factory=dict)
     lan: Netns | None = None
     wan: Netns | None = None
+    _tcp_runs: int = 0
 
     # ---- topology ------------------------------------------------------------------
 
@@ -226,6 +252,36 @@ class Lab:
             timeout=count * (timeout + 1) + 5,
         )
         return res.returncode == 0
+
+    def ns_of(self, name: str) -> Netns:
+        ns = self.lan if name == "lan" else self.hosts[name].ns
+        assert ns is not None
+        return ns
+
+    def tcp_transfer(self, src: str, dst: str, dst_ip: str, size: int = 200_000) -> bool:
+        """Send ``size`` bytes over TCP from ``src`` to a sink in ``dst``; the sink echoes
+        the byte count and a checksum, so a truncated or corrupted stream fails."""
+        port = 8080 + self._tcp_runs
+        self._tcp_runs += 1
+        sink = TCP_SINK.format(port=port, size=size)
+        srv = self.ns_of(dst).popen([PYTHON, "-c", sink], self.workdir / f"tcp-{port}.log")
+        try:
+            res = self.ns_of(src).run(
+                [PYTHON, "-c", TCP_SOURCE.format(ip=dst_ip, port=port, size=size)],
+                check=False,
+                timeout=60,
+            )
+            words = res.stdout.split()
+            return (
+                res.returncode == 0
+                and len(words) == 3
+                and words[0] == str(size)
+                and (words[1] == words[2])
+            )
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+            srv.wait(5)
 
     def cleanup(self) -> list[str]:
         problems: list[str] = []
