@@ -28,9 +28,11 @@ $(STAMP): pyproject.toml
 
 install: apt venv
 
+LINT_DIRS := $(wildcard vpnd vpnctl tests netns-tests bench scripts)
+
 lint: venv
-	$(VENV)/bin/ruff check vpnd vpnctl tests netns-tests bench scripts
-	$(VENV)/bin/ruff format --check vpnd vpnctl tests netns-tests bench scripts
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict vpnd vpnctl
