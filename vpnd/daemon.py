@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -34,6 +35,7 @@ from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, load_certificate
 from vpnd.transport.connection import TlsConnection, connect, serve
 from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
+from vpnd.trust_watch import TrustWatcher
 
 log = logging.getLogger("vpnd")
 T = TypeVar("T")
@@ -82,19 +84,6 @@ def _passphrase(path: Path | None) -> bytes | None:
         raise StartupError(f"pki.key_passphrase_file: cannot read {path}: {err.strerror}") from None
 
 
-def _trust(cfg: GatewayConfig | ClientConfig) -> TrustStore:
-    allow_stale = cfg.pki.crl_stale == CrlStale.ALLOW
-    if allow_stale:
-        log.warning(
-            "pki.crl_stale is 'allow': a CRL past its nextUpdate will be ACCEPTED; "
-            "revocations issued since may be missed"
-        )
-    try:
-        return load_trust_store(cfg.pki.ca, cfg.pki.crl, allow_stale_crl=allow_stale)
-    except PkiError as err:
-        raise StartupError(str(err)) from None
-
-
 def _own_certificate(cfg: GatewayConfig | ClientConfig, now: dt.datetime) -> None:
     try:
         cert = load_certificate(cfg.pki.cert)
@@ -132,24 +121,52 @@ async def _netlink() -> AsyncIterator[PyRoute2Configurator]:
 
 
 async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
-    now = dt.datetime.now(dt.UTC)
-    _own_certificate(cfg, now)
-    trust = _trust(cfg)
-    try:
-        ctx = server_context(
-            ca=cfg.pki.ca,
-            cert=cfg.pki.cert,
-            key=cfg.pki.key,
-            crl=cfg.pki.crl,
-            key_passphrase=_passphrase(cfg.pki.key_passphrase_file),
+    _own_certificate(cfg, dt.datetime.now(dt.UTC))
+    passphrase = _passphrase(cfg.pki.key_passphrase_file)
+    allow_stale = cfg.pki.crl_stale == CrlStale.ALLOW
+    if allow_stale:
+        log.warning(
+            "pki.crl_stale is 'allow': a CRL past its nextUpdate will be ACCEPTED; "
+            "revocations issued since may be missed"
         )
-    except TlsConfigError as err:
+    assert cfg.pki.crl is not None  # the schema requires a CRL on a gateway
+    gateway: Gateway | None = None
+
+    def make_context(crl: Path | None) -> ssl.SSLContext:
+        try:
+            return server_context(
+                ca=cfg.pki.ca,
+                cert=cfg.pki.cert,
+                key=cfg.pki.key,
+                crl=crl,
+                key_passphrase=passphrase,
+            )
+        except TlsConfigError as err:
+            raise StartupError(str(err)) from None
+
+    def on_trust(trust: TrustStore) -> list[str]:
+        return gateway.apply_trust(trust) if gateway is not None else []
+
+    def on_broken(reason: str) -> None:
+        if gateway is not None:
+            gateway.refuse_new_peers(reason)
+
+    watcher = TrustWatcher(
+        ca=cfg.pki.ca,
+        crl=cfg.pki.crl,
+        allow_stale=allow_stale,
+        make_context=make_context,
+        on_trust=on_trust,
+        on_broken=on_broken,
+    )
+    try:
+        trust = watcher.load()
+    except PkiError as err:
         raise StartupError(str(err)) from None
     own = load_certificate(cfg.pki.cert)
     overlays = _overlay_networks(trust)
-    addrs = _san_addresses(own)
     gw_ifaces = []
-    for addr in addrs:
+    for addr in _san_addresses(own):
         prefix = next((n.prefixlen for n in overlays if addr in n), None)
         if prefix is None:
             raise StartupError(f"gateway address {addr} is outside the CA's networks")
@@ -175,42 +192,52 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             # A persistent device of that name (left by another tool or an old version)
             # would make TUNSETIFF attach to it; replace it rather than fail.
             log.warning("found a stale link %s: deleting it", cfg.tun.name)
-            await net.delete_link(cfg.tun.name)
+            await _guard(net.delete_link(cfg.tun.name))
         tun = _open_tun(cfg.tun.name)
         undo.callback(tun.close)
-        gateway = Gateway(settings, tun=tun, net=net, trust=trust)
+        nft: NftablesRuleset | None = None
+        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
+            nft = NftablesRuleset(cfg.tun.name)
+            # Installed before the TUN carries traffic; removed last, after the sessions.
+            await _guard(
+                nft.install(
+                    nft.render(
+                        overlays=overlays,
+                        masquerade=cfg.nat == NatMode.MASQUERADE,
+                        anti_spoof=cfg.nftables.anti_spoofing,
+                    )
+                )
+            )
+            undo.push_async_callback(nft.remove)
+        gateway = Gateway(
+            settings,
+            tun=tun,
+            net=net,
+            trust=trust,
+            nft=nft if cfg.nftables.anti_spoofing else None,
+        )
         await _guard(gateway.start())
         undo.push_async_callback(gateway.stop)
         if cfg.forwarding:
             previous = await _guard(net.set_ip_forwarding(True))
             if not previous:
                 undo.push_async_callback(net.set_ip_forwarding, False)
-        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
-            nft = NftablesRuleset(cfg.tun.name)
-            await _guard(
-                nft.install(
-                    nft.render(
-                        overlays=overlays,
-                        masquerade=cfg.nat == NatMode.MASQUERADE,
-                        anti_spoof=False,
-                    )
-                )
-            )
-            undo.push_async_callback(nft.remove)
         try:
             server = await serve(
                 cfg.listen.host,
                 cfg.listen.port,
-                ctx,
+                watcher.server_context,
                 gateway.on_connection,
                 handshake_timeout=cfg.handshake_timeout,
                 on_refused=gateway.on_refused,
             )
         except OSError as err:
-            raise StartupError(
-                f"listen {cfg.listen.host}:{cfg.listen.port}: {err.strerror}"
-            ) from None
-        log.info("listening on %s:%d (TLS 1.3, ALPN vpnd/1)", cfg.listen.host, cfg.listen.port)
+            raise StartupError(f"listen {cfg.listen}: {err.strerror}") from None
+        watcher.start()
+        undo.push_async_callback(watcher.stop)
+        expiry = asyncio.create_task(_expiry_warnings(cfg))
+        undo.callback(expiry.cancel)
+        log.info("listening on %s (TLS 1.3, ALPN vpnd/1)", cfg.listen)
         try:
             await stop.wait()
         finally:
@@ -218,6 +245,13 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             server.close()
             await gateway.stop()
             await asyncio.sleep(0.05)  # let CLOSE frames reach the wire
+
+
+async def _expiry_warnings(cfg: GatewayConfig | ClientConfig) -> None:
+    """Re-check our own certificate's expiry every 6 hours: expiry is never a surprise."""
+    while True:
+        await asyncio.sleep(6 * 3600)
+        _own_certificate(cfg, dt.datetime.now(dt.UTC))
 
 
 async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
@@ -259,10 +293,12 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
     async with _netlink() as net:
         client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
         task = asyncio.create_task(client.run())
+        expiry = asyncio.create_task(_expiry_warnings(cfg))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         client.stop()
         stopper.cancel()
+        expiry.cancel()
         try:
             await asyncio.wait_for(task, 5)
         except TimeoutError:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from vpnd.logsetup import PeerLogger
 from vpnd.net.netlink import NetConfigurator
+from vpnd.net.nftables import Firewall as KernelFirewall
 from vpnd.net.tun import TunDevice
 from vpnd.net.vnet import ip_src_dst
-from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import IPNetwork, PeerIdentity, Role, VerifyError
+from vpnd.pki import TrustStore, check_revocation, verify_peer
+from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.proto import (
     CloseCode,
@@ -91,12 +92,16 @@ class Gateway:
         tun: TunDevice,
         net: NetConfigurator,
         trust: TrustStore,
+        nft: KernelFirewall | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.tun = tun
         self.net = net
         self.trust = trust
+        self.nft = nft
+        self.trust_error: str | None = None
+        """Set while the revocation data cannot be used: every new peer is refused."""
         self._clock = clock
         self._keys = itertools.count(1)
         self.peers: dict[int, Peer] = {}
@@ -145,6 +150,10 @@ class Gateway:
         remote = _fmt_remote(conn.peername)
         if self._stopping:
             conn.close()
+            return
+        if self.trust_error is not None:
+            # Revocation data is missing or unusable: fail closed for new peers.
+            self._refuse_unverified(conn, remote, VerifyError(Reason.CRL_MISSING, self.trust_error))
             return
         try:
             identity = verify_peer(
@@ -260,6 +269,8 @@ class Gateway:
         self.handshakes["accepted"] += 1
         for net in ident.routes:
             asyncio.get_running_loop().create_task(self._route_add(peer, net))
+        if self.nft is not None:
+            asyncio.get_running_loop().create_task(self._nft_sources(networks, add=True))
         primary = ident.addresses[0]
         prefix = next(n.prefixlen for n in self.settings.overlay_networks if primary in n)
         extra = tuple(
@@ -311,11 +322,67 @@ class Gateway:
         except Exception as err:  # a bad route must not take the gateway down
             peer.log.error("could not add route %s: %s", net, err)
 
+    async def _nft_sources(self, nets: list[IPNetwork], *, add: bool) -> None:
+        assert self.nft is not None
+        try:
+            if add:
+                await self.nft.add_sources(nets)
+            else:
+                await self.nft.delete_sources(nets)
+        except Exception as err:  # defence in depth: the in-process check still holds
+            log.error("nftables anti-spoofing set update failed: %s", err)
+
     async def _route_del(self, net: IPNetwork) -> None:
         try:
             await self.net.del_route(net, self.settings.tun_name)
         except Exception as err:
             log.error("could not remove route %s: %s", net, err)
+
+    # ---- operations ------------------------------------------------------------------
+
+    def kick(self, name: str, reason: str = "kicked by an administrator") -> int:
+        """Close every session of the named peer; returns how many were closed."""
+        victims = [p for p in self.peers.values() if p.identity.name == name]
+        for peer in victims:
+            audit.warning(
+                "kicked %s: %s",
+                name,
+                reason,
+                extra={"event": "kick", "reason_text": reason, **_audit(peer)},
+            )
+            peer.driver.close(CloseCode.KICKED, reason)
+        return len(victims)
+
+    def apply_trust(self, trust: TrustStore) -> list[str]:
+        """Adopt new CA/CRL data and close every live session it revokes, at once.
+
+        Only revocation ends a live session here: a stale CRL refuses *new* peers (the
+        verifier does that) but does not cut peers verified while it was fresh.
+        """
+        self.trust = trust
+        self.trust_error = None
+        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        closed: list[str] = []
+        for peer in list(self.peers.values()):
+            try:
+                check_revocation(peer.identity, trust, now=now)
+            except VerifyError as err:
+                if err.reason is not Reason.REVOKED:
+                    continue
+                closed.append(peer.identity.name)
+                audit.warning(
+                    "closing %s: certificate revoked",
+                    peer.identity.name,
+                    extra={"event": "revoked_close", "detail": err.detail, **_audit(peer)},
+                )
+                peer.driver.close(CloseCode.REVOKED, err.detail)
+        return closed
+
+    def refuse_new_peers(self, reason: str) -> None:
+        """Revocation data became unusable: fail closed for new peers until fixed."""
+        if self.trust_error != reason:
+            log.error("REFUSING ALL NEW PEERS: %s", reason)
+        self.trust_error = reason
 
     # ---- events ----------------------------------------------------------------------
 
@@ -341,6 +408,8 @@ class Gateway:
         routed = [n for n in owned if n in peer.identity.routes]
         for net in routed:
             asyncio.get_running_loop().create_task(self._route_del(net))
+        if self.nft is not None and owned and not self._stopping:
+            asyncio.get_running_loop().create_task(self._nft_sources(owned, add=False))
         peer.log.info("disconnected (%s), freed %s", message, ", ".join(str(n) for n in owned))
 
     # ---- data path -------------------------------------------------------------------

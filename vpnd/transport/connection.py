@@ -391,7 +391,7 @@ OnRefused = Callable[[Peername | None, TlsHandshakeError], None]
 async def serve(
     host: str,
     port: int,
-    ctx: ssl.SSLContext,
+    ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
     on_connection: OnConnection,
     *,
     handshake_timeout: float = 10.0,
@@ -432,7 +432,8 @@ async def serve(
             task.add_done_callback(lambda t: _task_done(t, tasks, conn))
 
     def factory() -> TlsConnection:
-        engine = TlsEngine(ctx, server_side=True)
+        # A callable context lets the gateway swap in a new CRL for new handshakes.
+        engine = TlsEngine(ctx() if callable(ctx) else ctx, server_side=True)
         return TlsConnection(engine, on_handshake, handshake_timeout=handshake_timeout)
 
     return await loop.create_server(factory, host, port)
