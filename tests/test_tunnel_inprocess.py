@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from pki_fixtures import TestCA, make_ca
+from pki_fixtures import Leaf, TestCA, make_ca
 
 from vpnd.client import Client, ClientSettings
 from vpnd.gateway import Gateway, GatewaySettings
@@ -90,8 +90,9 @@ class World:
         )
         self.crl_path.write_bytes(crl_pem(crl))
 
-    async def start_gateway(self) -> None:
+    async def start_gateway(self, duplicate: str = "replace") -> None:
         settings = GatewaySettings(
+            duplicate=duplicate,
             tun_name="vpn0",
             mtu=1400,
             overlay_networks=(OVERLAY,),
@@ -118,12 +119,20 @@ class World:
         )
         self.port = self.server.sockets[0].getsockname()[1]
 
-    def start_client(self, name: str, ca: TestCA | None = None, addr: str = "10.8.0.2") -> Node:
+    def start_client(
+        self,
+        name: str,
+        ca: TestCA | None = None,
+        addr: str = "10.8.0.2",
+        leaf: Leaf | None = None,
+        label: str | None = None,
+    ) -> Node:
         issuer = ca or self.ca
-        leaf = issuer.issue(
-            name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
-        )
-        cert, key = leaf.write(self.tmp, name)
+        if leaf is None:
+            leaf = issuer.issue(
+                name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
+            )
+        cert, key = leaf.write(self.tmp, label or name)
         ctx = client_context(ca=self.ca_path, cert=cert, key=key)
         net = FakeNetConfigurator()
         tuns: list[FakeTun] = []
@@ -305,5 +314,143 @@ def test_gateway_stop_sends_close_and_clients_tear_down(tmp_path: Path) -> None:
         assert alice.client.last_outcome is not None
         assert "maintenance" in alice.client.last_outcome.message
         await w.close()
+
+    run(scenario())
+
+
+def _leaf(w: World, name: str, addr: str) -> Leaf:
+    return w.ca.issue(
+        name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
+    )
+
+
+def _owners(w: World) -> dict[str, list[str]]:
+    assert w.gateway is not None
+    return {
+        p.identity.name: [str(n) for n in w.gateway.table.networks_of(p)]
+        for p in w.gateway.table.owners()
+    }
+
+
+def test_second_connection_with_the_same_certificate_replaces_the_first(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            leaf = _leaf(w, "alice", "10.8.0.2")
+            first = w.start_client("alice", leaf=leaf, label="alice1")
+            await asyncio.wait_for(first.client.connected.wait(), 5)
+            assert w.gateway is not None
+            first_peer = next(iter(w.gateway.table.owners()))
+            second = w.start_client("alice", leaf=leaf, label="alice2")
+            await until(lambda: first.client.last_outcome is not None, "first replaced")
+            assert first.client.last_outcome is not None
+            assert "newer connection" in first.client.last_outcome.message
+            await asyncio.wait_for(second.client.connected.wait(), 5)
+            owners = w.gateway.table.owners()
+            assert len(owners) == 1 and owners[0] is not first_peer
+            assert _owners(w) == {"alice": ["10.8.0.2/32"]}
+            # traffic to alice now reaches the second connection
+            pkt = ipv4_packet("192.168.50.10", "10.8.0.2")
+            w.gw_tun.inject(pkt)
+            await until(lambda: pkt in second.tun[-1].written, "second session receives")
+            first.client.stop()  # do not let it fight back in a loop
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_duplicate_reject_keeps_the_first_session(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway(duplicate="reject")
+        try:
+            leaf = _leaf(w, "alice", "10.8.0.2")
+            first = w.start_client("alice", leaf=leaf, label="alice1")
+            await asyncio.wait_for(first.client.connected.wait(), 5)
+            second = w.start_client("alice", leaf=leaf, label="alice2")
+            await until(lambda: second.client.last_outcome is not None, "second refused")
+            assert second.client.last_outcome is not None
+            assert not second.client.last_outcome.established
+            assert first.client.connected.is_set() and first.client.last_outcome is None
+            second.client.stop()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_two_certificates_claiming_one_address_second_refused_first_unaffected(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice", addr="10.8.0.2")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            imposter = w.start_client("eve", addr="10.8.0.2")
+            await until(lambda: imposter.client.last_outcome is not None, "eve refused")
+            assert imposter.client.last_outcome is not None
+            assert "already in use" in imposter.client.last_outcome.message
+            assert _owners(w) == {"alice": ["10.8.0.2/32"]}
+            assert alice.client.connected.is_set()
+            imposter.client.stop()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_new_crl_closes_revoked_sessions_and_keeps_the_others(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice_leaf = _leaf(w, "alice", "10.8.0.2")
+            alice = w.start_client("alice", leaf=alice_leaf)
+            bob = w.start_client("bob", addr="10.8.0.3")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            await asyncio.wait_for(bob.client.connected.wait(), 5)
+            w.write_crl((alice_leaf.cert.serial_number,))
+            assert w.gateway is not None
+            closed = w.gateway.apply_trust(load_trust_store(w.ca_path, w.crl_path))
+            assert closed == ["alice"]
+            await until(lambda: alice.client.last_outcome is not None, "alice told")
+            assert alice.client.last_outcome is not None
+            assert "revoked" in alice.client.last_outcome.message
+            await until(lambda: "alice" not in _owners(w), "address freed")
+            assert _owners(w) == {"bob": ["10.8.0.3/32"]}
+            assert bob.client.connected.is_set()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_kick_and_fail_closed_when_revocation_data_breaks(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            assert w.gateway is not None
+            assert w.gateway.kick("nobody") == 0
+            assert w.gateway.kick("alice", "maintenance window") == 1
+            await until(lambda: alice.client.last_outcome is not None, "alice kicked")
+            assert alice.client.last_outcome is not None
+            assert "maintenance window" in alice.client.last_outcome.message
+            alice.client.stop()
+            w.gateway.refuse_new_peers("crl.pem: no such file")
+            bob = w.start_client("bob", addr="10.8.0.3")
+            await until(lambda: bob.client.last_outcome is not None, "bob refused")
+            assert bob.client.last_outcome is not None
+            assert "crl_missing" in bob.client.last_outcome.message
+            assert bob.tun == []
+            bob.client.stop()
+        finally:
+            await w.close()
 
     run(scenario())

@@ -42,6 +42,8 @@ _PERMANENT = {
     CloseCode.CERT_EXPIRED,
     CloseCode.ADDRESS_CONFLICT,
     CloseCode.POLICY,
+    # Two machines sharing one certificate would otherwise evict each other forever.
+    CloseCode.REPLACED,
 }
 _PERMANENT_ALERTS = {
     "unknown_ca",
