@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import render
+from vpnctl import control_commands, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.pki.crl import REASONS
@@ -340,6 +340,7 @@ def build_parser() -> CliParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     _add_pki_option(parser, top=True)
+    control_commands.add_socket_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
 
     def command(name: str, handler: Handler, help_text: str, where: object = sub) -> CliParser:
@@ -425,6 +426,8 @@ def build_parser() -> CliParser:
     p = command("show", _cmd_show, "decode a certificate file")
     p.add_argument("cert", metavar="CERT_FILE")
     p.add_argument("--json", action="store_true")
+
+    control_commands.register(sub)  # status, peers, kick, reload
     return parser
 
 
