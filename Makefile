@@ -10,7 +10,7 @@ APT_STAMP := .apt-installed
 # iproute2/nftables/ping for the netns suite; openssh-server for provisioning tests.
 APT_PACKAGES := iproute2 iputils-ping nftables openssl openssh-server openssh-client procps kmod
 
-.PHONY: all install apt venv test lint typecheck unit netns demo bench fuzz clean
+.PHONY: all install apt venv test lint typecheck unit netns demo bench bench-deps bench-scale fuzz clean
 
 all: test
 
@@ -47,6 +47,19 @@ test: install lint typecheck unit netns
 
 demo: install
 	$(PY) scripts/demo.py
+
+# Benchmarks (root; never part of `make test`). See bench/README.md.
+BENCH_APT := iperf3 openvpn wireguard-go wireguard-tools iputils-ping
+BENCH_ARGS ?=
+bench-deps: install
+	@scripts/install-apt.sh $(BENCH_APT)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+
+bench: bench-deps
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-scale: bench-deps
+	$(PY) -m bench.scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(APT_STAMP) .mypy_cache .ruff_cache .pytest_cache
