@@ -137,8 +137,8 @@ class World:
         net = FakeNetConfigurator()
         tuns: list[FakeTun] = []
 
-        def tun_factory(ifname: str) -> FakeTun:
-            tun = FakeTun(ifname, net=net)
+        def tun_factory(ifname: str, offload: bool) -> FakeTun:
+            tun = FakeTun(ifname, vnet_hdr=offload, net=net)
             tuns.append(tun)
             return tun
 
@@ -285,7 +285,7 @@ def test_revoked_peer_is_refused(tmp_path: Path) -> None:
                 connect=lambda: connect(
                     "127.0.0.1", w.port, ctx, server_hostname="gw.test", timeout=5
                 ),
-                tun_factory=lambda n: FakeTun(n, net=net),
+                tun_factory=lambda n, o: FakeTun(n, vnet_hdr=o, net=net),
                 net=net,
                 trust=load_trust_store(w.ca_path, None, crl_required=False),
             )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.tun import TunDevice
-from vpnd.net.vnet import ip_src_dst
+from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
 from vpnd.pki.identity import Role, VerifyError
 from vpnd.proto import (
@@ -68,6 +68,8 @@ class ClientSettings:
     max_frame: int = 262144
     initial_delay: float = 1.0
     max_delay: float = 30.0
+    offload: bool = False
+    """Offer TUN offload (virtio headers, GSO super-packets) to the gateway."""
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Client:
         settings: ClientSettings,
         *,
         connect: Connector,
-        tun_factory: Callable[[str], TunDevice],
+        tun_factory: Callable[[str, bool], TunDevice],
         net: NetConfigurator,
         trust: TrustStore,
         clock: Callable[[], float] = time.time,
@@ -173,6 +175,7 @@ class Client:
                 config_timeout=self.settings.handshake_timeout,
             ),
             self._clock(),
+            offload=self.settings.offload,
         )
 
         def on_event(event: Event) -> None:
@@ -180,9 +183,8 @@ class Client:
                 case ConfigReceived(config=cfg):
                     asyncio.get_running_loop().create_task(self._bring_up(cfg))
                     state["established"] = True
-                case PacketsReceived(packets=packets):
-                    if self.tun is not None:
-                        self.tun.write_batch(packets)
+                case PacketsReceived(packets=packets, vnet=vnet):
+                    self._to_tun(packets, vnet)
 
         def on_lost(code: int, message: str, exc: BaseException | None) -> None:
             if done.done():
@@ -219,7 +221,7 @@ class Client:
         if driver is None:
             return
         try:
-            tun = self._tun_factory(self.settings.tun_name)
+            tun = self._tun_factory(self.settings.tun_name, cfg.offload)
         except Exception as err:
             log.error("cannot open TUN %s: %s", self.settings.tun_name, err)
             driver.close(CloseCode.NORMAL, "client could not open its TUN")
@@ -263,17 +265,27 @@ class Client:
         tun.close()
         log.info("tunnel down: %s removed", tun.name)
 
+    def _to_tun(self, packets: list[bytes | memoryview], vnet: bool) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        if vnet:
+            # Even from a verified gateway, a header the kernel would misread is dropped.
+            packets = [p for p in packets if validate_vnet_packet(p) is None]
+        tun.write_batch(packets)
+
     def _on_tun_readable(self) -> None:
         driver, tun, cfg = self._driver, self.tun, self.config
         if driver is None or tun is None or cfg is None:
             return
         own = {cfg.address.ip.packed, *(a.ip.packed for a in cfg.extra_addresses)}
+        off = VNET_HDR_LEN if tun.vnet_hdr else 0
         for _ in range(16):
             packets = tun.read_batch(64)
             if not packets:
                 return
             # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
-            batch = [p for p in packets if (a := ip_src_dst(p)) is not None and a[0] in own]
+            batch = [p for p in packets if (a := ip_src_dst(p, off)) is not None and a[0] in own]
             if batch:
-                driver.session.send_packets(batch, self._clock())
+                driver.session.send_packets(batch, self._clock(), vnet=tun.vnet_hdr)
                 driver.flush()

@@ -194,15 +194,8 @@ class GatewayControl:
         return sorted(infos, key=lambda p: (p.name, p.connected_since, p.serial))
 
     async def kick(self, name: str, reason: str) -> KickResult:
-        reason = reason or "kicked by the administrator"
-        closed = self.gateway.kick(name, reason)
-        audit.info(
-            "kick %s: %d session(s) closed (%s)",
-            name,
-            closed,
-            reason,
-            extra={"event": "kick", "peer": name, "closed": closed, "reason": reason},
-        )
+        # gateway.kick audits each closed session with its serial and fingerprint.
+        closed = self.gateway.kick(name, reason or "kicked by an administrator")
         if closed == 0:
             raise ControlError(ErrorCode.NOT_FOUND, f"no connected peer named {name!r}")
         return KickResult(name, closed)

@@ -28,7 +28,7 @@ from vpnd.logsetup import setup_logging
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator
 from vpnd.net.nftables import NftablesRuleset
-from vpnd.net.tun import LinuxTun
+from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.authority import ca_networks
 from vpnd.pki.identity import IPNetwork, PkiError
@@ -193,7 +193,8 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             # would make TUNSETIFF attach to it; replace it rather than fail.
             log.warning("found a stale link %s: deleting it", cfg.tun.name)
             await _guard(net.delete_link(cfg.tun.name))
-        tun = _open_tun(cfg.tun.name)
+        tun = _open_tun(cfg.tun.name, cfg.tun.offload and probe_offload())
+        log.info("TUN %s offload %s", cfg.tun.name, "on" if tun.vnet_hdr else "off")
         undo.callback(tun.close)
         nft: NftablesRuleset | None = None
         if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
@@ -279,6 +280,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
         max_frame=cfg.limits.max_frame,
         initial_delay=cfg.reconnect.initial_delay,
         max_delay=cfg.reconnect.max_delay,
+        offload=cfg.tun.offload and probe_offload(),
     )
 
     async def dial() -> TlsConnection:
@@ -308,7 +310,12 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
                 await task
 
 
-def _open_tun(name: str) -> LinuxTun:
+def _open_tun(name: str, offload: bool = False) -> LinuxTun:
+    if offload:
+        try:
+            return LinuxTun.open(name, offload=True)
+        except TunError as err:
+            log.warning("TUN offload unavailable (%s): continuing without it", err)
     try:
         return LinuxTun.open(name)
     except TunError as err:

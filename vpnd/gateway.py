@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vpnd.logsetup import PeerLogger
+from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
 from vpnd.net.tun import TunDevice
-from vpnd.net.vnet import ip_src_dst
+from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_vnet_packet
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.policy.addresses import AddressConflict, AddressTable
@@ -40,6 +41,7 @@ from vpnd.transport.driver import SessionDriver
 from vpnd.transport.tlsengine import TlsHandshakeError
 
 log = logging.getLogger("vpnd.gateway")
+PLAIN_VNET = plain_vnet_header()
 audit = logging.getLogger("vpnd.audit")
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -74,6 +76,8 @@ class Peer:
     log: PeerLogger
     connected_at: float
     admitted: bool = False
+    offload: bool = False
+    """DATA to and from this peer carries virtio headers (both ends offload)."""
     drops: Counter[str] = field(default_factory=Counter)
     packets_in: int = 0
     packets_out: int = 0
@@ -266,6 +270,8 @@ class Gateway:
             peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
             return
         peer.admitted = True
+        hello = peer.driver.session.peer_hello
+        peer.offload = bool(self.tun.vnet_hdr and hello is not None and hello.offload)
         self.handshakes["accepted"] += 1
         for net in ident.routes:
             asyncio.get_running_loop().create_task(self._route_add(peer, net))
@@ -293,7 +299,7 @@ class Gateway:
                 mtu=self.settings.mtu,
                 keepalive_interval=self.settings.keepalive_interval,
                 keepalive_timeout=self.settings.keepalive_timeout,
-                offload=False,
+                offload=peer.offload,
                 extra_addresses=extra,
             ),
             self._clock(),
@@ -388,8 +394,8 @@ class Gateway:
 
     def _on_event(self, peer: Peer, event: Event) -> None:
         match event:
-            case PacketsReceived(packets=packets):
-                self._from_peer(peer, packets)
+            case PacketsReceived(packets=packets, vnet=vnet):
+                self._from_peer(peer, packets, vnet)
             case HelloReceived():
                 self._admit(peer)
             case ConfigReceived():
@@ -414,41 +420,58 @@ class Gateway:
 
     # ---- data path -------------------------------------------------------------------
 
-    def _from_peer(self, peer: Peer, packets: Sequence[bytes | memoryview]) -> None:
+    def _from_peer(self, peer: Peer, packets: Sequence[bytes | memoryview], vnet: bool) -> None:
         to_tun: list[bytes | memoryview] = []
         to_peers: dict[Peer, list[bytes | memoryview]] = {}
         lookup = self.table.lookup_raw
+        off = VNET_HDR_LEN if vnet else 0
+        # Internally every packet has the TUN's form: header-prefixed on an offload TUN.
+        prefix = self.tun.vnet_hdr and not vnet
+        drops = peer.drops
         for pkt in packets:
-            addrs = ip_src_dst(pkt)
+            if vnet and (bad := validate_vnet_packet(pkt)) is not None:
+                drops[bad] += 1
+                continue
+            addrs = ip_src_dst(pkt, off)
             if addrs is None:
-                peer.drops["not_ip"] += 1
+                drops["not_ip"] += 1
                 continue
             src, dst = addrs
             if lookup(src) is not peer:
-                peer.drops["spoofed_source"] += 1
+                drops["spoofed_source"] += 1
                 continue
             peer.packets_in += 1
-            peer.bytes_in += len(pkt)
+            peer.bytes_in += len(pkt) - off
+            item = PLAIN_VNET + pkt if prefix else pkt
             other = lookup(dst)
             if other is None:
-                to_tun.append(pkt)
+                to_tun.append(item)
             elif other is peer:
-                peer.drops["hairpin"] += 1
+                drops["hairpin"] += 1
             else:
-                to_peers.setdefault(other, []).append(pkt)
+                to_peers.setdefault(other, []).append(item)
         if to_tun:
             self.tun.write_batch(to_tun)
         for other, batch in to_peers.items():
             self._to_peer(other, batch)
 
     def _to_peer(self, peer: Peer, packets: list[bytes | memoryview]) -> None:
+        """Queue packets (in the TUN's form) to one peer, in the form that peer takes."""
         if not peer.admitted:
             return
         if peer.driver.conn.write_buffer_size > self.settings.peer_queue_bytes:
             # One slow peer must not stall the others or grow memory: drop, like a router.
             peer.drops["queue_full"] += len(packets)
             return
-        dropped = peer.driver.session.send_packets(packets, self._clock())
+        if self.tun.vnet_hdr and not peer.offload:
+            plain: list[bytes | memoryview] = []
+            for pkt in packets:
+                try:
+                    plain.extend(to_plain(pkt))
+                except GsoError as err:
+                    peer.drops[str(err)] += 1
+            packets = plain
+        dropped = peer.driver.session.send_packets(packets, self._clock(), vnet=peer.offload)
         if dropped:
             peer.drops["oversize"] += dropped
         peer.packets_out += len(packets) - dropped
@@ -457,13 +480,14 @@ class Gateway:
 
     def _on_tun_readable(self) -> None:
         lookup = self.table.lookup_raw
+        off = VNET_HDR_LEN if self.tun.vnet_hdr else 0
         for _ in range(16):  # bounded: let the loop serve sockets between bursts
             packets = self.tun.read_batch(64)
             if not packets:
                 return
             batches: dict[Peer, list[bytes | memoryview]] = {}
             for pkt in packets:
-                addrs = ip_src_dst(pkt)
+                addrs = ip_src_dst(pkt, off)
                 if addrs is None:
                     self.drops["tun_not_ip"] += 1
                     continue
