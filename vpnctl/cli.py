@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import control_commands, render
+from vpnctl import control_commands, provision_cli, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.pki.crl import REASONS
@@ -428,6 +428,7 @@ def build_parser() -> CliParser:
     p.add_argument("--json", action="store_true")
 
     control_commands.register(sub)  # status, peers, kick, reload
+    provision_cli.register(command, _signing_pki, lambda a: PkiDir(_pki_path(a)))  # enroll, deploy
     return parser
 
 
