@@ -54,7 +54,7 @@ class Node:
 
 
 class World:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, offload: bool = False) -> None:
         self.tmp = tmp
         self.ca = make_ca(
             "corp-ca", networks=[OVERLAY], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 900 * DAY
@@ -73,7 +73,7 @@ class World:
         )
         self.gw_cert, self.gw_key = gw.write(tmp, "gw")
         self.gw_net = FakeNetConfigurator()
-        self.gw_tun = FakeTun("vpn0", net=self.gw_net)
+        self.gw_tun = FakeTun("vpn0", vnet_hdr=offload, net=self.gw_net)
         self.gateway: Gateway | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -122,10 +122,12 @@ class World:
     def start_client(
         self,
         name: str,
+        *,
         ca: TestCA | None = None,
         addr: str = "10.8.0.2",
         leaf: Leaf | None = None,
         label: str | None = None,
+        offload: bool = False,
     ) -> Node:
         issuer = ca or self.ca
         if leaf is None:
@@ -152,6 +154,7 @@ class World:
                 tun_name="tun0",
                 initial_delay=0.05,
                 max_delay=0.2,
+                offload=offload,
             ),
             connect=dial,
             tun_factory=tun_factory,
@@ -450,6 +453,60 @@ def test_kick_and_fail_closed_when_revocation_data_breaks(tmp_path: Path) -> Non
             assert "crl_missing" in bob.client.last_outcome.message
             assert bob.tun == []
             bob.client.stop()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def tso_packet(src: str, dst: str, payload: bytes, mss: int = 1360) -> bytes:
+    """A GSO TCPv4 super-packet with a virtio header, as an offload TUN hands it out."""
+    from scapy.layers.inet import IP, TCP
+
+    raw = bytearray(bytes(IP(src=src, dst=dst) / TCP(sport=5000, dport=80, flags="PA") / payload))
+    struct.pack_into("!H", raw, 36, 0)  # a partial checksum; the segmenter recomputes it
+    return struct.pack("<BBHHHH", 1, 1, 40, mss, 20, 16) + bytes(raw)
+
+
+def test_offload_super_packets_cross_whole_or_are_segmented_for_plain_peers(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path, offload=True)
+        await w.start_gateway()
+        try:
+            fast = w.start_client("alice", addr="10.8.0.2", offload=True)
+            plain = w.start_client("bob", addr="10.8.0.3", offload=False)
+            await asyncio.wait_for(fast.client.connected.wait(), 5)
+            await asyncio.wait_for(plain.client.connected.wait(), 5)
+            assert fast.tun[0].vnet_hdr and not plain.tun[0].vnet_hdr
+            payload = bytes(i % 251 for i in range(20000))
+            # gateway TUN -> offload peer: one 20 KB super-packet, header and all
+            big = tso_packet("192.168.50.10", "10.8.0.2", payload)
+            w.gw_tun.inject(big)
+            await until(lambda: fast.tun[0].written, "alice gets the super-packet")
+            assert fast.tun[0].written == [big]
+            # gateway TUN -> plain peer: segmented in software, payload intact
+            w.gw_tun.inject(tso_packet("192.168.50.10", "10.8.0.3", payload))
+            await until(lambda: len(plain.tun[0].written) >= 15, "bob gets segments")
+            segs = plain.tun[0].written
+            assert all(len(p) <= 1400 for p in segs)
+            assert b"".join(p[40:] for p in segs) == payload
+            # plain peer -> offload gateway TUN: a zero virtio header is added
+            up = ipv4_packet("10.8.0.3", "192.168.50.10")
+            plain.tun[0].inject(up)
+            await until(lambda: w.gw_tun.written, "gateway TUN receives")
+            assert w.gw_tun.written == [bytes(10) + up]
+            # a malformed virtio header from a peer is dropped and counted
+            assert w.gateway is not None and fast.client._driver is not None
+            bad = bytearray(tso_packet("10.8.0.2", "192.168.50.10", payload))
+            bad[1] = 4  # gso_type TCPV6 on an IPv4 packet
+            fast.client._driver.session.send_packets([bytes(bad)], 0.0, vnet=True)
+            fast.client._driver.flush()
+            peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            await until(lambda: sum(peer.drops.values()) == 1, "bad header counted")
+            assert peer.drops["vnet_gso_ip_version"] == 1
+            assert w.gw_tun.written == [bytes(10) + up]
         finally:
             await w.close()
 
