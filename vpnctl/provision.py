@@ -100,6 +100,14 @@ def load_identity(path: Path, passphrase: bytes | None = None) -> asyncssh.SSHKe
         if passphrase is not None and ("decrypt" in text.lower() or "assphrase" in text):
             raise ProvisionError(f"cannot decrypt identity {path}: wrong passphrase") from None
         raise ProvisionError(f"identity {path} is not a usable private key: {text}") from None
+    except asyncssh.KeyEncryptionError as exc:
+        if "bcrypt" in str(exc):
+            raise ProvisionError(
+                f"identity {path} is an encrypted OpenSSH-format key, which needs the Python "
+                "package bcrypt (not installed): use ssh-agent, or re-encrypt it as PKCS#8 "
+                f"with 'ssh-keygen -p -m PKCS8 -f {path}'"
+            ) from None
+        raise ProvisionError(f"cannot decrypt identity {path}: {exc}") from None
 
 
 def read_known_hosts(path: Path) -> asyncssh.SSHKnownHosts:
