@@ -57,6 +57,31 @@ s.settimeout(30); s.sendall(payload); s.shutdown(socket.SHUT_WR)
 print(s.recv(100).decode(), zlib.crc32(payload))
 """
 
+# The reverse direction: the listener sends, the connector receives and reports.
+TCP_SERVE = """
+import socket
+payload = bytes(i % 251 for i in range({size}))
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); c.settimeout(30); c.sendall(payload); c.close()
+"""
+TCP_FETCH = """
+import socket, time, zlib
+for _ in range(100):
+    try:
+        s = socket.create_connection(("{ip}", {port}), timeout=5); break
+    except OSError:
+        time.sleep(0.1)
+else:
+    raise SystemExit("no connection")
+s.settimeout(30); n = 0; crc = 0
+while True:
+    chunk = s.recv(65536)
+    if not chunk: break
+    n += len(chunk); crc = zlib.crc32(chunk, crc)
+print(n, crc, zlib.crc32(bytes(i % 251 for i in range({size}))))
+"""
+
 
 @dataclass
 class Host:
@@ -258,16 +283,20 @@ class Lab:
         assert ns is not None
         return ns
 
-    def tcp_transfer(self, src: str, dst: str, dst_ip: str, size: int = 200_000) -> bool:
-        """Send ``size`` bytes over TCP from ``src`` to a sink in ``dst``; the sink echoes
-        the byte count and a checksum, so a truncated or corrupted stream fails."""
+    def tcp_transfer(
+        self, src: str, dst: str, dst_ip: str, size: int = 200_000, *, download: bool = False
+    ) -> bool:
+        """``src`` connects to ``dst_ip`` (a listener in ``dst``) and sends ``size`` bytes,
+        or with ``download`` receives them; byte count and CRC are compared, so a
+        truncated or corrupted stream fails."""
         port = 8080 + self._tcp_runs
         self._tcp_runs += 1
-        sink = TCP_SINK.format(port=port, size=size)
+        server, client = (TCP_SERVE, TCP_FETCH) if download else (TCP_SINK, TCP_SOURCE)
+        sink = server.format(port=port, size=size)
         srv = self.ns_of(dst).popen([PYTHON, "-c", sink], self.workdir / f"tcp-{port}.log")
         try:
             res = self.ns_of(src).run(
-                [PYTHON, "-c", TCP_SOURCE.format(ip=dst_ip, port=port, size=size)],
+                [PYTHON, "-c", client.format(ip=dst_ip, port=port, size=size)],
                 check=False,
                 timeout=60,
             )
