@@ -66,7 +66,7 @@ class _Server(asyncssh.SSHServer):
 
 
 class _JailedSftp(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, host: FakeHost) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], host: FakeHost) -> None:
         super().__init__(chan)
         self._host = host
 
