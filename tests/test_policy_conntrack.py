@@ -475,3 +475,15 @@ def test_forget_peer_purges_routed_subnet_flows_too() -> None:
     assert gw.send(dns()) is None
     assert gw.fw.forget_peer("site-b") == 1
     assert gw.fw.stats["entries"] == 1
+
+
+def test_replace_policy_drops_flows_whose_responder_changed() -> None:
+    overlay = RuleConfig(PeerMatch("bob"), net("10.8.0.0/24"), Proto.ANY)
+    policy = PolicyConfig(rules=(overlay,), conntrack=CT)
+    gw = Gateway(policy)
+    assert gw.send(ipv4(BOB4, NAS4, UDP, udp(1, 2))) is None
+    assert gw.send(ipv4(BOB4, ALICE4, UDP, udp(1, 2))) is None
+    gw.owner[raw(NAS4)] = peer("nas-2")  # the rule still allows bob -> that address
+    assert gw.fw.replace_policy(policy, now=1.0, peers=gw.peers()) == 1
+    assert gw.send(ipv4(ALICE4, BOB4, UDP, udp(2, 1))) is None
+    assert gw.send(ipv4(NAS4, BOB4, UDP, udp(2, 1))) == "policy"
