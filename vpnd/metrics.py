@@ -126,6 +126,7 @@ class MetricsExporter:
         self.registry.register(SnapshotCollector(snapshot))
         self._server: asyncio.Server | None = None
         self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         try:
@@ -141,14 +142,24 @@ class MetricsExporter:
 
     async def close(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        if server is None:
+            return
+        server.close()
+        if self._tasks:  # let scrapes in flight finish, briefly
+            _, late = await asyncio.wait(set(self._tasks), timeout=HEAD_TIMEOUT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        await server.wait_closed()
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         self._active += 1
         try:
             if self._active > MAX_SCRAPERS:
@@ -171,11 +182,14 @@ class MetricsExporter:
                 await self._send(writer, 400, b"bad request\n", "text/plain")
         except (ConnectionError, TimeoutError):
             pass  # the scraper went away or stalled
+        except asyncio.CancelledError:
+            pass  # shutting down; a cancelled handler task would only log noise
         finally:
             self._active -= 1
+            self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await writer.wait_closed()
 
     async def _send(
         self,

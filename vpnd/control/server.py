@@ -126,11 +126,11 @@ class ControlServer:
         if server is None:
             return
         server.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)
         await server.wait_closed()
         # Remove only our own socket, never one a newer vpnd bound in its place.
         with contextlib.suppress(OSError):
@@ -147,11 +147,13 @@ class ControlServer:
             await self._serve(reader, writer)
         except (ConnectionError, TimeoutError):
             pass  # the client went away or stalled: nothing to tell it
+        except asyncio.CancelledError:
+            pass  # close(): ending normally keeps asyncio from logging the cancel
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = _peer_uid(writer)
