@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import signal
 import textwrap
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from vpnd.pki.keys import (
 )
 
 pytestmark = pytest.mark.netns
+NFT_SET = ["nft", "list", "set", "inet", "vpnd_vpn0", "allowed4"]
 
 
 @pytest.fixture
@@ -61,6 +63,13 @@ def test_verified_peers_reach_gateway_each_other_and_lan(lab: Lab) -> None:
     routes = lab.hosts["alice"].ns.run(["ip", "route", "show", "dev", "tun0"]).stdout
     assert "192.168.50.0/24" in routes
 
+    # nftables mirrors anti-spoofing: exactly the connected peers' sources are allowed.
+    gw_ns = lab.hosts["gw"].ns
+    assert lab.wait_for(
+        lambda: (
+            {"10.8.0.2", "10.8.0.3"} <= set(re.findall(r"10\.8\.0\.\d+", gw_ns.run(NFT_SET).stdout))
+        )
+    ), gw_ns.run(NFT_SET).stdout
     assert lab.ping("alice", GW_OVERLAY)
     assert lab.ping("alice", "10.8.0.3"), "peer to peer through the hub"
     assert lab.ping("bob", "10.8.0.2")
@@ -71,9 +80,11 @@ def test_verified_peers_reach_gateway_each_other_and_lan(lab: Lab) -> None:
     assert lab.tcp_transfer("alice", "bob", "10.8.0.3")
     assert lab.tcp_transfer("alice", "lan", LAN_HOST, size=2_000_000)
 
-    lab.stop("alice")
     lab.stop("bob")
+    assert lab.wait_for(lambda: "10.8.0.3" not in gw_ns.run(NFT_SET).stdout)
+    lab.stop("alice")
     lab.stop("gw")
+    assert "vpnd" not in gw_ns.run(["nft", "list", "tables"]).stdout
     # Everything the daemons changed in the kernel is gone again.
     assert lab.hosts["alice"].ns.snapshot() == alice_before
     assert lab.hosts["gw"].ns.snapshot() == gw_before

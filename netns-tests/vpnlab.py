@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,8 @@ class Lab:
             "keepalive": {"interval": 2, "timeout": 6},
             "control_socket": str(self.workdir / "gw.sock"),
             "log": {"level": "info"},
+            # Defence in depth is off by default in the product, on in the tests.
+            "nftables": {"anti_spoofing": True},
             **extra,
         }
         host.overlay_ip = GW_OVERLAY
@@ -255,6 +258,16 @@ class Lab:
                 return bool(rx.search(self.hosts[name].log_text()))
             time.sleep(0.1)
         return False
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+        """Poll a condition (bounded); readiness, never a speed assertion."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.1)
+        return predicate()
 
     def has_link(self, name: str, ifname: str) -> bool:
         res = self.hosts[name].ns.run(["ip", "link", "show", ifname], check=False)
