@@ -437,6 +437,12 @@ def test_replace_policy_applies_new_timeouts() -> None:
     shorter = PolicyConfig(rules=POLICY.rules, conntrack=ConntrackConfig(tcp_timeout=5.0))
     assert gw.fw.replace_policy(shorter, now=1.0, peers=gw.peers()) == 0
     assert gw.send(ssh_reply(), at=6.0) == "not_tracked"
+    assert gw.send(ssh(), at=10.0) is None
+    assert gw.fw.replace_policy(POLICY, now=12.0, peers=gw.peers()) == 0  # longer again
+    assert gw.send(ssh_reply(), at=50.0) is None
+    assert gw.fw.replace_policy(shorter, now=56.0, peers=gw.peers()) == 0
+    stats = gw.fw.stats
+    assert (stats["entries"], stats["expired"]) == (0, 2)
 
 
 def test_replace_policy_forgets_fragment_state() -> None:

@@ -385,7 +385,8 @@ class Firewall:
         """Switch to ``policy``; drop tracked flows it no longer allows. Returns how many.
 
         ``peers(addr)`` names the peer that owns an address now (None: the TUN side or
-        nobody); a flow whose ends changed owner is dropped too.
+        nobody); a flow whose ends changed owner is dropped too. New timeouts apply to
+        existing flows at once (a flow already idle past one is expired, not counted).
         """
         rules = _RuleSet(policy)
         timeouts = _timeouts(policy.conntrack)
@@ -411,6 +412,9 @@ class Firewall:
                 limit = TCP_FIN_TIMEOUT if entry.fins == 3 else TCP_RST_TIMEOUT
                 timeout = min(timeout, limit)
             entry.timeout = timeout
+            if now - entry.last >= timeout:  # idle past a shortened timeout
+                self._ct.remove(entry)
+                self._ct.expired += 1
         return dropped
 
     def forget_address(self, addr: bytes) -> int:
