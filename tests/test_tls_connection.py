@@ -73,6 +73,7 @@ async def start_gateway(
     on_connection: Callable[[TlsConnection], Awaitable[None] | None] | None = None,
     *,
     handshake_timeout: float = 10.0,
+    **limits: int,
 ) -> Gateway:
     gw: Gateway
 
@@ -91,6 +92,7 @@ async def start_gateway(
         accepted,
         handshake_timeout=handshake_timeout,
         on_refused=refused,
+        **limits,  # type: ignore[arg-type]
     )
     port = server.sockets[0].getsockname()[1]
     gw = Gateway(server, port)
@@ -503,6 +505,52 @@ def test_refused_handshakes_leave_no_state(world: World) -> None:
             gc.collect()
             assert [o for o in gc.get_objects() if isinstance(o, TlsConnection)] == []
         finally:
+            await stop(gw)
+
+    run(main())
+
+
+def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) -> None:
+    async def main() -> None:
+        gw = await start_gateway(
+            world,
+            lambda conn: conn.set_receiver(conn.write, lambda _reason: None),
+            max_pending=3,
+            max_pending_per_source=2,
+        )
+        silent = []
+        try:
+            # Two silent connections from 127.0.0.1 take its whole per-source allowance.
+            for _ in range(2):
+                silent.append(await asyncio.open_connection(HOST, gw.port))
+            reader, writer = await asyncio.open_connection(HOST, gw.port)
+            assert await read_until_closed(reader) == b""  # the third is dropped at once
+            writer.close()
+            refusal = await gw.next_refusal()
+            assert refusal.reason == "too_many_pending"
+            # A different source (127.0.0.2) still gets in: the limit is per address.
+            other, w2 = await asyncio.open_connection(HOST, gw.port, local_addr=("127.0.0.2", 0))
+            silent.append((other, w2))
+            # ...until the total (3) is reached, whatever the source.
+            r4, w4 = await asyncio.open_connection(HOST, gw.port, local_addr=("127.0.0.3", 0))
+            assert await read_until_closed(r4) == b""
+            w4.close()
+            assert (await gw.next_refusal()).reason == "too_many_pending"
+            # Hanging up frees the slots: a real client completes its handshake.
+            for _, w in silent:
+                w.close()
+            for _ in range(3):
+                await gw.next_refusal()  # the three hang-ups, reported as connection_lost
+            conn = await dial(world, gw)
+            sink = Sink(want=2)
+            conn.set_receiver(sink.on_data, sink.on_close)
+            conn.write(b"ok")
+            await sink.enough.wait()
+            conn.close()
+            await sink.closed
+        finally:
+            for _, w in silent:
+                w.close()
             await stop(gw)
 
     run(main())

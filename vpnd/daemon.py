@@ -231,6 +231,8 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
                 gateway.on_connection,
                 handshake_timeout=cfg.handshake_timeout,
                 on_refused=gateway.on_refused,
+                max_pending=cfg.limits.max_pending_handshakes,
+                max_pending_per_source=cfg.limits.max_pending_per_source,
             )
         except OSError as err:
             raise StartupError(f"listen {cfg.listen}: {err.strerror}") from None

@@ -70,8 +70,10 @@ class TlsConnection(asyncio.Protocol):
         on_handshake: HandshakeCallback,
         *,
         handshake_timeout: float | None = None,
+        admit: Callable[[TlsConnection], bool] | None = None,
     ) -> None:
         self.engine = engine
+        self._admit = admit
         self.peername = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -172,6 +174,18 @@ class TlsConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peername = (str(peer[0]), int(peer[1]))
+        if self._admit is not None and not self._admit(self):
+            # Over a pending-handshake limit: drop before spending any crypto on it.
+            self._closing = True
+            transport.abort()
+            self._handshake_done(
+                TlsHandshakeError(
+                    "too_many_pending",
+                    "too many unauthenticated connections (in total or from this address)",
+                    sent_alert=False,
+                )
+            )
+            return
         if self._handshake_timeout is not None:
             self._timer = self._loop.call_later(self._handshake_timeout, self._timed_out)
         if not self.engine.server_side:
@@ -396,6 +410,8 @@ async def serve(
     *,
     handshake_timeout: float = 10.0,
     on_refused: OnRefused | None = None,
+    max_pending: int | None = None,
+    max_pending_per_source: int | None = None,
 ) -> asyncio.Server:
     """Listen for TLS clients; call ``on_connection`` for each completed handshake.
 
@@ -407,6 +423,30 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
+    # Unauthenticated connections are bounded in total and per source address, so a
+    # handshake flood cannot exhaust memory, descriptors or CPU for the peers we trust.
+    pending: dict[str, int] = {}
+    counted: dict[int, str] = {}
+
+    def admit(conn: TlsConnection) -> bool:
+        source = conn.peername[0] if conn.peername else "?"
+        total = sum(pending.values())
+        if max_pending is not None and total >= max_pending:
+            return False
+        if max_pending_per_source is not None and pending.get(source, 0) >= max_pending_per_source:
+            return False
+        pending[source] = pending.get(source, 0) + 1
+        counted[id(conn)] = source
+        return True
+
+    def release(conn: TlsConnection) -> None:
+        source = counted.pop(id(conn), None)
+        if source is not None:
+            left = pending[source] - 1
+            if left:
+                pending[source] = left
+            else:
+                del pending[source]
 
     def refused(peer: Peername | None, err: TlsHandshakeError) -> None:
         log.debug("TLS handshake from %s refused: %s", peer, err)
@@ -417,6 +457,7 @@ async def serve(
                 log.exception("on_refused callback failed")
 
     def on_handshake(conn: TlsConnection, err: Exception | None) -> None:
+        release(conn)
         if err is not None:
             refused(conn.peername, _as_refusal(err))
             return
@@ -434,7 +475,12 @@ async def serve(
     def factory() -> TlsConnection:
         # A callable context lets the gateway swap in a new CRL for new handshakes.
         engine = TlsEngine(ctx() if callable(ctx) else ctx, server_side=True)
-        return TlsConnection(engine, on_handshake, handshake_timeout=handshake_timeout)
+        return TlsConnection(
+            engine,
+            on_handshake,
+            handshake_timeout=handshake_timeout,
+            admit=admit if max_pending is not None or max_pending_per_source is not None else None,
+        )
 
     return await loop.create_server(factory, host, port)
 
