@@ -484,18 +484,18 @@ async def enroll(
         await _install(remote, stage.path, request.remote_dir, names)
     except BaseException as exc:
         await _undo(remote, stage)
-        if isinstance(exc, Exception) and stage.issued_serial is not None:
-            note = (
-                f"; certificate serial {stage.issued_serial:x} stays in the inventory "
+        if not isinstance(exc, ProvisionError | PkiError):
+            raise
+        notes = [str(exc)]
+        if stage.issued_serial is not None:
+            notes.append(
+                f"certificate serial {stage.issued_serial:x} stays in the inventory "
                 "marked undelivered"
             )
-            if stage.cleanup_problems:
-                note += "; " + "; ".join(stage.cleanup_problems)
-            if isinstance(exc, ProvisionError | PkiError):
-                raise ProvisionError(str(exc) + note) from None
-        if stage.cleanup_problems and isinstance(exc, ProvisionError):
-            raise ProvisionError(f"{exc}; {'; '.join(stage.cleanup_problems)}") from None
-        raise
+        notes += stage.cleanup_problems
+        if len(notes) == 1:
+            raise
+        raise ProvisionError("; ".join(notes)) from None
     warnings: list[str] = []
     try:
         await remote.rmtree(stage.path)
@@ -543,8 +543,6 @@ async def _undo(remote: Remote, stage: _Stage) -> None:
                 await remote.rmtree(path)
         except (ProvisionError, asyncssh.Error, OSError):
             stage.cleanup_problems.append(f"could not remove {path} on {remote.host}")
-        if path == stage.created_dir:
-            break
 
 
 # --- inspecting a host (deploy) ---------------------------------------------------------

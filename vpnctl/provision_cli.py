@@ -201,10 +201,9 @@ def register(command: CommandFactory, signing_pki: PkiFactory, reading_pki: PkiF
 class _Identities:
     """Loads each identity file once, prompting for a passphrase only on a terminal."""
 
-    def __init__(self, passphrase_file: str | None, err: TextIO) -> None:
+    def __init__(self, passphrase_file: str | None) -> None:
         self._passphrase = _read_passphrase(passphrase_file) if passphrase_file else None
         self._loaded: dict[Path, asyncssh.SSHKey] = {}
-        self._err = err
 
     def get(self, path: Path) -> asyncssh.SSHKey:
         path = path.expanduser()
@@ -276,7 +275,7 @@ def _enroller(signing_pki: PkiFactory) -> Handler:
         )
         try:
             options = _options(
-                _Identities(args.identity_passphrase_file, err),
+                _Identities(args.identity_passphrase_file),
                 identity=args.identity,
                 known_hosts=args.known_hosts,
                 jump=args.jump,
@@ -346,7 +345,7 @@ def _deployer(signing_pki: PkiFactory, reading_pki: PkiFactory) -> Handler:
             args, args.identity is not None or any(h.identity is not None for h in hosts)
         )
         try:
-            identities = _Identities(args.identity_passphrase_file, err)
+            identities = _Identities(args.identity_passphrase_file)
             # Keys are loaded (and passphrases asked for) before anything connects.
             options = {
                 h.name: _options(
