@@ -34,6 +34,19 @@ def start_iperf_server(ns: Netns, log: Any) -> subprocess.Popen[bytes]:
     return proc
 
 
+def wait_iperf_idle(ns: Netns, timeout: float = 20.0) -> None:
+    """Wait until the iperf3 server has no connection left from the previous test: it
+    serves one test at a time and resets a client that arrives while it is busy (slow
+    tunnels such as OpenVPN over TCP drain their buffers for a while)."""
+
+    def idle() -> bool:
+        res = ns.run(["ss", "-Htn", "state", "established", f"( sport = :{IPERF_PORT} )"],
+                     check=False)  # fmt: skip
+        return not res.stdout.strip()
+
+    poll(idle, timeout=timeout, interval=0.1, what="the iperf3 server to finish the last test")
+
+
 def _iperf(ns: Netns, args: list[str], duration: float, what: str) -> dict[str, Any]:
     cmd = ["iperf3", "-J", "--connect-timeout", "3000", "-t", f"{duration:g}", *args]
     try:
