@@ -32,6 +32,7 @@ GW_WAN = "172.31.0.1"
 GW_OVERLAY = "10.8.0.1"
 PORT = 4443
 SERVER_NAME = "gw.vpn.test"
+ALLOW_ALL = {"rules": [{"from": "any", "to": "any", "proto": "any"}]}
 
 TCP_SINK = """
 import socket, zlib
@@ -195,6 +196,7 @@ class Lab:
             "log": {"level": "info"},
             # Defence in depth is off by default in the product, on in the tests.
             "nftables": {"anti_spoofing": True},
+            "policy": ALLOW_ALL,
             **extra,
         }
         host.overlay_ip = GW_OVERLAY

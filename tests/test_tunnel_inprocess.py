@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import Leaf, TestCA, make_ca
 
 from vpnd.client import Client, ClientSettings
+from vpnd.config import AnyMatch, NetworkMatch, PolicyConfig, Proto, RuleConfig
 from vpnd.gateway import Gateway, GatewaySettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
@@ -33,9 +34,14 @@ OVERLAY = ipaddress.ip_network("10.8.0.0/24")
 LAN = ipaddress.ip_network("192.168.50.0/24")
 
 
-def ipv4_packet(src: str, dst: str, payload: bytes = b"ping") -> bytes:
+ALLOW_ALL = PolicyConfig(rules=(RuleConfig(from_=AnyMatch(), to=AnyMatch(), proto=Proto.ANY),))
+
+
+def ipv4_packet(
+    src: str, dst: str, payload: bytes = b"ping", sport: int = 40000, dport: int = 7
+) -> bytes:
     """A minimal, well-formed IPv4/UDP packet (checksums are not checked by the fakes)."""
-    udp = struct.pack("!HHHH", 40000, 7, 8 + len(payload), 0) + payload
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     total = 20 + len(udp)
     header = struct.pack(
         "!BBHHHBBH4s4s",
@@ -90,7 +96,9 @@ class World:
         )
         self.crl_path.write_bytes(crl_pem(crl))
 
-    async def start_gateway(self, duplicate: str = "replace") -> None:
+    async def start_gateway(
+        self, duplicate: str = "replace", policy: PolicyConfig = ALLOW_ALL
+    ) -> None:
         settings = GatewaySettings(
             duplicate=duplicate,
             tun_name="vpn0",
@@ -106,6 +114,7 @@ class World:
             tun=self.gw_tun,
             net=self.gw_net,
             trust=load_trust_store(self.ca_path, self.crl_path),
+            policy=policy,
         )
         await self.gateway.start()
         ctx = server_context(ca=self.ca_path, cert=self.gw_cert, key=self.gw_key, crl=self.crl_path)
@@ -216,7 +225,7 @@ def test_two_peers_get_addresses_routes_and_reach_each_other(tmp_path: Path) -> 
             await until(lambda: w.gw_tun.written, "gateway TUN receives")
             assert w.gw_tun.written == [lan_pkt]
             # the LAN's reply, routed by the kernel into the gateway TUN, reaches alice
-            reply = ipv4_packet("192.168.50.10", "10.8.0.2", b"pong")
+            reply = ipv4_packet("192.168.50.10", "10.8.0.2", b"pong", sport=7, dport=40000)
             w.gw_tun.inject(reply)
             await until(lambda: reply in alice.tun[0].written, "alice receives the reply")
             # a packet with a forged source, sent inside alice's session, is dropped
@@ -354,7 +363,9 @@ def test_second_connection_with_the_same_certificate_replaces_the_first(tmp_path
             assert len(owners) == 1 and owners[0] is not first_peer
             assert _owners(w) == {"alice": ["10.8.0.2/32"]}
             # traffic to alice now reaches the second connection
-            pkt = ipv4_packet("192.168.50.10", "10.8.0.2")
+            second.tun[-1].inject(ipv4_packet("10.8.0.2", "192.168.50.10"))
+            await until(lambda: w.gw_tun.written, "the new session's packet is routed")
+            pkt = ipv4_packet("192.168.50.10", "10.8.0.2", sport=7, dport=40000)
             w.gw_tun.inject(pkt)
             await until(lambda: pkt in second.tun[-1].written, "second session receives")
             first.client.stop()  # do not let it fight back in a loop
@@ -459,6 +470,12 @@ def test_kick_and_fail_closed_when_revocation_data_breaks(tmp_path: Path) -> Non
     run(scenario())
 
 
+def tcp_open(src: str, dst: str) -> bytes:
+    from scapy.layers.inet import IP, TCP
+
+    return bytes(IP(src=src, dst=dst) / TCP(sport=80, dport=5000, flags="S"))
+
+
 def tso_packet(src: str, dst: str, payload: bytes, mss: int = 1360) -> bytes:
     """A GSO TCPv4 super-packet with a virtio header, as an offload TUN hands it out."""
     from scapy.layers.inet import IP, TCP
@@ -481,6 +498,11 @@ def test_offload_super_packets_cross_whole_or_are_segmented_for_plain_peers(
             await asyncio.wait_for(plain.client.connected.wait(), 5)
             assert fast.tun[0].vnet_hdr and not plain.tun[0].vnet_hdr
             payload = bytes(i % 251 for i in range(20000))
+            # Each peer opens the flow first: the LAN side may only answer.
+            for node, addr, hdr in ((fast, "10.8.0.2", bytes(10)), (plain, "10.8.0.3", b"")):
+                node.tun[0].inject(hdr + tcp_open(addr, "192.168.50.10"))
+            await until(lambda: len(w.gw_tun.written) == 2, "both flows open")
+            w.gw_tun.written.clear()
             # gateway TUN -> offload peer: one 20 KB super-packet, header and all
             big = tso_packet("192.168.50.10", "10.8.0.2", payload)
             w.gw_tun.inject(big)
@@ -507,6 +529,48 @@ def test_offload_super_packets_cross_whole_or_are_segmented_for_plain_peers(
             await until(lambda: sum(peer.drops.values()) == 1, "bad header counted")
             assert peer.drops["vnet_gso_ip_version"] == 1
             assert w.gw_tun.written == [bytes(10) + up]
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_policy_denies_by_default_and_tracks_replies(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        lan_only = PolicyConfig(
+            rules=(
+                RuleConfig(
+                    from_=AnyMatch(), to=NetworkMatch(LAN), proto=Proto.UDP, ports=((7, 7),)
+                ),
+            )
+        )
+        await w.start_gateway(policy=lan_only)
+        try:
+            alice = w.start_client("alice", addr="10.8.0.2")
+            bob = w.start_client("bob", addr="10.8.0.3")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            await asyncio.wait_for(bob.client.connected.wait(), 5)
+            assert w.gateway is not None
+            peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            # allowed: UDP to port 7 on the LAN; its reply comes back
+            ok = ipv4_packet("10.8.0.2", "192.168.50.10")
+            alice.tun[0].inject(ok)
+            await until(lambda: ok in w.gw_tun.written, "allowed flow passes")
+            reply = ipv4_packet("192.168.50.10", "10.8.0.2", sport=7, dport=40000)
+            w.gw_tun.inject(reply)
+            await until(lambda: reply in alice.tun[0].written, "reply tracked")
+            # denied: another port, peer-to-peer, and a LAN-initiated flow
+            alice.tun[0].inject(ipv4_packet("10.8.0.2", "192.168.50.10", dport=8))
+            alice.tun[0].inject(ipv4_packet("10.8.0.2", "10.8.0.3"))
+            await until(lambda: peer.drops["policy"] == 2, "two denials counted")
+            w.gw_tun.inject(ipv4_packet("192.168.50.10", "10.8.0.2", sport=9, dport=9))
+            await until(
+                lambda: w.gateway is not None and w.gateway.drops["tun_not_tracked"] == 1,
+                "LAN-initiated flow denied",
+            )
+            assert bob.tun[0].written == []
+            assert w.gw_tun.written == [ok]
         finally:
             await w.close()
 

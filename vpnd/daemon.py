@@ -216,7 +216,13 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             net=net,
             trust=trust,
             nft=nft if cfg.nftables.anti_spoofing else None,
+            policy=cfg.policy,
         )
+        if not cfg.policy.rules:
+            log.warning(
+                "policy has no rules: verified peers can reach NOTHING (default deny); "
+                "see config/policy.yaml"
+            )
         await _guard(gateway.start())
         undo.push_async_callback(gateway.stop)
         if cfg.forwarding:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from vpnd.config import PolicyConfig
 from vpnd.logsetup import PeerLogger
 from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
@@ -25,6 +26,7 @@ from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.policy.addresses import AddressConflict, AddressTable
+from vpnd.policy.firewall import Firewall, PeerView
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -75,6 +77,8 @@ class Peer:
     remote: str
     log: PeerLogger
     connected_at: float
+    view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
+    """What the firewall sees of this peer: its name and groups."""
     admitted: bool = False
     offload: bool = False
     """DATA to and from this peer carries virtio headers (both ends offload)."""
@@ -97,6 +101,7 @@ class Gateway:
         net: NetConfigurator,
         trust: TrustStore,
         nft: KernelFirewall | None = None,
+        policy: PolicyConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -104,6 +109,9 @@ class Gateway:
         self.net = net
         self.trust = trust
         self.nft = nft
+        self.policy = policy or PolicyConfig()
+        self.firewall = Firewall(self.policy)
+        self._denied_log = _LogBudget(per_minute=20)
         self.trust_error: str | None = None
         """Set while the revocation data cannot be used: every new peer is refused."""
         self._clock = clock
@@ -115,6 +123,7 @@ class Gateway:
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._stopping = False
+        self._expiry: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         self._reader_installed = True
+        self._expiry = loop.create_task(self._expire_flows())
         log.info(
             "gateway up on %s: %s, overlay %s",
             s.tun_name,
@@ -138,6 +148,9 @@ class Gateway:
     async def stop(self, reason: str = "gateway shutting down") -> None:
         """Tell every peer, then remove everything we added to the kernel."""
         self._stopping = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for peer in list(self.peers.values()):
             peer.driver.close(CloseCode.SHUTDOWN, reason)
         if self._reader_installed:
@@ -195,6 +208,7 @@ class Gateway:
 
         driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
         peer = Peer(key, identity, driver, remote, plog, self._clock())
+        peer.view = PeerView(identity.name, identity.groups)
         self.peers[key] = peer
         # A certificate that expires while connected is cut at notAfter: a timer, not polling.
         session.set_deadline(
@@ -384,6 +398,22 @@ class Gateway:
                 peer.driver.close(CloseCode.REVOKED, err.detail)
         return closed
 
+    def apply_policy(self, policy: PolicyConfig) -> int:
+        """Adopt new rules; tracked flows they no longer allow are cut at once."""
+        self.policy = policy
+        lookup = self.table.lookup_raw
+
+        def view(addr: bytes) -> PeerView | None:
+            owner = lookup(addr)
+            return owner.view if owner is not None else None
+
+        return self.firewall.replace_policy(policy, now=self._clock(), peers=view)
+
+    async def _expire_flows(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.firewall.expire(self._clock())
+
     def refuse_new_peers(self, reason: str) -> None:
         """Revocation data became unusable: fail closed for new peers until fixed."""
         if self.trust_error != reason:
@@ -411,6 +441,10 @@ class Gateway:
         peer.admitted = False
         owned = self.table.networks_of(peer)
         self.table.remove(peer)
+        if owned:  # not when a newer session took the addresses over
+            for addr in peer.identity.addresses:
+                self.firewall.forget_address(addr.packed)
+            self.firewall.forget_peer(peer.identity.name)
         routed = [n for n in owned if n in peer.identity.routes]
         for net in routed:
             asyncio.get_running_loop().create_task(self._route_del(net))
@@ -428,6 +462,8 @@ class Gateway:
         # Internally every packet has the TUN's form: header-prefixed on an offload TUN.
         prefix = self.tun.vnet_hdr and not vnet
         drops = peer.drops
+        check = self.firewall.check_packet
+        now = self._clock()
         for pkt in packets:
             if vnet and (bad := validate_vnet_packet(pkt)) is not None:
                 drops[bad] += 1
@@ -440,10 +476,17 @@ class Gateway:
             if lookup(src) is not peer:
                 drops["spoofed_source"] += 1
                 continue
+            other = lookup(dst)
+            denied = check(
+                pkt, offset=off, src=peer.view, dst=other.view if other else None, now=now
+            )
+            if denied is not None:
+                drops[denied] += 1
+                self._log_denied(peer, pkt, off, denied)
+                continue
             peer.packets_in += 1
             peer.bytes_in += len(pkt) - off
             item = PLAIN_VNET + pkt if prefix else pkt
-            other = lookup(dst)
             if other is None:
                 to_tun.append(item)
             elif other is peer:
@@ -478,14 +521,21 @@ class Gateway:
         peer.bytes_out += sum(len(p) for p in packets)
         peer.driver.flush()
 
+    def _log_denied(self, peer: Peer, pkt: bytes | memoryview, off: int, reason: str) -> None:
+        # Rate-limited: a peer scanning the LAN must not flood the log.
+        if self._denied_log.allow(peer.identity.name, self._clock()):
+            peer.log.info("denied %s (%s)", self.firewall.describe(pkt, off), reason)
+
     def _on_tun_readable(self) -> None:
         lookup = self.table.lookup_raw
+        check = self.firewall.check_packet
         off = VNET_HDR_LEN if self.tun.vnet_hdr else 0
         for _ in range(16):  # bounded: let the loop serve sockets between bursts
             packets = self.tun.read_batch(64)
             if not packets:
                 return
             batches: dict[Peer, list[bytes | memoryview]] = {}
+            now = self._clock()
             for pkt in packets:
                 addrs = ip_src_dst(pkt, off)
                 if addrs is None:
@@ -495,9 +545,34 @@ class Gateway:
                 if owner is None:
                     self.drops["no_route"] += 1
                     continue
+                # From the gateway/LAN side only replies to tracked flows get through.
+                denied = check(pkt, offset=off, src=None, dst=owner.view, now=now)
+                if denied is not None:
+                    self.drops[f"tun_{denied}"] += 1
+                    continue
                 batches.setdefault(owner, []).append(pkt)
             for owner, batch in batches.items():
                 self._to_peer(owner, batch)
+
+
+class _LogBudget:
+    """At most ``per_minute`` lines per key per minute; the rest are counted, then summed up."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        start, used = self._windows.get(key, (now, 0))
+        if now - start >= 60:
+            if used > self.per_minute:
+                log.info("%s: %d more similar lines suppressed", key, used - self.per_minute)
+            start, used = now, 0
+        self._windows[key] = (start, used + 1)
+        if len(self._windows) > 10000:  # bounded: forget the oldest windows
+            for old in list(self._windows)[:5000]:
+                del self._windows[old]
+        return used < self.per_minute
 
 
 def _fmt_remote(peername: tuple[str, int] | None) -> str:
