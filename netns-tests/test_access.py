@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nslib import NetnsFactory
-from vpnlab import GW_OVERLAY, Lab
+from vpnlab import GW_OVERLAY, LAN, LAN_HOST, Lab
 
 from vpnd.pki.authority import issue_certificate
 from vpnd.pki.identity import Role
@@ -118,3 +118,39 @@ def test_certificate_expiring_while_connected_is_dropped_at_not_after(lab: Lab) 
     assert lab.wait_link("alice", "tun0", present=False)
     # The reconnect is refused: the certificate is now expired in the handshake too.
     assert lab.wait_log("alice", r"(?i)has expired|expired", timeout=15)
+
+
+POLICY = {
+    "rules": [
+        {"from": {"groups": ["eng"]}, "to": LAN, "proto": "tcp", "ports": ["8080-8090"]},
+        {"from": "any", "to": "10.8.0.1/32", "proto": "icmp"},
+    ]
+}
+
+
+def test_group_policy_allows_exactly_what_it_says(lab: Lab) -> None:
+    lab.issue("alice", "--groups", "eng")
+    lab.issue("bob", "--groups", "sales")
+    lab.start_gateway(policy=POLICY)
+    lab.start_client("alice")
+    lab.start_client("bob")
+    _up(lab, "alice")
+    _up(lab, "bob")
+    # alice (eng): TCP to the LAN on an allowed port works, a denied port does not.
+    assert lab.tcp_connect("alice", "lan", LAN_HOST, 8085)
+    assert not lab.tcp_connect("alice", "lan", LAN_HOST, 9000)
+    assert not lab.ping("alice", LAN_HOST, count=1, timeout=1), "ICMP to the LAN is not allowed"
+    assert lab.ping("alice", GW_OVERLAY, count=1)
+    # bob (sales): nothing on the LAN, not even the allowed port; peers cannot reach
+    # each other (no rule allows it), and the LAN cannot open flows to a peer.
+    assert not lab.tcp_connect("bob", "lan", LAN_HOST, 8085)
+    assert lab.ping("bob", GW_OVERLAY, count=1)
+    assert not lab.ping("bob", "10.8.0.2", count=1, timeout=1)
+    assert not lab.tcp_connect("lan", "alice", "10.8.0.2", 8085)
+    # Denials are logged (rate-limited) with the flow and the reason.
+    assert lab.wait_log(
+        "gw", r"\[alice .*denied tcp 10\.8\.0\.2:\d+ -> 192\.168\.50\.10:9000 \(policy\)"
+    )
+    assert lab.wait_log(
+        "gw", r"\[bob .*denied tcp 10\.8\.0\.3:\d+ -> 192\.168\.50\.10:8085 \(policy\)"
+    )

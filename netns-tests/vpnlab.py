@@ -327,6 +327,34 @@ class Lab:
                 srv.kill()
             srv.wait(5)
 
+    def tcp_connect(self, src: str, dst: str, dst_ip: str, port: int, timeout: float = 2) -> bool:
+        """Can ``src`` open a TCP connection to a listener on ``dst_ip:port`` in ``dst``?"""
+        listener = (
+            "import socket, time\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('0.0.0.0', {port})); s.listen(8); print('ready', flush=True)\n"
+            "time.sleep(30)\n"
+        )
+        log = self.workdir / f"listen-{port}-{self._tcp_runs}.log"
+        self._tcp_runs += 1
+        srv = self.ns_of(dst).popen([PYTHON, "-c", listener], log)
+        try:
+            if not self.wait_for(lambda: "ready" in log.read_text(), timeout=10):
+                raise AssertionError(f"listener on {dst}:{port} did not start")
+            probe = (
+                "import socket, sys\n"
+                "try:\n"
+                f"    socket.create_connection(('{dst_ip}', {port}), timeout={timeout}).close()\n"
+                "    print('connected')\n"
+                "except OSError as e:\n"
+                "    print('failed', e)\n"
+            )
+            res = self.ns_of(src).run([PYTHON, "-c", probe], check=False, timeout=timeout + 10)
+            return res.stdout.startswith("connected")
+        finally:
+            srv.kill()
+            srv.wait(5)
+
     def cleanup(self) -> list[str]:
         problems: list[str] = []
         for name, host in self.hosts.items():
