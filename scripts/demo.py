@@ -9,6 +9,7 @@ certificate from another CA and a revoked one get nothing; then removes everythi
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "netns-tests"))
 
 from nslib import NetnsFactory, list_namespaces  # noqa: E402
-from vpnlab import GW_OVERLAY, LAN_HOST, Lab  # noqa: E402
+from vpnlab import GW_OVERLAY, LAN, LAN_HOST, Lab  # noqa: E402
+
+# Default deny; eng may reach the LAN, everyone may ping the gateway, eng may ping ops.
+POLICY = {
+    "rules": [
+        {"from": {"groups": ["eng"]}, "to": LAN, "proto": "any"},
+        {"from": "any", "to": f"{GW_OVERLAY}/32", "proto": "icmp"},
+        {"from": {"groups": ["eng"]}, "to": {"group": "ops"}, "proto": "icmp"},
+    ]
+}
+
+
+def ping_cut_after(log: Path, t0: float) -> float | None:
+    """Seconds from t0 to the last reply in a `ping -D` log (None: no reply after t0)."""
+    times = [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", log.read_text(), re.M)]
+    after = [t for t in times if t >= t0]
+    return (max(after) - t0) if after else (0.0 if times else None)
+
 
 GREEN, RED, BOLD, DIM, RESET = "\033[32m", "\033[31m", "\033[1m", "\033[2m", "\033[0m"
 if not sys.stdout.isatty():
@@ -86,9 +104,11 @@ def main() -> int:
         (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes())
         print("  mallory holds a certificate from a different CA ('evil-ca') for the same overlay")
 
-        demo.section("3. Gateway and verified peers")
+        demo.section("3. Gateway (default-deny policy) and verified peers")
+        for rule in POLICY["rules"]:
+            print(f"  policy: {rule}")
         before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
-        lab.start_gateway()
+        lab.start_gateway(policy=POLICY)
         demo.check(
             "gateway listening on 172.31.0.1:4443", lambda: lab.wait_log("gw", "listening on")
         )
@@ -117,7 +137,21 @@ def main() -> int:
             lambda: lab.ping("alice", LAN_HOST),
         )
 
-        demo.section("5. Unverified and revoked peers get nothing")
+        demo.section("5. Verified, but the policy says no")
+        demo.check(
+            "bob (group ops) cannot reach the internal host: the policy denies it",
+            lambda: not lab.ping("bob", LAN_HOST, count=1, timeout=1),
+        )
+        demo.check(
+            "the gateway logged the denial with the flow and the reason",
+            lambda: lab.wait_log("gw", r"\[bob .*denied icmp"),
+        )
+        demo.show(last_line(lab.hosts["gw"].log_text(), "denied icmp"))
+        demo.check(
+            "bob still reaches what he may: the gateway", lambda: lab.ping("bob", GW_OVERLAY)
+        )
+
+        demo.section("6. Unverified and revoked peers get nothing")
         lab.start_client("mallory", certs=mallory_certs)
         demo.check(
             "mallory (other CA) is refused with a TLS alert",
@@ -135,7 +169,34 @@ def main() -> int:
         demo.check("carol has no tunnel interface", lambda: not lab.has_link("carol", "tun0"))
         demo.show(last_line(lab.hosts["gw"].log_text(), "certificate_revoked"))
 
-        demo.section("6. Tear-down")
+        demo.section("7. Live revocation: bob is revoked while connected and pinging")
+        pinger = lab.hosts["bob"].ns.popen(
+            ["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "80", GW_OVERLAY],
+            lab.workdir / "ping-bob.log",
+        )
+        time.sleep(1.5)
+        started = time.time()
+        demo.show(lab.vpnctl("revoke", "bob", "--reason", "keyCompromise"))
+        published = (lab.pki / "crl.pem").stat().st_mtime  # when the new CRL hit the disk
+        pinger.wait(30)
+        cut = ping_cut_after(lab.workdir / "ping-bob.log", published)
+        print(f"        vpnctl revoke itself took {published - started:.2f}s to write crl.pem")
+        demo.check(
+            f"bob's last ping reply came {cut if cut is not None else float('nan'):.2f}s after "
+            "the new CRL was written (promise: < 1 s)",
+            lambda: cut is not None and cut < 1.0,
+        )
+        demo.check(
+            "the gateway closed bob's session as revoked",
+            lambda: lab.wait_log("gw", r"closing bob: certificate revoked"),
+        )
+        demo.check(
+            "bob was told in plain words", lambda: lab.wait_log("bob", r"revoked your certificate")
+        )
+        demo.show(last_line(lab.hosts["bob"].log_text(), "revoked your certificate"))
+        demo.check("alice was not interrupted", lambda: lab.ping("alice", GW_OVERLAY))
+
+        demo.section("8. Tear-down")
         for name in ("mallory", "carol", "alice", "bob", "gw"):
             lab.stop(name)
         demo.check(
