@@ -32,6 +32,7 @@ REAL_NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
 OVERLAY = ipaddress.ip_network("10.8.0.0/24")
 LAN = ipaddress.ip_network("192.168.50.0/24")
+OVERLAY6 = ipaddress.ip_network("fd00:8::/64")
 
 
 ALLOW_ALL = PolicyConfig(rules=(RuleConfig(from_=AnyMatch(), to=AnyMatch(), proto=Proto.ANY),))
@@ -60,10 +61,14 @@ class Node:
 
 
 class World:
-    def __init__(self, tmp: Path, *, offload: bool = False) -> None:
+    def __init__(self, tmp: Path, *, offload: bool = False, v6: bool = False) -> None:
+        self.v6 = v6
         self.tmp = tmp
         self.ca = make_ca(
-            "corp-ca", networks=[OVERLAY], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 900 * DAY
+            "corp-ca",
+            networks=[OVERLAY, OVERLAY6] if v6 else [OVERLAY],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 900 * DAY,
         )
         self.ca_path = tmp / "ca.pem"
         self.crl_path = tmp / "crl.pem"
@@ -72,7 +77,7 @@ class World:
         gw = self.ca.issue(
             "gw",
             role=Role.GATEWAY,
-            addresses=["10.8.0.1"],
+            addresses=["10.8.0.1", "fd00:8::1"] if v6 else ["10.8.0.1"],
             dns_names=["gw.test"],
             not_before=REAL_NOW - DAY,
             not_after=REAL_NOW + 90 * DAY,
@@ -103,8 +108,11 @@ class World:
             duplicate=duplicate,
             tun_name="vpn0",
             mtu=1400,
-            overlay_networks=(OVERLAY,),
-            gateway_addresses=(ipaddress.ip_interface("10.8.0.1/24"),),
+            overlay_networks=(OVERLAY, OVERLAY6) if self.v6 else (OVERLAY,),
+            gateway_addresses=tuple(
+                ipaddress.ip_interface(a)
+                for a in (["10.8.0.1/24", "fd00:8::1/64"] if self.v6 else ["10.8.0.1/24"])
+            ),
             push_routes=(LAN,),
             keepalive_interval=5,
             keepalive_timeout=15,
@@ -133,7 +141,7 @@ class World:
         name: str,
         *,
         ca: TestCA | None = None,
-        addr: str = "10.8.0.2",
+        addr: str | list[str] = "10.8.0.2",
         leaf: Leaf | None = None,
         label: str | None = None,
         offload: bool = False,
@@ -141,7 +149,10 @@ class World:
         issuer = ca or self.ca
         if leaf is None:
             leaf = issuer.issue(
-                name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
+                name,
+                addresses=[addr] if isinstance(addr, str) else addr,
+                not_before=REAL_NOW - DAY,
+                not_after=REAL_NOW + 30 * DAY,
             )
         cert, key = leaf.write(self.tmp, label or name)
         ctx = client_context(ca=self.ca_path, cert=cert, key=key)
@@ -571,6 +582,46 @@ def test_policy_denies_by_default_and_tracks_replies(tmp_path: Path) -> None:
             )
             assert bob.tun[0].written == []
             assert w.gw_tun.written == [ok]
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def ipv6_packet(src: str, dst: str, payload: bytes = b"ping6") -> bytes:
+    udp = struct.pack("!HHHH", 40000, 7, 8 + len(payload), 0) + payload
+    return (
+        struct.pack("!IHBB", 6 << 28, len(udp), 17, 64)
+        + ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address(dst).packed
+        + udp
+    )
+
+
+def test_ipv6_overlay_addresses_routing_and_anti_spoofing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path, v6=True)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice", addr=["10.8.0.2", "fd00:8::2"])
+            bob = w.start_client("bob", addr=["10.8.0.3", "fd00:8::3"])
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            await asyncio.wait_for(bob.client.connected.wait(), 5)
+            cfg = alice.client.config
+            assert cfg is not None
+            assert cfg.extra_addresses == (ipaddress.ip_interface("fd00:8::2/64"),)
+            link = alice.net.links["tun0"]
+            assert ipaddress.ip_interface("fd00:8::2/64") in link.addresses
+            pkt = ipv6_packet("fd00:8::2", "fd00:8::3")
+            alice.tun[0].inject(pkt)
+            await until(lambda: pkt in bob.tun[0].written, "v6 peer to peer")
+            assert w.gateway is not None and alice.client._driver is not None
+            spoofed = ipv6_packet("fd00:8::3", "fd00:8::1")
+            alice.client._driver.session.send_packets([spoofed], 0.0)
+            alice.client._driver.flush()
+            peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            await until(lambda: peer.drops["spoofed_source"] == 1, "v6 spoof counted")
+            assert spoofed not in w.gw_tun.written
         finally:
             await w.close()
 
