@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from cryptography import x509
+
 from vpnd.config import PolicyConfig
 from vpnd.logsetup import PeerLogger
 from vpnd.net.gso import GsoError, to_plain
@@ -25,6 +27,7 @@ from vpnd.net.tun import TunDevice
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_vnet_packet
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
+from vpnd.pki.profile import describe_certificate
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.policy.firewall import Firewall, PeerView
 from vpnd.proto import (
@@ -112,6 +115,7 @@ class Gateway:
         self.policy = policy or PolicyConfig()
         self.firewall = Firewall(self.policy)
         self._denied_log = _LogBudget(per_minute=20)
+        self._refusal_log = _LogBudget(per_minute=10)
         self.trust_error: str | None = None
         """Set while the revocation data cannot be used: every new peer is refused."""
         self._clock = clock
@@ -223,6 +227,8 @@ class Gateway:
         """OpenSSL refused the handshake (and sent the alert): count and audit it."""
         remote = _fmt_remote(peername)
         self.handshakes[f"refused_{err.reason}"] += 1
+        if not self._refusal_log.allow(_host(peername), self._clock()):
+            return  # counted above; a flood from one address must not flood the log
         audit.warning(
             "refused %s in the TLS handshake: %s (%s)",
             remote,
@@ -233,12 +239,20 @@ class Gateway:
 
     def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
         self.handshakes[f"refused_{err.reason.value}"] += 1
-        audit.warning(
-            "refused %s: %s",
-            remote,
-            err,
-            extra={"event": "auth_refused", "remote": remote, "reason": err.reason.value},
-        )
+        if self._refusal_log.allow(_host(conn.peername), self._clock()):
+            presented = _presented(conn)
+            audit.warning(
+                "refused %s%s: %s",
+                remote,
+                f" ({presented['peer']}, serial {presented['serial']})" if presented else "",
+                err,
+                extra={
+                    "event": "auth_refused",
+                    "remote": remote,
+                    "reason": err.reason.value,
+                    **presented,
+                },
+            )
         # The handshake already succeeded, so no TLS alert can carry our reason: a
         # CLOSE frame does, and the client prints it.
         session = Session(SessionConfig(role="gateway"), self._clock())
@@ -573,6 +587,26 @@ class _LogBudget:
             for old in list(self._windows)[:5000]:
                 del self._windows[old]
         return used < self.per_minute
+
+
+def _host(peername: tuple[str, int] | None) -> str:
+    return peername[0] if peername else "?"
+
+
+def _presented(conn: TlsConnection) -> dict[str, str]:
+    """Name, serial and fingerprint of the certificate a refused peer presented."""
+    try:
+        chain = conn.engine.peer_chain_der()
+        if not chain:
+            return {}
+        info = describe_certificate(x509.load_der_x509_certificate(chain[0]))
+    except Exception:  # a refused peer's certificate may be anything
+        return {}
+    return {
+        "peer": info.name or "?",
+        "serial": f"{info.serial:x}",
+        "fingerprint": info.fingerprint,
+    }
 
 
 def _fmt_remote(peername: tuple[str, int] | None) -> str:
