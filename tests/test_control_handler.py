@@ -56,6 +56,7 @@ class FakeGateway:
     handshakes: Counter[str] = field(default_factory=Counter)
     drops: Counter[str] = field(default_factory=Counter)
     settings: Settings = field(default_factory=Settings)
+    totals: Counter[str] = field(default_factory=Counter)
     kicks: list[tuple[str, str]] = field(default_factory=list)
 
     def kick(self, name: str, reason: str) -> int:
@@ -243,3 +244,15 @@ def test_metrics_snapshot(gateway: FakeGateway) -> None:
 def _typing_only(gw: Gateway, ctl: GatewayControl) -> tuple[GatewayView, ControlHandler]:
     # mypy checks that the real Gateway fits the bridge and the bridge fits the server.
     return gw, ctl
+
+
+def test_counters_of_departed_peers_keep_the_totals_growing(gateway: FakeGateway) -> None:
+    before = control(gateway).metrics_snapshot()
+    gateway.totals.update(bytes_in=1000, bytes_out=2000, packets_in=10, packets_out=20)
+    after = control(gateway).metrics_snapshot()
+    assert after.bytes_in == before.bytes_in + 1000
+    assert after.bytes_out == before.bytes_out + 2000
+    assert (after.packets_in, after.packets_out) == (
+        before.packets_in + 10,
+        before.packets_out + 20,
+    )

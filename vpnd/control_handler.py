@@ -78,6 +78,8 @@ class GatewayView(Protocol):
     def drops(self) -> Mapping[str, int]: ...
     @property
     def settings(self) -> SettingsView: ...
+    @property
+    def totals(self) -> Mapping[str, int]: ...
     def kick(self, name: str, reason: str) -> int: ...
 
 
@@ -235,13 +237,15 @@ class GatewayControl:
             *(CertExpiry("peer", name, left) for name, left in sorted(soonest.items())),
         ]
         crl = self._crl_info()
+        totals = self.gateway.totals
         return MetricsSnapshot(
             sessions=len(peers),
             handshakes=dict(self.gateway.handshakes),
-            bytes_in=sum(p.bytes_in for p in peers),
-            bytes_out=sum(p.bytes_out for p in peers),
-            packets_in=sum(p.packets_in for p in peers),
-            packets_out=sum(p.packets_out for p in peers),
+            # Departed peers' counters are folded into gateway totals: never decreasing.
+            bytes_in=totals.get("bytes_in", 0) + sum(p.bytes_in for p in peers),
+            bytes_out=totals.get("bytes_out", 0) + sum(p.bytes_out for p in peers),
+            packets_in=totals.get("packets_in", 0) + sum(p.packets_in for p in peers),
+            packets_out=totals.get("packets_out", 0) + sum(p.packets_out for p in peers),
             drops=self._drops(peers),
             cert_expiry=tuple(expiry),
             crl_next_update_seconds=None if crl is None else crl.seconds_left,

@@ -124,6 +124,9 @@ class Gateway:
         self.table: AddressTable[Peer] = AddressTable()
         self.drops: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
+        """bytes/packets in/out of peers that have left (live peers hold their own), so
+        that exported counters only ever grow."""
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._stopping = False
@@ -450,6 +453,14 @@ class Gateway:
 
     def _on_lost(self, peer: Peer, code: int, message: str) -> None:
         self.peers.pop(peer.key, None)
+        if peer.admitted:
+            self.drops.update(peer.drops)
+            self.totals.update(
+                bytes_in=peer.bytes_in,
+                bytes_out=peer.bytes_out,
+                packets_in=peer.packets_in,
+                packets_out=peer.packets_out,
+            )
         if not peer.admitted:
             return
         peer.admitted = False
