@@ -9,28 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
+from vpnd import sdnotify
 from vpnd.client import Client, ClientSettings
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
-from vpnd.gateway import Gateway, GatewaySettings
+from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
+from vpnd.control.server import ControlServer, ControlServerError
+from vpnd.control_handler import GatewayControl, crl_summary
+from vpnd.gateway import Gateway, GatewaySettings, IPInterface
 from vpnd.logsetup import setup_logging
+from vpnd.metrics import MetricsError, MetricsExporter
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator
 from vpnd.net.nftables import NftablesRuleset
 from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.authority import ca_networks
+from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, load_certificate
 from vpnd.transport.connection import TlsConnection, connect, serve
@@ -55,7 +64,7 @@ def run(config_path: str) -> int:
     for warning in cfg.warnings:
         log.warning("%s", warning)
     try:
-        return asyncio.run(_main(cfg))
+        return asyncio.run(_main(cfg, config_path))
     except StartupError as err:
         log.error("cannot start: %s", err)
         return 1
@@ -63,13 +72,13 @@ def run(config_path: str) -> int:
         return 130
 
 
-async def _main(cfg: GatewayConfig | ClientConfig) -> int:
+async def _main(cfg: GatewayConfig | ClientConfig, config_path: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if isinstance(cfg, GatewayConfig):
-        await _run_gateway(cfg, stop)
+        await _run_gateway(cfg, config_path, stop)
     else:
         await _run_client(cfg, stop)
     return 0
@@ -120,8 +129,32 @@ async def _netlink() -> AsyncIterator[PyRoute2Configurator]:
             await net.close()
 
 
-async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+def _gateway_settings(
+    cfg: GatewayConfig, overlays: tuple[IPNetwork, ...], addrs: tuple[IPInterface, ...]
+) -> GatewaySettings:
+    return GatewaySettings(
+        tun_name=cfg.tun.name,
+        mtu=cfg.tun.mtu,
+        overlay_networks=overlays,
+        gateway_addresses=addrs,
+        push_routes=cfg.push_routes,
+        keepalive_interval=cfg.keepalive.interval,
+        keepalive_timeout=cfg.keepalive.timeout,
+        handshake_timeout=cfg.handshake_timeout,
+        max_frame=cfg.limits.max_frame,
+        max_sessions=cfg.limits.max_sessions,
+        peer_queue_bytes=cfg.limits.peer_queue_bytes,
+        duplicate=cfg.duplicate.value,
+    )
+
+
+# Keys a running gateway cannot change: they need a restart (reload reports them).
+_RESTART_KEYS = ("listen", "tun", "nat", "forwarding", "nftables", "control_socket", "metrics")
+
+
+async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event) -> None:
     _own_certificate(cfg, dt.datetime.now(dt.UTC))
+    current = cfg  # replaced by each successful reload
     passphrase = _passphrase(cfg.pki.key_passphrase_file)
     allow_stale = cfg.pki.crl_stale == CrlStale.ALLOW
     if allow_stale:
@@ -133,11 +166,13 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     gateway: Gateway | None = None
 
     def make_context(crl: Path | None) -> ssl.SSLContext:
+        # Reads the current cert and key each time: a renewed gateway certificate is
+        # picked up by reload without dropping a single tunnel.
         try:
             return server_context(
-                ca=cfg.pki.ca,
-                cert=cfg.pki.cert,
-                key=cfg.pki.key,
+                ca=current.pki.ca,
+                cert=current.pki.cert,
+                key=current.pki.key,
                 crl=crl,
                 key_passphrase=passphrase,
             )
@@ -165,7 +200,7 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
         raise StartupError(str(err)) from None
     own = load_certificate(cfg.pki.cert)
     overlays = _overlay_networks(trust)
-    gw_ifaces = []
+    gw_ifaces: list[IPInterface] = []
     for addr in _san_addresses(own):
         prefix = next((n.prefixlen for n in overlays if addr in n), None)
         if prefix is None:
@@ -173,20 +208,74 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
         gw_ifaces.append(ipaddress.ip_interface(f"{addr}/{prefix}"))
     if not gw_ifaces:
         raise StartupError("the gateway certificate carries no overlay IP address")
-    settings = GatewaySettings(
-        tun_name=cfg.tun.name,
-        mtu=cfg.tun.mtu,
-        overlay_networks=overlays,
-        gateway_addresses=tuple(gw_ifaces),
-        push_routes=cfg.push_routes,
-        keepalive_interval=cfg.keepalive.interval,
-        keepalive_timeout=cfg.keepalive.timeout,
-        handshake_timeout=cfg.handshake_timeout,
-        max_frame=cfg.limits.max_frame,
-        max_sessions=cfg.limits.max_sessions,
-        peer_queue_bytes=cfg.limits.peer_queue_bytes,
-        duplicate=cfg.duplicate.value,
-    )
+    settings = _gateway_settings(cfg, overlays, tuple(gw_ifaces))
+
+    async def reload() -> ReloadReport:
+        """Validate everything first; apply only if all of it is good; report changes."""
+        nonlocal current, passphrase, own
+        assert gateway is not None
+        new = load_config(config_path)  # ConfigError: refused, old config kept
+        if not isinstance(new, GatewayConfig):
+            raise ConfigError(config_path, "mode", "changed to client: restart vpnd instead")
+        assert new.pki.crl is not None
+        new_trust = load_trust_store(
+            new.pki.ca, new.pki.crl, allow_stale_crl=new.pki.crl_stale == CrlStale.ALLOW
+        )
+        new_passphrase = _passphrase(new.pki.key_passphrase_file)
+        try:
+            server_context(
+                ca=new.pki.ca,
+                cert=new.pki.cert,
+                key=new.pki.key,
+                crl=new.pki.crl,
+                key_passphrase=new_passphrase,
+            )
+        except TlsConfigError as err:
+            raise PkiError(str(err)) from None
+        new_own = load_certificate(new.pki.cert)
+        if set(_san_addresses(new_own)) != set(_san_addresses(own)):
+            raise PkiError("the new gateway certificate has other overlay addresses: restart")
+        old = current
+        report = ReloadReport()
+        if new.policy != old.policy:
+            cut = gateway.apply_policy(new.policy)
+            report.changed.append(
+                f"policy: {len(old.policy.rules)} rules -> {len(new.policy.rules)} rules, "
+                f"{cut} tracked flow(s) cut"
+            )
+        if new_own.fingerprint(hashes.SHA256()) != own.fingerprint(hashes.SHA256()):
+            report.changed.append(
+                f"gateway certificate: now serial {new_own.serial_number:x}, valid until "
+                f"{new_own.not_valid_after_utc.isoformat()} (live tunnels kept)"
+            )
+        current, passphrase, own = new, new_passphrase, new_own
+        before = watcher.crl_state
+        watcher.ca, watcher.crl = new.pki.ca, new.pki.crl
+        watcher.allow_stale = new.pki.crl_stale == CrlStale.ALLOW
+        report.closed.extend(watcher.reload())
+        after = watcher.crl_state
+        if before != after and after is not None:
+            report.changed.append(
+                f"crl: number {before.number if before else '-'} -> {after.number}, "
+                f"{after.revoked} revoked"
+            )
+        new_settings = _gateway_settings(new, gateway.settings.overlay_networks,
+                                         gateway.settings.gateway_addresses)  # fmt: skip
+        if new_settings != gateway.settings:
+            for fld in dataclasses.fields(GatewaySettings):
+                a, b = getattr(gateway.settings, fld.name), getattr(new_settings, fld.name)
+                if a != b and fld.name != "tun_name":
+                    report.changed.append(f"{fld.name}: {_fmt(a)} -> {_fmt(b)}")
+            gateway.settings = dataclasses.replace(new_settings, tun_name=gateway.settings.tun_name)
+        for key in _RESTART_KEYS:
+            if getattr(new, key) != getattr(old, key):
+                report.errors.append(f"{key}: changed, takes effect after a restart")
+        if new.log != old.log:
+            logging.getLogger().setLevel(new.log.level.value.upper())
+            report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
+        del new_trust  # validated above; the watcher loaded and adopted its own copy
+        return report
+
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
         if await net.link_exists(cfg.tun.name):
             # A persistent device of that name (left by another tool or an old version)
@@ -229,6 +318,39 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
             previous = await _guard(net.set_ip_forwarding(True))
             if not previous:
                 undo.push_async_callback(net.set_ip_forwarding, False)
+
+        def crl_info() -> CrlSummary | None:
+            t = watcher.trust
+            if t is None or not t.crls:
+                return None
+            return crl_summary(max(t.crls, key=crl_number), time.time())
+
+        control = GatewayControl(
+            gateway,
+            started_at=time.time(),
+            listen=str(cfg.listen),
+            reload=reload,
+            own_cert=own,
+            ca_cert=trust.roots[0],
+            crl_info=crl_info,
+            policy_rules=lambda: len(current.policy.rules),
+        )
+        server_ctl = ControlServer(cfg.control_socket, control)
+        try:
+            await server_ctl.start()
+        except ControlServerError as err:
+            raise StartupError(f"control_socket: {err}") from None
+        undo.push_async_callback(server_ctl.close)
+        if cfg.metrics.listen is not None:
+            exporter = MetricsExporter(
+                cfg.metrics.listen.host, cfg.metrics.listen.port, control.metrics_snapshot
+            )
+            try:
+                await exporter.start()
+            except MetricsError as err:
+                raise StartupError(str(err)) from None
+            undo.push_async_callback(exporter.close)
+            log.info("metrics on http://%s/metrics", cfg.metrics.listen)
         try:
             server = await serve(
                 cfg.listen.host,
@@ -246,14 +368,45 @@ async def _run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
         undo.push_async_callback(watcher.stop)
         expiry = asyncio.create_task(_expiry_warnings(cfg))
         undo.callback(expiry.cancel)
+
+        async def on_sighup() -> None:
+            sdnotify.reloading()
+            try:
+                report = await control.reload()
+                log.info("SIGHUP reload: %s", "; ".join(report.changed) or "no change")
+                for line in report.errors:
+                    log.warning("SIGHUP reload: %s", line)
+            except ControlError as err:
+                log.error("SIGHUP reload refused: %s", err.message)
+            finally:
+                sdnotify.ready()
+
+        hup_tasks: set[asyncio.Task[None]] = set()
+
+        def sighup() -> None:
+            task = asyncio.create_task(on_sighup())
+            hup_tasks.add(task)
+            task.add_done_callback(hup_tasks.discard)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, sighup)
+        undo.callback(loop.remove_signal_handler, signal.SIGHUP)
         log.info("listening on %s (TLS 1.3, ALPN vpnd/1)", cfg.listen)
+        sdnotify.ready(f"listening on {cfg.listen}")
         try:
             await stop.wait()
         finally:
+            sdnotify.stopping()
             log.info("stopping: closing sessions and removing kernel state")
             server.close()
             await gateway.stop()
             await asyncio.sleep(0.05)  # let CLOSE frames reach the wire
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 async def _expiry_warnings(cfg: GatewayConfig | ClientConfig) -> None:
