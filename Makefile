@@ -61,5 +61,20 @@ bench: bench-deps
 bench-scale: bench-deps
 	$(PY) -m bench.scale $(BENCH_ARGS)
 
+# Property tests only, with the long `fuzz` hypothesis profile (tests/conftest.py):
+# FUZZ_EXAMPLES examples per test, in FUZZ_JOBS round-robin shards side by side.
+# Findings are saved in .hypothesis/ and replay first on the next run.
+FUZZ_EXAMPLES ?= 20000
+FUZZ_JOBS ?= 2
+fuzz: venv
+	@mkdir -p .hypothesis; pids=(); for i in $$(seq 0 $$(($(FUZZ_JOBS) - 1))); do \
+	  HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SHARD=$$i/$(FUZZ_JOBS) \
+	    scripts/run-pytest tests -q --hypothesis-show-statistics \
+	    > .hypothesis/fuzz-shard-$$i.log 2>&1 & pids+=($$!); done; \
+	rc=0; for p in "$${pids[@]}"; do wait $$p || rc=1; done; \
+	for i in $$(seq 0 $$(($(FUZZ_JOBS) - 1))); do \
+	  grep -E "^(tests/|  - |[0-9]+ (passed|failed))|FAILED|Falsifying" .hypothesis/fuzz-shard-$$i.log; done; \
+	exit $$rc
+
 clean:
 	rm -rf $(VENV) $(APT_STAMP) .mypy_cache .ruff_cache .pytest_cache
