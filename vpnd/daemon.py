@@ -37,6 +37,7 @@ from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator
 from vpnd.net.nftables import NftablesRuleset
 from vpnd.net.tun import LinuxTun, probe_offload
+from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.authority import ca_networks
 from vpnd.pki.crl import crl_number
@@ -285,6 +286,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         tun = _open_tun(cfg.tun.name, cfg.tun.offload and probe_offload())
         log.info("TUN %s offload %s", cfg.tun.name, "on" if tun.vnet_hdr else "off")
         undo.callback(tun.close)
+        writer = ThreadedTunWriter(tun)
+        undo.callback(writer.close)  # runs before tun.close (LIFO)
         nft: NftablesRuleset | None = None
         if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
             nft = NftablesRuleset(cfg.tun.name)
@@ -306,6 +309,7 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
             trust=trust,
             nft=nft if cfg.nftables.anti_spoofing else None,
             policy=cfg.policy,
+            tun_writer=writer,
         )
         if not cfg.policy.rules:
             log.warning(

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography import x509
 
@@ -95,6 +96,10 @@ class Peer:
         return self.key
 
 
+class TunWriter(Protocol):
+    def write_batch(self, packets: Sequence[bytes | memoryview]) -> int: ...
+
+
 class Gateway:
     def __init__(
         self,
@@ -105,10 +110,12 @@ class Gateway:
         trust: TrustStore,
         nft: KernelFirewall | None = None,
         policy: PolicyConfig | None = None,
+        tun_writer: TunWriter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.tun = tun
+        self.tun_writer: TunWriter = tun_writer or tun
         self.net = net
         self.trust = trust
         self.nft = nft
@@ -519,7 +526,7 @@ class Gateway:
             else:
                 to_peers.setdefault(other, []).append(item)
         if to_tun:
-            self.tun.write_batch(to_tun)
+            self.tun_writer.write_batch(to_tun)
         for other, batch in to_peers.items():
             self._to_peer(other, batch)
 
