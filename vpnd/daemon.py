@@ -461,8 +461,12 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
         client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
         task = asyncio.create_task(client.run())
         expiry = asyncio.create_task(_expiry_warnings(cfg))
+        # Ready once running, not once connected: a gateway that is down must not hold
+        # up the boot; the client keeps retrying on its own.
+        sdnotify.ready(f"connecting to {cfg.server}")
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        sdnotify.stopping()
         client.stop()
         stopper.cancel()
         expiry.cancel()
