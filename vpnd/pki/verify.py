@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, Subject, VerificationError
 
-from vpnd.pki.authority import ca_networks
+from vpnd.pki.authority import MAX_ADDRESSES, ca_networks
 from vpnd.pki.crl import crl_number, crl_problem, load_crls
 from vpnd.pki.extensions import all_extensions, get_extension_or_none
 from vpnd.pki.identity import (
@@ -218,6 +218,25 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
         raise VerifyError(Reason.NO_SAN, "the certificate has no subjectAltName")
     if role is Role.PEER and not _addresses(leaf):
         raise VerifyError(Reason.NO_SAN, "the peer certificate has no iPAddress in its SAN")
+    # Issuance never exceeds these; a leaf that does was not made by vpnctl, and each
+    # address would become a route and a table entry on the gateway.
+    count = len(_addresses(leaf))
+    if count > MAX_ADDRESSES:
+        raise VerifyError(
+            Reason.BAD_EXTENSION, f"the SAN holds {count} addresses (at most {MAX_ADDRESSES})"
+        )
+    san = _san(leaf)
+    dns_names = san.get_values_for_type(x509.DNSName) if san is not None else []
+    if len(dns_names) > MAX_ADDRESSES:
+        raise VerifyError(
+            Reason.BAD_EXTENSION,
+            f"the SAN holds {len(dns_names)} DNS names (at most {MAX_ADDRESSES})",
+        )
+    for dns in dns_names:
+        try:
+            canonical_dns_name(dns)
+        except PkiError as exc:
+            raise VerifyError(Reason.BAD_NAME, f"SAN {exc}") from None
     cns = _common_names(leaf)
     if len(cns) != 1:
         raise VerifyError(
