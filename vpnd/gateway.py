@@ -131,6 +131,7 @@ class Gateway:
         self.table: AddressTable[Peer] = AddressTable()
         self.drops: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
+        self._by_cert: dict[tuple[str, int], Peer] = {}
         self.totals: Counter[str] = Counter()
         """bytes/packets in/out of peers that have left (live peers hold their own), so
         that exported counters only ever grow."""
@@ -280,11 +281,9 @@ class Gateway:
         if outside:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
             return
-        same = [
-            p
-            for p in self.table.owners()
-            if p.identity.serial == ident.serial and p.identity.issuer == ident.issuer
-        ]
+        # O(1): admission cost must not grow with the number of connected peers.
+        holder = self._by_cert.get((ident.issuer, ident.serial))
+        same = [holder] if holder is not None and holder.admitted else []
         if same and self.settings.duplicate == "reject":
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
             return
@@ -308,6 +307,7 @@ class Gateway:
             peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
             return
         peer.admitted = True
+        self._by_cert[(ident.issuer, ident.serial)] = peer
         hello = peer.driver.session.peer_hello
         peer.offload = bool(self.tun.vnet_hdr and hello is not None and hello.offload)
         self.handshakes["accepted"] += 1
@@ -460,6 +460,9 @@ class Gateway:
 
     def _on_lost(self, peer: Peer, code: int, message: str) -> None:
         self.peers.pop(peer.key, None)
+        cert_key = (peer.identity.issuer, peer.identity.serial)
+        if self._by_cert.get(cert_key) is peer:
+            del self._by_cert[cert_key]
         if peer.admitted:
             self.drops.update(peer.drops)
             self.totals.update(

@@ -64,14 +64,26 @@ class AddressTable(Generic[K]):
         return list(self._owned.get(owner, ()))
 
     def conflicts(self, networks: Iterable[IPNetwork], *, ignore: K | None = None) -> None:
-        """Raise ``AddressConflict`` if any network overlaps one owned by another key."""
+        """Raise ``AddressConflict`` if any network overlaps one owned by another key.
+
+        Cost does not grow with the number of owners for host addresses: an existing
+        entry that contains ``net`` is found by one longest-prefix lookup; only a wider
+        ``net`` (a routed subnet) scans the longer prefixes for entries inside it.
+        """
         for net in networks:
-            for other, nets in self._owned.items():
-                if other == ignore:
+            raw = net.network_address.packed
+            owner = self.lookup_raw(raw)
+            if owner is not None and owner != ignore:
+                raise AddressConflict(net, owner)
+            bits = len(raw) * 8
+            if net.prefixlen == bits:
+                continue
+            for prefix in self._prefixes[len(raw)]:
+                if prefix <= net.prefixlen:
                     continue
-                for owned in nets:
-                    if owned.version == net.version and owned.overlaps(net):
-                        raise AddressConflict(net, other)
+                for entry in self._by_len[len(raw)].get(prefix, {}).values():
+                    if entry.owner != ignore and entry.network.subnet_of(net):  # type: ignore[arg-type]
+                        raise AddressConflict(net, entry.owner)
 
     def add(self, owner: K, networks: Iterable[IPNetwork]) -> None:
         """Give ``owner`` the networks, atomically: all of them or, on conflict, none."""
