@@ -39,10 +39,15 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        # Control characters from peer-supplied strings must not forge log lines.
-        return (
-            line.replace("\r", "\\r").replace("\n", "\\n") if "\n" in line or "\r" in line else line
-        )
+        # Peer-supplied text (a refused certificate's CN, say) must not forge log lines:
+        # not with \n or \r, nor with VT, NEL, U+2028 or terminal escape sequences.
+        if line.isprintable():
+            return line
+        return "".join(ch if ch.isprintable() else _escape(ch) for ch in line)
+
+
+def _escape(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
