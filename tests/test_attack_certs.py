@@ -9,6 +9,8 @@ which keeps serving the good peer afterwards.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import ssl
 import threading
 from pathlib import Path
@@ -27,6 +29,7 @@ from attack_fixtures import (
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki_fixtures import DAY, NOW, Leaf, _read_tlv, _tlv, make_ca
 from test_tls_support import GATEWAY_NAME, build_world
 from test_tunnel_inprocess import REAL_NOW, Node, World, run
@@ -290,3 +293,51 @@ def test_certificate_verify_with_someone_elses_key_is_refused(tmp_path: Path) ->
     assert len(forged) == 1, forged
     reason, detail = forged[0]
     assert reason in {"handshake_failure", "decrypt_error"} and "bad signature" in detail
+
+
+# ---- a self-signed peer certificate --------------------------------------------------
+
+
+def _self_signed(name: str, address: str, not_before: dt.datetime, not_after: dt.datetime) -> Leaf:
+    """A leaf that is its own issuer: clientAuth, a SAN, CA:FALSE, signed by its own key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return Leaf(cert, key, [cert])
+
+
+def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
+    ca = make_ca()
+    leaf = _self_signed("alice", "10.77.0.2", NOW - DAY, NOW + 30 * DAY)
+    with pytest.raises(VerifyError) as info:
+        verify_peer([der(leaf.cert)], now=NOW, role=Role.PEER, trust=ca.trust())
+    assert info.value.reason is Reason.UNKNOWN_CA
+
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)
+            cert, key = mine.write(tmp_path, "selfie")
+            assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
+        finally:
+            await w.close()
+
+    run(scenario())
