@@ -200,3 +200,27 @@ def test_control_socket_refuses_a_non_root_user(lab: Lab) -> None:
     assert code == 1 and "forbidden" in err, err
     os.chmod(sock, 0o600)
     assert json.loads(ctl(lab, "status", "--json").stdout)["role"] == "gateway"
+
+
+def test_renewed_client_certificate_rotates_without_dropping_the_tunnel(lab: Lab) -> None:
+    lab.issue("alice")
+    lab.start_gateway()
+    lab.start_client("alice")
+    _up(lab, "alice")
+    old_serial = peers(lab)["alice"]["serial"]
+    pinger = lab.hosts["alice"].ns.popen(
+        ["ping", "-n", "-i", "0.05", "-W", "1", "-c", "120", GW_OVERLAY],
+        lab.workdir / "ping-rotate.log",
+    )
+    time.sleep(1)
+    lab.issue("alice")  # the admin renews: new key and certificate in the client's files
+    assert lab.wait_log("alice", r"switched to the renewed certificate; the tunnel stayed up", 20)
+    pinger.wait(30)
+    summary = (lab.workdir / "ping-rotate.log").read_text()
+    print(summary.splitlines()[-2])
+    received = int(summary.split(" received")[0].rsplit(",", 1)[-1])
+    assert received >= 118, summary  # at most a packet or two in flight at the switch
+    assert "tunnel down" not in lab.hosts["alice"].log_text()
+    new = peers(lab)["alice"]
+    assert new["serial"] != old_serial
+    assert lab.wait_log("gw", r"alice replaced by a renewed certificate")

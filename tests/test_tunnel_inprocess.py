@@ -155,7 +155,6 @@ class World:
                 not_after=REAL_NOW + 30 * DAY,
             )
         cert, key = leaf.write(self.tmp, label or name)
-        ctx = client_context(ca=self.ca_path, cert=cert, key=key)
         net = FakeNetConfigurator()
         tuns: list[FakeTun] = []
 
@@ -165,6 +164,8 @@ class World:
             return tun
 
         async def dial() -> TlsConnection:
+            # Like the daemon: the files are read at every connection (renewals).
+            ctx = client_context(ca=self.ca_path, cert=cert, key=key)
             return await connect("127.0.0.1", self.port, ctx, server_hostname="gw.test", timeout=5)
 
         client = Client(
@@ -622,6 +623,48 @@ def test_ipv6_overlay_addresses_routing_and_anti_spoofing(tmp_path: Path) -> Non
             peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
             await until(lambda: peer.drops["spoofed_source"] == 1, "v6 spoof counted")
             assert spoofed not in w.gw_tun.written
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_renewed_certificate_takes_over_without_dropping_the_tunnel(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            first = w.ca.issue(
+                "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY,
+                not_after=REAL_NOW + 10 * DAY,
+            )  # fmt: skip
+            alice = w.start_client("alice", leaf=first)
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            assert w.gateway is not None
+            # The admin renews: a new certificate (and key) for the same peer and address.
+            renewed = w.ca.issue(
+                "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY,
+                not_after=REAL_NOW + 90 * DAY,
+            )  # fmt: skip
+            renewed.write(tmp_path, "alice")
+            assert await alice.client.rotate()
+            owner = w.gateway.table.lookup(ipaddress.ip_address("10.8.0.2"))
+            assert owner is not None and owner.identity.serial == renewed.cert.serial_number
+            # Same TUN, never closed; no outcome recorded means no disconnect was seen.
+            assert len(alice.tun) == 1 and not alice.tun[0].closed
+            assert alice.client.last_outcome is None
+            await until(lambda: len(w.gateway.peers) == 1, "the old session is gone")
+            pkt = ipv4_packet("10.8.0.2", "192.168.50.10")
+            alice.tun[0].inject(pkt)
+            await until(lambda: pkt in w.gw_tun.written, "traffic flows on the new session")
+            # An older certificate of the same peer can never evict the newer one.
+            stale = w.start_client("alice", leaf=first, label="alice-old")
+            await until(lambda: stale.client.last_outcome is not None, "stale refused")
+            assert stale.client.last_outcome is not None
+            assert "already in use" in stale.client.last_outcome.message
+            stale.client.stop()
+            owner = w.gateway.table.lookup(ipaddress.ip_address("10.8.0.2"))
+            assert owner is not None and owner.identity.serial == renewed.cert.serial_number
         finally:
             await w.close()
 

@@ -10,8 +10,10 @@ import logging
 import random
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.tun import TunDevice
@@ -79,6 +81,8 @@ class Outcome:
     established: bool
     permanent: bool
     message: str
+    superseded: bool = False
+    """This session was replaced by a newer one on the same TUN (certificate rotation)."""
 
 
 class Client:
@@ -106,6 +110,12 @@ class Client:
         self.last_outcome: Outcome | None = None
         self._driver: SessionDriver | None = None
         self._stop = asyncio.Event()
+        # Set while a rotation onto a renewed certificate runs; resolves to the new
+        # session (driver, its outcome) or None if the rotation failed.
+        self._rotation: (
+            asyncio.Future[tuple[SessionDriver, asyncio.Future[Outcome]] | None] | None
+        ) = None
+        self._superseded: weakref.WeakSet[SessionDriver] = weakref.WeakSet()
 
     def stop(self) -> None:
         self._stop.set()
@@ -130,6 +140,13 @@ class Client:
             delay = min(delay * 2, self.settings.max_delay)
 
     async def _attempt(self) -> Outcome:
+        opened = await self._open()
+        if isinstance(opened, Outcome):
+            return opened
+        return await self._serve(opened)
+
+    async def _open(self) -> TlsConnection | Outcome:
+        """A TLS connection to a verified gateway, or why there is none."""
         s = self.settings
         try:
             conn = await self._connect()
@@ -163,9 +180,11 @@ class Client:
             identity.serial_hex,
             identity.fingerprint[:16],
         )
-        return await self._serve(conn)
+        return conn
 
-    async def _serve(self, conn: TlsConnection) -> Outcome:
+    def _start_session(
+        self, conn: TlsConnection, on_config: Callable[[TunnelConfig], None]
+    ) -> tuple[SessionDriver, asyncio.Future[Outcome]]:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         state = {"established": False}
         session = Session(
@@ -177,17 +196,25 @@ class Client:
             self._clock(),
             offload=self.settings.offload,
         )
+        driver: SessionDriver | None = None
 
         def on_event(event: Event) -> None:
             match event:
                 case ConfigReceived(config=cfg):
-                    asyncio.get_running_loop().create_task(self._bring_up(cfg))
                     state["established"] = True
+                    on_config(cfg)
                 case PacketsReceived(packets=packets, vnet=vnet):
                     self._to_tun(packets, vnet)
 
         def on_lost(code: int, message: str, exc: BaseException | None) -> None:
             if done.done():
+                return
+            if driver is not None and (
+                driver in self._superseded
+                or (self._rotation is not None and self._driver is driver)
+            ):
+                # The live session ended while a renewed one takes over: keep the TUN.
+                done.set_result(Outcome(True, False, message, superseded=True))
                 return
             if isinstance(exc, TlsAlertReceived):
                 out = self._alert_outcome(exc.alert)
@@ -203,13 +230,93 @@ class Client:
             done.set_result(Outcome(state["established"], permanent, text))
 
         driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        return driver, done
+
+    async def _serve(self, conn: TlsConnection) -> Outcome:
+        def bring_up(cfg: TunnelConfig) -> None:
+            asyncio.get_running_loop().create_task(self._bring_up(cfg))
+
+        driver, done = self._start_session(conn, bring_up)
         self._driver = driver
         driver.start()
         try:
-            return await done
+            while True:
+                outcome = await done
+                if outcome.superseded and self._rotation is not None:
+                    nxt = await self._rotation
+                    self._rotation = None
+                    if nxt is not None:
+                        driver, done = nxt  # same TUN, same routes, new session
+                        continue
+                return outcome
         finally:
             self._driver = None
             await self._tear_down()
+
+    async def rotate(self) -> bool:
+        """Move the live tunnel onto a renewed certificate without taking the TUN down.
+
+        Make-before-break: a second TLS session with the new certificate; the gateway
+        hands it the addresses atomically (same peer name, newer certificate) and
+        closes the old one. If the new session's CONFIG matches, packets flow through
+        it on the same TUN and routes; otherwise the client reconnects cleanly.
+        """
+        old = self._driver
+        if old is None or self.config is None or self._rotation is not None:
+            return False
+        loop = asyncio.get_running_loop()
+        self._rotation = loop.create_future()
+        result: tuple[SessionDriver, asyncio.Future[Outcome]] | None = None
+        try:
+            opened = await self._open()
+            if isinstance(opened, Outcome):
+                log.error("certificate rotation failed, keeping the current session: %s",
+                          opened.message)  # fmt: skip
+                return False
+            got: asyncio.Future[TunnelConfig] = loop.create_future()
+            driver, done = self._start_session(
+                opened, lambda cfg: None if got.done() else got.set_result(cfg)
+            )
+            driver.start()
+            waiting: set[asyncio.Future[Any]] = {got, done}
+            finished, _ = await asyncio.wait(
+                waiting, timeout=self.settings.handshake_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+            if got not in finished:
+                driver.close(CloseCode.NORMAL, "rotation abandoned")
+                why = done.result().message if done in finished else "no CONFIG in time"
+                log.error("certificate rotation failed, keeping the current session: %s", why)
+                return False
+            cfg = got.result()
+            if not self._same_tunnel(cfg):
+                log.warning("the renewed certificate changes the tunnel: reconnecting")
+                driver.close(CloseCode.NORMAL, "reconnecting with a new tunnel configuration")
+                if self._driver is not None:
+                    self._driver.close(CloseCode.NORMAL, "reconnecting after renewal")
+                return False
+            result = (driver, done)
+            self._superseded.add(old)
+            self._driver = driver
+            self.config = cfg
+            old.close(CloseCode.NORMAL, "switched to a renewed certificate")
+            log.info("switched to the renewed certificate; the tunnel stayed up")
+            return True
+        finally:
+            if not self._rotation.done():
+                self._rotation.set_result(result)
+            if result is None and (self._driver is old and old is not None):
+                self._rotation = None  # nothing superseded: back to normal
+
+    def _same_tunnel(self, cfg: TunnelConfig) -> bool:
+        cur = self.config
+        return cur is not None and (
+            cfg.address,
+            cfg.extra_addresses,
+            cfg.routes,
+            cfg.mtu,
+            cfg.offload,
+        ) == (cur.address, cur.extra_addresses, cur.routes, cur.mtu, cur.offload)
 
     def _alert_outcome(self, alert: str) -> Outcome:
         msg = describe_alert(alert)

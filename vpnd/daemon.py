@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -428,13 +429,15 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
         trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
     except PkiError as err:
         raise StartupError(str(err)) from None
-    try:
-        ctx = client_context(
-            ca=cfg.pki.ca,
-            cert=cfg.pki.cert,
-            key=cfg.pki.key,
-            key_passphrase=_passphrase(cfg.pki.key_passphrase_file),
+    passphrase = _passphrase(cfg.pki.key_passphrase_file)
+
+    def make_context() -> ssl.SSLContext:
+        return client_context(
+            ca=cfg.pki.ca, cert=cfg.pki.cert, key=cfg.pki.key, key_passphrase=passphrase
         )
+
+    try:
+        good = [make_context()]  # the last context that loaded; replaced on renewal
     except TlsConfigError as err:
         raise StartupError(str(err)) from None
     settings = ClientSettings(
@@ -452,15 +455,54 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
         return await connect(
             cfg.server.host,
             cfg.server.port,
-            ctx,
+            good[0],
             server_hostname=cfg.server_name,
             timeout=cfg.handshake_timeout,
         )
+
+    def files() -> tuple[tuple[int, int], ...]:
+        out = []
+        for path in (cfg.pki.cert, cfg.pki.key, cfg.pki.ca):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_mtime_ns))
+            except OSError:
+                out.append((-1, -1))
+        return tuple(out)
+
+    async def watch_certificate(client: Client) -> None:
+        """A renewed certificate (e.g. from `vpnctl deploy`) is picked up on its own: the
+        live tunnel moves onto it without going down."""
+        seen = files()
+        while True:
+            await asyncio.sleep(2)
+            now_seen = files()
+            if now_seen == seen:
+                continue
+            seen = now_seen
+            try:
+                ctx = make_context()
+                new_trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
+                cert = load_certificate(cfg.pki.cert)
+            except (TlsConfigError, PkiError) as err:
+                log.error("new certificate files cannot be used (%s); keeping the current", err)
+                continue
+            good[0] = ctx
+            client.trust = new_trust
+            log.info(
+                "certificate files changed: serial %x, valid until %s",
+                cert.serial_number,
+                cert.not_valid_after_utc.isoformat(),
+            )
+            _own_certificate(cfg, dt.datetime.now(dt.UTC))
+            if client.connected.is_set():
+                await client.rotate()
 
     async with _netlink() as net:
         client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
         task = asyncio.create_task(client.run())
         expiry = asyncio.create_task(_expiry_warnings(cfg))
+        renewals = asyncio.create_task(watch_certificate(client))
         # Ready once running, not once connected: a gateway that is down must not hold
         # up the boot; the client keeps retrying on its own.
         sdnotify.ready(f"connecting to {cfg.server}")
@@ -470,6 +512,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
         client.stop()
         stopper.cancel()
         expiry.cancel()
+        renewals.cancel()
         try:
             await asyncio.wait_for(task, 5)
         except TimeoutError:

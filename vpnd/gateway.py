@@ -132,6 +132,7 @@ class Gateway:
         self.drops: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
         self._by_cert: dict[tuple[str, int], Peer] = {}
+        self._by_name: dict[tuple[str, str], Peer] = {}
         self.totals: Counter[str] = Counter()
         """bytes/packets in/out of peers that have left (live peers hold their own), so
         that exported counters only ever grow."""
@@ -282,21 +283,26 @@ class Gateway:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
             return
         # O(1): admission cost must not grow with the number of connected peers.
-        holder = self._by_cert.get((ident.issuer, ident.serial))
-        same = [holder] if holder is not None and holder.admitted else []
-        if same and self.settings.duplicate == "reject":
+        old = self._by_cert.get((ident.issuer, ident.serial))
+        renewal = False
+        if old is None:
+            # The same peer (name, CA) with another certificate: a renewal. The newer
+            # certificate takes over without a gap; an older one (a stale copy, maybe a
+            # leaked one) never evicts the newer.
+            old = self._by_name.get((ident.issuer, ident.name))
+            if old is not None:
+                if ident.not_after < old.identity.not_after:
+                    peer.driver.close(
+                        CloseCode.ADDRESS_CONFLICT,
+                        "a newer certificate of this peer is already connected",
+                    )
+                    return
+                renewal = True
+        elif self.settings.duplicate == "reject":
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
             return
         try:
-            if same:
-                old = same[0]
-                # Atomic takeover: the routes move to the new session in one step, so no
-                # moment exists where two sessions (or none) own the address.
-                self.table.replace(old, peer)
-                old.log.info("replaced by a new connection from %s", peer.remote)
-                old.driver.close(CloseCode.REPLACED, "replaced by a newer connection")
-            else:
-                self.table.add(peer, networks)
+            self.table.conflicts(networks, ignore=old)
         except AddressConflict as err:
             peer.log.warning("refused: %s", err)
             audit.warning(
@@ -306,8 +312,28 @@ class Gateway:
             )
             peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
             return
+        if old is not None:
+            # Atomic takeover: nothing awaits between these lines, so no packet sees a
+            # moment where two sessions (or none) own the addresses.
+            self.table.remove(old)
+            self.table.add(peer, networks)
+            why = "renewed certificate" if renewal else "newer connection"
+            old.log.info("replaced by a %s from %s", why, peer.remote)
+            audit.info(
+                "%s replaced by a %s",
+                ident.name,
+                why,
+                extra={"event": "replaced", "old_serial": old.identity.serial_hex, **_audit(peer)},
+            )
+            for net in old.identity.routes:
+                if net not in ident.routes:
+                    asyncio.get_running_loop().create_task(self._route_del(net))
+            old.driver.close(CloseCode.REPLACED, f"replaced by a {why}")
+        else:
+            self.table.add(peer, networks)
         peer.admitted = True
         self._by_cert[(ident.issuer, ident.serial)] = peer
+        self._by_name[(ident.issuer, ident.name)] = peer
         hello = peer.driver.session.peer_hello
         peer.offload = bool(self.tun.vnet_hdr and hello is not None and hello.offload)
         self.handshakes["accepted"] += 1
@@ -463,6 +489,9 @@ class Gateway:
         cert_key = (peer.identity.issuer, peer.identity.serial)
         if self._by_cert.get(cert_key) is peer:
             del self._by_cert[cert_key]
+        name_key = (peer.identity.issuer, peer.identity.name)
+        if self._by_name.get(name_key) is peer:
+            del self._by_name[name_key]
         if peer.admitted:
             self.drops.update(peer.drops)
             self.totals.update(
