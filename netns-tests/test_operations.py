@@ -224,3 +224,27 @@ def test_renewed_client_certificate_rotates_without_dropping_the_tunnel(lab: Lab
     new = peers(lab)["alice"]
     assert new["serial"] != old_serial
     assert lab.wait_log("gw", r"alice replaced by a renewed certificate")
+
+
+def test_client_status_shows_its_tunnel_and_gateway(lab: Lab) -> None:
+    lab.issue("alice")
+    lab.start_gateway()
+    lab.start_client("alice")
+    _up(lab, "alice")
+    sock = str(lab.workdir / "alice.sock")
+    res = subprocess.run([VPNCTL, "--socket", sock, "status", "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    status = json.loads(res.stdout)
+    assert status["role"] == "client" and status["sessions"] == 1
+    assert status["tun"] == "tun0" and status["cert"]["name"] == "alice"
+    assert lab.ping("alice", GW_OVERLAY, count=3)
+    res = subprocess.run([VPNCTL, "--socket", sock, "peers", "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    (gw,) = json.loads(res.stdout)
+    assert gw["name"] == "gw" and gw["addresses"] == [GW_OVERLAY]
+    assert gw["packets_in"] >= 3 and gw["packets_out"] >= 3
+    print(subprocess.run([VPNCTL, "--socket", sock, "status"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout)  # fmt: skip
+    kick = subprocess.run([VPNCTL, "--socket", sock, "kick", "x"],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert kick.returncode == 1 and "gateway command" in kick.stderr

@@ -11,6 +11,7 @@ import random
 import ssl
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from vpnd.net.netlink import NetConfigurator
 from vpnd.net.tun import TunDevice
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import Role, VerifyError
+from vpnd.pki.identity import PeerIdentity, Role, VerifyError
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -27,6 +28,7 @@ from vpnd.proto import (
     PacketsReceived,
     Session,
     SessionConfig,
+    SessionCounters,
     TunnelConfig,
     describe_close,
 )
@@ -116,6 +118,12 @@ class Client:
             asyncio.Future[tuple[SessionDriver, asyncio.Future[Outcome]] | None] | None
         ) = None
         self._superseded: weakref.WeakSet[SessionDriver] = weakref.WeakSet()
+        self._pending_gateway: PeerIdentity | None = None
+        self.gateway: PeerIdentity | None = None
+        """The verified gateway of the live session (for status)."""
+        self.connected_since: float | None = None
+        self.drops: Counter[str] = Counter()
+        """Packets the client refused to send or deliver, by reason."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,6 +181,7 @@ class Client:
             msg = f"refused the gateway {s.server}: {err}"
             log.error("%s", msg)
             return Outcome(False, True, msg)
+        self._pending_gateway = identity
         log.info(
             "connected to gateway %s (%s, serial %s, fingerprint %s)",
             s.server,
@@ -299,6 +308,7 @@ class Client:
             self._superseded.add(old)
             self._driver = driver
             self.config = cfg
+            self.gateway = self._pending_gateway
             old.close(CloseCode.NORMAL, "switched to a renewed certificate")
             log.info("switched to the renewed certificate; the tunnel stayed up")
             return True
@@ -353,10 +363,18 @@ class Client:
             ", ".join(str(r) for r in cfg.routes) or "none",
             cfg.mtu,
         )
+        self.gateway = self._pending_gateway
+        self.connected_since = self._clock()
         self.connected.set()
+
+    def counters(self) -> SessionCounters | None:
+        """Traffic counters of the live session, if any."""
+        return self._driver.session.counters if self._driver is not None else None
 
     async def _tear_down(self) -> None:
         self.connected.clear()
+        self.gateway = None
+        self.connected_since = None
         tun, self.tun = self.tun, None
         cfg, self.config = self.config, None
         if tun is None:
@@ -378,7 +396,10 @@ class Client:
             return
         if vnet:
             # Even from a verified gateway, a header the kernel would misread is dropped.
-            packets = [p for p in packets if validate_vnet_packet(p) is None]
+            good = [p for p in packets if validate_vnet_packet(p) is None]
+            if len(good) != len(packets):
+                self.drops["bad_vnet_from_gateway"] += len(packets) - len(good)
+            packets = good
         tun.write_batch(packets)
 
     def _on_tun_readable(self) -> None:
@@ -393,6 +414,8 @@ class Client:
                 return
             # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
             batch = [p for p in packets if (a := ip_src_dst(p, off)) is not None and a[0] in own]
+            if len(batch) != len(packets):
+                self.drops["not_own_source"] += len(packets) - len(batch)
             if batch:
                 driver.session.send_packets(batch, self._clock(), vnet=tun.vnet_hdr)
                 driver.flush()

@@ -30,7 +30,7 @@ from vpnd.client import Client, ClientSettings
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
-from vpnd.control_handler import GatewayControl, crl_summary
+from vpnd.control_handler import ClientControl, GatewayControl, crl_summary
 from vpnd.gateway import Gateway, GatewaySettings, IPInterface
 from vpnd.logsetup import setup_logging
 from vpnd.metrics import MetricsError, MetricsExporter
@@ -470,6 +470,30 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
                 out.append((-1, -1))
         return tuple(out)
 
+    async def refresh(client: Client) -> ReloadReport:
+        """Adopt changed certificate/key/CA files and move the live tunnel onto them."""
+        try:
+            ctx = make_context()
+            new_trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
+            cert = load_certificate(cfg.pki.cert)
+        except TlsConfigError as err:
+            raise PkiError(str(err)) from None
+        report = ReloadReport()
+        if cert.fingerprint(hashes.SHA256()) != own[0].fingerprint(hashes.SHA256()):
+            report.changed.append(
+                f"certificate: now serial {cert.serial_number:x}, valid until "
+                f"{cert.not_valid_after_utc.isoformat()}"
+            )
+        good[0], own[0] = ctx, cert
+        client.trust = new_trust
+        _own_certificate(cfg, dt.datetime.now(dt.UTC))
+        if report.changed and client.connected.is_set():
+            if await client.rotate():
+                report.changed.append("the live tunnel moved onto it without going down")
+            else:
+                report.errors.append("the live tunnel could not move onto it (see the log)")
+        return report
+
     async def watch_certificate(client: Client) -> None:
         """A renewed certificate (e.g. from `vpnctl deploy`) is picked up on its own: the
         live tunnel moves onto it without going down."""
@@ -481,25 +505,31 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
                 continue
             seen = now_seen
             try:
-                ctx = make_context()
-                new_trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
-                cert = load_certificate(cfg.pki.cert)
-            except (TlsConfigError, PkiError) as err:
+                report = await refresh(client)
+            except PkiError as err:
                 log.error("new certificate files cannot be used (%s); keeping the current", err)
                 continue
-            good[0] = ctx
-            client.trust = new_trust
-            log.info(
-                "certificate files changed: serial %x, valid until %s",
-                cert.serial_number,
-                cert.not_valid_after_utc.isoformat(),
-            )
-            _own_certificate(cfg, dt.datetime.now(dt.UTC))
-            if client.connected.is_set():
-                await client.rotate()
+            for line in report.changed:
+                log.info("certificate files changed: %s", line)
 
-    async with _netlink() as net:
+    own = [load_certificate(cfg.pki.cert)]
+    async with _netlink() as net, contextlib.AsyncExitStack() as undo:
         client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
+        control = ClientControl(
+            client,
+            started_at=time.time(),
+            server=str(cfg.server),
+            tun=cfg.tun.name,
+            own_cert=lambda: own[0],
+            ca_cert=trust.roots[0],
+            reload=lambda: refresh(client),
+        )
+        server_ctl = ControlServer(cfg.control_socket, control)
+        try:
+            await server_ctl.start()
+        except ControlServerError as err:
+            raise StartupError(f"control_socket: {err}") from None
+        undo.push_async_callback(server_ctl.close)
         task = asyncio.create_task(client.run())
         expiry = asyncio.create_task(_expiry_warnings(cfg))
         renewals = asyncio.create_task(watch_certificate(client))
