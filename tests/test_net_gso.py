@@ -100,3 +100,19 @@ def test_checksum_matches_rfc1071_example() -> None:
     # RFC 1071 section 3 example words 0001 f203 f4f5 f6f7 -> sum ddf2 (before ~)
     data = bytes.fromhex("0001f203f4f5f6f7")
     assert checksum(data) == (~0xDDF2) & 0xFFFF
+
+
+@pytest.mark.parametrize("offset", [0, 2, 4, 8])
+def test_partial_checksum_may_only_name_the_real_checksum_field(offset: int) -> None:
+    """A peer pointing csum_offset at the ports would have them rewritten after the
+    firewall judged the packet (a port-rule bypass); such headers are refused."""
+    from vpnd.net.vnet import validate_vnet_packet
+
+    raw = _partial(IP(src="10.8.0.2", dst="10.8.0.3") / UDP(sport=1000, dport=53) / b"x" * 40, 17)
+    assert validate_vnet_packet(_vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6) + raw) is None
+    bad = _vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, offset) + raw
+    assert validate_vnet_packet(bad) == "vnet_bad_csum_offsets"
+    with pytest.raises(GsoError):
+        to_plain(bad)
+    # and csum_start must be where the L4 header starts
+    assert validate_vnet_packet(_vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 22, 4) + raw) is not None

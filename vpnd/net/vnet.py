@@ -25,6 +25,9 @@ _GSO_BY_FRAGS = 0xFFFF  # kernel-internal marker, never valid from outside
 
 _TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check): the kernel insists on it for TSO
 _IPPROTO_TCP = 6
+_IPPROTO_UDP = 17
+# offsetof(check) in the TCP and UDP headers: the only fields a partial checksum may name.
+_CSUM_FIELD = {_IPPROTO_TCP: 16, _IPPROTO_UDP: 6}
 _PLAIN = bytes(VNET_HDR_LEN)
 
 
@@ -86,8 +89,16 @@ def validate_vnet_packet(pkt: bytes | memoryview) -> str | None:
         return "vnet_not_ip"
     version, l3_len, proto = ip
     if flags & F_NEEDS_CSUM:
-        if csum_start < l3_len or csum_start + csum_offset + 2 > size:
-            return "vnet_bad_csum_offsets"
+        # The checksum position must be the real TCP/UDP checksum field. A peer that
+        # points it elsewhere (at the ports, say) would have whoever completes the sum
+        # rewrite those bytes *after* the firewall judged the packet.
+        # (GSO packets get the same check, TCP only, below.)
+        if base == GSO_NONE:
+            want = _CSUM_FIELD.get(proto)
+            if want is None or csum_start != l3_len or csum_offset != want:
+                return "vnet_bad_csum_offsets"
+            if l3_len + want + 2 > size:
+                return "vnet_bad_csum_offsets"
     elif csum_start or csum_offset:
         # The kernel zeroes these unless the checksum is partial; anything else is forged.
         return "vnet_bad_csum_offsets"
