@@ -108,7 +108,7 @@ def test_partial_checksum_may_only_name_the_real_checksum_field(offset: int) -> 
     firewall judged the packet (a port-rule bypass); such headers are refused."""
     from vpnd.net.vnet import validate_vnet_packet
 
-    raw = _partial(IP(src="10.8.0.2", dst="10.8.0.3") / UDP(sport=1000, dport=53) / b"x" * 40, 17)
+    raw = _partial(IP(src="10.8.0.2", dst="10.8.0.3") / UDP(sport=1000, dport=53) / (b"x" * 40), 17)
     assert validate_vnet_packet(_vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6) + raw) is None
     bad = _vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, offset) + raw
     assert validate_vnet_packet(bad) == "vnet_bad_csum_offsets"
