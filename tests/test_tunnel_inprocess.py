@@ -33,6 +33,7 @@ DAY = dt.timedelta(days=1)
 OVERLAY = ipaddress.ip_network("10.8.0.0/24")
 LAN = ipaddress.ip_network("192.168.50.0/24")
 OVERLAY6 = ipaddress.ip_network("fd00:8::/64")
+BACKLOG_CAP = 512 * 1024
 
 
 ALLOW_ALL = PolicyConfig(rules=(RuleConfig(from_=AnyMatch(), to=AnyMatch(), proto=Proto.ANY),))
@@ -133,6 +134,7 @@ class World:
             self.gateway.on_connection,
             handshake_timeout=5,
             on_refused=self.gateway.on_refused,
+            max_write_backlog=BACKLOG_CAP,
         )
         self.port = self.server.sockets[0].getsockname()[1]
 
@@ -665,6 +667,43 @@ def test_renewed_certificate_takes_over_without_dropping_the_tunnel(tmp_path: Pa
             stale.client.stop()
             owner = w.gateway.table.lookup(ipaddress.ip_address("10.8.0.2"))
             assert owner is not None and owner.identity.serial == renewed.cert.serial_number
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_a_peer_that_floods_pings_and_never_reads_cannot_grow_gateway_memory(
+    tmp_path: Path,
+) -> None:
+    from vpnd.proto.frames import FrameType, encode_frame
+
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice", addr="10.8.0.2")
+            bob = w.start_client("bob", addr="10.8.0.3")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            await asyncio.wait_for(bob.client.connected.wait(), 5)
+            assert w.gateway is not None and alice.client._driver is not None
+            conn = alice.client._driver.conn
+            conn.pause_reading()  # alice stops reading what the gateway sends
+            ping = encode_frame(FrameType.PING, b"12345678") * 4096  # 48 KiB of PINGs
+            gw_peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            worst = 0
+            for _ in range(200):  # ~10 MB of PINGs -> ~10 MB of PONGs if unbounded
+                conn.write(ping)
+                await asyncio.sleep(0)
+                worst = max(worst, gw_peer.driver.conn.write_buffer_size)
+            await asyncio.sleep(0.2)
+            worst = max(worst, gw_peer.driver.conn.write_buffer_size)
+            assert worst < BACKLOG_CAP + 256 * 1024, worst
+            # bob is unaffected
+            pkt = ipv4_packet("10.8.0.3", "192.168.50.10")
+            bob.tun[0].inject(pkt)
+            await until(lambda: pkt in w.gw_tun.written, "bob still served")
+            conn.resume_reading()
         finally:
             await w.close()
 

@@ -146,6 +146,7 @@ def _gateway_settings(
         max_frame=cfg.limits.max_frame,
         max_sessions=cfg.limits.max_sessions,
         peer_queue_bytes=cfg.limits.peer_queue_bytes,
+        max_unadmitted=cfg.limits.max_pending_handshakes,
         duplicate=cfg.duplicate.value,
     )
 
@@ -366,6 +367,7 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
                 on_refused=gateway.on_refused,
                 max_pending=cfg.limits.max_pending_handshakes,
                 max_pending_per_source=cfg.limits.max_pending_per_source,
+                max_write_backlog=cfg.limits.peer_queue_bytes + cfg.limits.max_frame,
             )
         except OSError as err:
             raise StartupError(f"listen {cfg.listen}: {err.strerror}") from None

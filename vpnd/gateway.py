@@ -68,6 +68,8 @@ class GatewaySettings:
     max_frame: int = 262144
     max_sessions: int = 10000
     peer_queue_bytes: int = 4 * 1024 * 1024
+    max_unadmitted: int = 256
+    """Verified TLS sessions that have not yet sent HELLO: bounded like handshakes."""
     duplicate: str = "replace"
 
 
@@ -184,6 +186,12 @@ class Gateway:
         if self._stopping:
             conn.close()
             return
+        if len(self.peers) - len(self.table) >= self.settings.max_unadmitted:
+            self.handshakes["refused_resource_limit"] += 1
+            _close_now(
+                conn, CloseCode.RESOURCE_LIMIT, "too many sessions setting up", self._clock()
+            )
+            return
         if self.trust_error is not None:
             # Revocation data is missing or unusable: fail closed for new peers.
             self._refuse_unverified(conn, remote, VerifyError(Reason.CRL_MISSING, self.trust_error))
@@ -267,10 +275,7 @@ class Gateway:
             )
         # The handshake already succeeded, so no TLS alert can carry our reason: a
         # CLOSE frame does, and the client prints it.
-        session = Session(SessionConfig(role="gateway"), self._clock())
-        session.close(CloseCode.AUTH_FAILED, err.reason.value, self._clock())
-        conn.write(session.data_to_send())
-        conn.close()
+        _close_now(conn, CloseCode.AUTH_FAILED, err.reason.value, self._clock())
 
     def _admit(self, peer: Peer) -> None:
         ident = peer.identity
@@ -637,6 +642,14 @@ class _LogBudget:
             for old in list(self._windows)[:5000]:
                 del self._windows[old]
         return used < self.per_minute
+
+
+def _close_now(conn: TlsConnection, code: CloseCode, message: str, now: float) -> None:
+    """Refuse a connection that never became a session: one CLOSE frame, then close."""
+    session = Session(SessionConfig(role="gateway"), now)
+    session.close(code, message, now)
+    conn.write(session.data_to_send())
+    conn.close()
 
 
 def _host(peername: tuple[str, int] | None) -> str:

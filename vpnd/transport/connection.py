@@ -71,9 +71,15 @@ class TlsConnection(asyncio.Protocol):
         *,
         handshake_timeout: float | None = None,
         admit: Callable[[TlsConnection], bool] | None = None,
+        max_write_backlog: int | None = None,
     ) -> None:
         self.engine = engine
         self._admit = admit
+        # A peer that does not read what we send (e.g. floods PINGs and never reads
+        # the PONGs) stops being read once this much is queued for it: memory stays
+        # bounded, and its session times out for lack of keepalives.
+        self._max_backlog = max_write_backlog
+        self._backlog_paused = False
         self.peername = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -117,6 +123,10 @@ class TlsConnection(asyncio.Protocol):
         except TlsError:
             return  # the session already failed; on_close reports it
         self._flush()
+        cap = self._max_backlog
+        if cap is not None and not self._backlog_paused and self.write_buffer_size > cap:
+            self._backlog_paused = True
+            self._update_reading()
 
     @property
     def write_buffer_size(self) -> int:
@@ -223,6 +233,9 @@ class TlsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._backlog_paused:
+            self._backlog_paused = False
+            self._update_reading()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -330,7 +343,7 @@ class TlsConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             return
-        paused = self._user_paused or self._held
+        paused = self._user_paused or self._held or self._backlog_paused
         if paused and transport.is_reading():
             transport.pause_reading()
         elif not paused and not transport.is_reading():
@@ -412,6 +425,7 @@ async def serve(
     on_refused: OnRefused | None = None,
     max_pending: int | None = None,
     max_pending_per_source: int | None = None,
+    max_write_backlog: int | None = None,
 ) -> asyncio.Server:
     """Listen for TLS clients; call ``on_connection`` for each completed handshake.
 
@@ -479,6 +493,7 @@ async def serve(
             engine,
             on_handshake,
             handshake_timeout=handshake_timeout,
+            max_write_backlog=max_write_backlog,
             admit=admit if max_pending is not None or max_pending_per_source is not None else None,
         )
 
