@@ -162,8 +162,16 @@ class TrustWatcher:
             self._on_broken(str(err))
             return []
         before = self.crl_state
-        self._adopt(trust)
+        # Revoked sessions are cut first: nothing below may stand in the way of that.
         closed = self._on_trust(trust)
+        try:
+            self._adopt(trust)
+        except Exception as err:  # e.g. the gateway's own cert and key mid-update
+            self._seen = (None, None)  # try again on the next poll
+            self.broken = f"cannot build the TLS context: {err}"
+            log.error("%s: refusing new peers until it can", self.broken)
+            self._on_broken(self.broken)
+            return closed
         state = self.crl_state
         log.info(
             "CRL reloaded: number %s -> %s, %s revoked; closed %s",
