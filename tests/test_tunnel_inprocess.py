@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import Leaf, TestCA, make_ca
 
@@ -645,7 +646,7 @@ def test_renewed_certificate_takes_over_without_dropping_the_tunnel(tmp_path: Pa
             assert w.gateway is not None
             # The admin renews: a new certificate (and key) for the same peer and address.
             renewed = w.ca.issue(
-                "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY,
+                "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY / 2,
                 not_after=REAL_NOW + 90 * DAY,
             )  # fmt: skip
             renewed.write(tmp_path, "alice")
@@ -704,6 +705,63 @@ def test_a_peer_that_floods_pings_and_never_reads_cannot_grow_gateway_memory(
             bob.tun[0].inject(pkt)
             await until(lambda: pkt in w.gw_tun.written, "bob still served")
             conn.resume_reading()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+def test_removing_a_ca_from_the_bundle_ends_its_peers_sessions(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            alice = w.start_client("alice")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            assert w.gateway is not None
+            successor = make_ca("corp-ca-2", networks=[OVERLAY], not_before=REAL_NOW - DAY,
+                                not_after=REAL_NOW + 900 * DAY)  # fmt: skip
+            crl = successor.crl(this_update=REAL_NOW - DAY, next_update=REAL_NOW + 7 * DAY)
+            closed = w.gateway.apply_trust(successor.trust(crls=[crl]))
+            assert closed == ["alice"]
+            await until(lambda: alice.client.last_outcome is not None, "alice told")
+            assert alice.client.last_outcome is not None
+            assert "authentication failed" in alice.client.last_outcome.message
+            alice.client.stop()
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("routes", "accepted"),
+    [
+        (["192.168.50.0/24"], True),  # a site LAN that is also pushed to clients
+        (["172.20.0.0/16"], True),
+        (["10.8.0.0/25"], False),  # would shadow other peers and the gateway
+        (["192.168.0.0/16"], False),  # would capture every client's LAN traffic
+        (["0.0.0.0/0"], False),
+    ],
+)
+def test_site_peer_routed_subnets_are_checked(
+    tmp_path: Path, routes: list[str], accepted: bool
+) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        await w.start_gateway()
+        try:
+            leaf = w.ca.issue("site", addresses=["10.8.0.9"], routes=routes,
+                              not_before=REAL_NOW - DAY, not_after=REAL_NOW + 9 * DAY)  # fmt: skip
+            site = w.start_client("site", leaf=leaf)
+            if accepted:
+                await asyncio.wait_for(site.client.connected.wait(), 5)
+            else:
+                await until(lambda: site.client.last_outcome is not None, "refused")
+                assert site.client.last_outcome is not None
+                assert "policy refused" in site.client.last_outcome.message
+                assert site.tun == []
+            site.client.stop()
         finally:
             await w.close()
 

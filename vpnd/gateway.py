@@ -13,11 +13,12 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from vpnd.config import PolicyConfig
 from vpnd.logsetup import PeerLogger
@@ -83,6 +84,8 @@ class Peer:
     remote: str
     log: PeerLogger
     connected_at: float
+    chain: tuple[bytes, ...] = ()
+    """The DER chain the peer presented, to re-verify when the trusted CAs change."""
     view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
     """What the firewall sees of this peer: its name and groups."""
     admitted: bool = False
@@ -133,6 +136,8 @@ class Gateway:
         self.table: AddressTable[Peer] = AddressTable()
         self.drops: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
+        self._kernel_lock = asyncio.Lock()
+        self._kernel_tasks: set[asyncio.Task[None]] = set()
         self._by_cert: dict[tuple[str, int], Peer] = {}
         self._by_name: dict[tuple[str, str], Peer] = {}
         self.totals: Counter[str] = Counter()
@@ -196,9 +201,10 @@ class Gateway:
             # Revocation data is missing or unusable: fail closed for new peers.
             self._refuse_unverified(conn, remote, VerifyError(Reason.CRL_MISSING, self.trust_error))
             return
+        chain = tuple(conn.engine.peer_chain_der())
         try:
             identity = verify_peer(
-                conn.engine.peer_chain_der(),
+                chain,
                 now=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
                 role=Role.PEER,
                 trust=self.trust,
@@ -233,6 +239,7 @@ class Gateway:
         driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
         peer = Peer(key, identity, driver, remote, plog, self._clock())
         peer.view = PeerView(identity.name, identity.groups)
+        peer.chain = chain
         self.peers[key] = peer
         # A certificate that expires while connected is cut at notAfter: a timer, not polling.
         session.set_deadline(
@@ -279,13 +286,14 @@ class Gateway:
 
     def _admit(self, peer: Peer) -> None:
         ident = peer.identity
-        if len(self.table) >= self.settings.max_sessions:
-            peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
-            return
         networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
         outside = [n for n in networks[: len(ident.addresses)] if not self._in_overlay(n)]
         if outside:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
+            return
+        bad_route = self._bad_route(ident.routes)
+        if bad_route is not None:
+            peer.driver.close(CloseCode.POLICY, bad_route)
             return
         # O(1): admission cost must not grow with the number of connected peers.
         old = self._by_cert.get((ident.issuer, ident.serial))
@@ -296,7 +304,10 @@ class Gateway:
             # leaked one) never evicts the newer.
             old = self._by_name.get((ident.issuer, ident.name))
             if old is not None:
-                if ident.not_after < old.identity.not_after:
+                # Newer means issued later, not valid longer: a lost laptop's long-lived
+                # certificate must not beat the fresh one issued to replace it.
+                mine = (ident.not_before, ident.serial)
+                if mine < (old.identity.not_before, old.identity.serial):
                     peer.driver.close(
                         CloseCode.ADDRESS_CONFLICT,
                         "a newer certificate of this peer is already connected",
@@ -305,6 +316,9 @@ class Gateway:
                 renewal = True
         elif self.settings.duplicate == "reject":
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
+            return
+        if old is None and len(self.table) >= self.settings.max_sessions:
+            peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
             return
         try:
             self.table.conflicts(networks, ignore=old)
@@ -320,8 +334,14 @@ class Gateway:
         if old is not None:
             # Atomic takeover: nothing awaits between these lines, so no packet sees a
             # moment where two sessions (or none) own the addresses.
+            stale = [n for n in self.table.networks_of(old) if n not in networks]
             self.table.remove(old)
             self.table.add(peer, networks)
+            if self.nft is not None and stale:
+                self._kernel(self._nft_sources(stale, add=False))
+            if stale or old.identity.groups != ident.groups:
+                # Flows opened under the old certificate are judged again as the new one.
+                self.apply_policy(self.policy)
             why = "renewed certificate" if renewal else "newer connection"
             old.log.info("replaced by a %s from %s", why, peer.remote)
             audit.info(
@@ -332,7 +352,7 @@ class Gateway:
             )
             for net in old.identity.routes:
                 if net not in ident.routes:
-                    asyncio.get_running_loop().create_task(self._route_del(net))
+                    self._kernel(self._route_del(net))
             old.driver.close(CloseCode.REPLACED, f"replaced by a {why}")
         else:
             self.table.add(peer, networks)
@@ -343,9 +363,9 @@ class Gateway:
         peer.offload = bool(self.tun.vnet_hdr and hello is not None and hello.offload)
         self.handshakes["accepted"] += 1
         for net in ident.routes:
-            asyncio.get_running_loop().create_task(self._route_add(peer, net))
+            self._kernel(self._route_add(peer, net))
         if self.nft is not None:
-            asyncio.get_running_loop().create_task(self._nft_sources(networks, add=True))
+            self._kernel(self._nft_sources(networks, add=True))
         primary = ident.addresses[0]
         prefix = next(n.prefixlen for n in self.settings.overlay_networks if primary in n)
         extra = tuple(
@@ -379,6 +399,22 @@ class Gateway:
             extra={"event": "auth_accepted", **_audit(peer)},
         )
 
+    def _bad_route(self, routes: Sequence[IPNetwork]) -> str | None:
+        """Why a site peer's routed subnet is refused, or None.
+
+        It may not overlap the overlay (it would shadow other peers or the gateway) nor
+        contain a pushed route (it would capture the LAN traffic of every client); a
+        subnet equal to a pushed route is the normal site-to-site case.
+        """
+        for net in routes:
+            for o in self.settings.overlay_networks:
+                if net.version == o.version and net.overlaps(o):
+                    return f"routed subnet {net} overlaps the overlay {o}"
+            for p in self.settings.push_routes:
+                if p.version == net.version and p != net and p.subnet_of(net):  # type: ignore[arg-type]
+                    return f"routed subnet {net} would capture the pushed route {p}"
+        return None
+
     def _in_overlay(self, net: IPNetwork) -> bool:
         return any(
             net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
@@ -396,6 +432,18 @@ class Gateway:
             await self.net.add_route(net, self.settings.tun_name)
         except Exception as err:  # a bad route must not take the gateway down
             peer.log.error("could not add route %s: %s", net, err)
+
+    def _kernel(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a kernel update (route, nft set) in order with the others, keeping a
+        reference so it is neither collected nor overtaken by a later update."""
+
+        async def serialized() -> None:
+            async with self._kernel_lock:
+                await work
+
+        task = asyncio.get_running_loop().create_task(serialized())
+        self._kernel_tasks.add(task)
+        task.add_done_callback(self._kernel_tasks.discard)
 
     async def _nft_sources(self, nets: list[IPNetwork], *, add: bool) -> None:
         assert self.nft is not None
@@ -434,23 +482,32 @@ class Gateway:
         Only revocation ends a live session here: a stale CRL refuses *new* peers (the
         verifier does that) but does not cut peers verified while it was fresh.
         """
+        cas_changed = _root_set(trust) != _root_set(self.trust)
         self.trust = trust
         self.trust_error = None
         now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
         closed: list[str] = []
         for peer in list(self.peers.values()):
             try:
+                if cas_changed:
+                    # A CA taken out of the bundle (say, compromised) ends its peers'
+                    # sessions too: re-verify the chain each presented.
+                    verify_peer(peer.chain, now=now, role=Role.PEER, trust=trust)
                 check_revocation(peer.identity, trust, now=now)
             except VerifyError as err:
-                if err.reason is not Reason.REVOKED:
-                    continue
+                if err.reason in (Reason.CRL_STALE, Reason.CRL_MISSING):
+                    continue  # fail closed for new peers; verified sessions stay
                 closed.append(peer.identity.name)
+                revoked = err.reason is Reason.REVOKED
                 audit.warning(
-                    "closing %s: certificate revoked",
+                    "closing %s: %s",
                     peer.identity.name,
+                    "certificate revoked" if revoked else f"no longer trusted ({err.reason})",
                     extra={"event": "revoked_close", "detail": err.detail, **_audit(peer)},
                 )
-                peer.driver.close(CloseCode.REVOKED, err.detail)
+                peer.driver.close(
+                    CloseCode.REVOKED if revoked else CloseCode.AUTH_FAILED, err.detail
+                )
         return closed
 
     def apply_policy(self, policy: PolicyConfig) -> int:
@@ -516,9 +573,9 @@ class Gateway:
             self.firewall.forget_peer(peer.identity.name)
         routed = [n for n in owned if n in peer.identity.routes]
         for net in routed:
-            asyncio.get_running_loop().create_task(self._route_del(net))
+            self._kernel(self._route_del(net))
         if self.nft is not None and owned and not self._stopping:
-            asyncio.get_running_loop().create_task(self._nft_sources(owned, add=False))
+            self._kernel(self._nft_sources(owned, add=False))
         peer.log.info("disconnected (%s), freed %s", message, ", ".join(str(n) for n in owned))
 
     # ---- data path -------------------------------------------------------------------
@@ -642,6 +699,10 @@ class _LogBudget:
             for old in list(self._windows)[:5000]:
                 del self._windows[old]
         return used < self.per_minute
+
+
+def _root_set(trust: TrustStore) -> set[bytes]:
+    return {r.fingerprint(hashes.SHA256()) for r in trust.roots}
 
 
 def _close_now(conn: TlsConnection, code: CloseCode, message: str, now: float) -> None:
