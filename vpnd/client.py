@@ -118,6 +118,7 @@ class Client:
             asyncio.Future[tuple[SessionDriver, asyncio.Future[Outcome]] | None] | None
         ) = None
         self._superseded: weakref.WeakSet[SessionDriver] = weakref.WeakSet()
+        self._bringup: asyncio.Task[None] | None = None
         self._pending_gateway: PeerIdentity | None = None
         self.gateway: PeerIdentity | None = None
         """The verified gateway of the live session (for status)."""
@@ -243,7 +244,7 @@ class Client:
 
     async def _serve(self, conn: TlsConnection) -> Outcome:
         def bring_up(cfg: TunnelConfig) -> None:
-            asyncio.get_running_loop().create_task(self._bring_up(cfg))
+            self._bringup = asyncio.get_running_loop().create_task(self._bring_up(cfg))
 
         driver, done = self._start_session(conn, bring_up)
         self._driver = driver
@@ -260,6 +261,12 @@ class Client:
                 return outcome
         finally:
             self._driver = None
+            task, self._bringup = self._bringup, None
+            if task is not None and not task.done():
+                # The session ended mid bring-up: stop it before tearing down.
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._tear_down()
 
     async def rotate(self) -> bool:
@@ -276,6 +283,7 @@ class Client:
         loop = asyncio.get_running_loop()
         self._rotation = loop.create_future()
         result: tuple[SessionDriver, asyncio.Future[Outcome]] | None = None
+        driver: SessionDriver | None = None
         try:
             opened = await self._open()
             if isinstance(opened, Outcome):
@@ -298,6 +306,9 @@ class Client:
                 log.error("certificate rotation failed, keeping the current session: %s", why)
                 return False
             cfg = got.result()
+            if self._stop.is_set() or self._driver is not old:
+                driver.close(CloseCode.SHUTDOWN, "client shutting down")
+                return False
             if not self._same_tunnel(cfg):
                 log.warning("the renewed certificate changes the tunnel: reconnecting")
                 driver.close(CloseCode.NORMAL, "reconnecting with a new tunnel configuration")
@@ -313,6 +324,8 @@ class Client:
             log.info("switched to the renewed certificate; the tunnel stayed up")
             return True
         finally:
+            if result is None and driver is not None:
+                driver.close(CloseCode.NORMAL, "rotation abandoned")  # idempotent
             if not self._rotation.done():
                 self._rotation.set_result(result)
             if result is None and (self._driver is old and old is not None):
@@ -355,6 +368,8 @@ class Client:
             log.error("cannot configure %s: %s", tun.name, err)
             driver.close(CloseCode.NORMAL, "client could not configure its TUN")
             return
+        if self._driver is not driver or self.tun is not tun:
+            return  # the session ended while the kernel was being configured
         asyncio.get_running_loop().add_reader(tun.fileno(), self._on_tun_readable)
         log.info(
             "tunnel up: %s address %s, routes %s, mtu %d",

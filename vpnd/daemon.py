@@ -224,7 +224,10 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         new_trust = load_trust_store(
             new.pki.ca, new.pki.crl, allow_stale_crl=new.pki.crl_stale == CrlStale.ALLOW
         )
-        new_passphrase = _passphrase(new.pki.key_passphrase_file)
+        try:
+            new_passphrase = _passphrase(new.pki.key_passphrase_file)
+        except StartupError as err:
+            raise PkiError(str(err)) from None
         try:
             server_context(
                 ca=new.pki.ca,
@@ -273,6 +276,15 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         for key in _RESTART_KEYS:
             if getattr(new, key) != getattr(old, key):
                 report.errors.append(f"{key}: changed, takes effect after a restart")
+        # Bound into the TLS listener at start: say so rather than pretend.
+        for key in ("max_pending_handshakes", "max_pending_per_source"):
+            if getattr(new.limits, key) != getattr(old.limits, key):
+                report.errors.append(f"limits.{key}: changed, takes effect after a restart")
+        if new.handshake_timeout != old.handshake_timeout:
+            report.errors.append(
+                "handshake_timeout: the TLS part takes effect after a restart "
+                "(the tunnel-setup part applies to new sessions now)"
+            )
         if new.log != old.log:
             logging.getLogger().setLevel(new.log.level.value.upper())
             report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
