@@ -21,7 +21,7 @@ from vpnd.net.tun import TunDevice
 log = logging.getLogger("vpnd.net")
 
 INLINE_BYTES = 16 * 1024
-MAX_QUEUED_BATCHES = 256  # bounded: beyond this, batches are dropped (counted), never buffered
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # bounded: beyond this, drop (counted), like a full NIC queue
 
 
 class ThreadedTunWriter:
@@ -34,23 +34,24 @@ class ThreadedTunWriter:
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self._queued_bytes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def write_batch(self, packets: Sequence[bytes | memoryview]) -> int:
         if not packets:
             return 0
+        size = sum(len(p) for p in packets)
         with self._cond:
             if self._closed:
                 return 0
-            inline = (
-                not self._queue and not self._busy and sum(len(p) for p in packets) <= INLINE_BYTES
-            )
+            inline = not self._queue and not self._busy and size <= INLINE_BYTES
             if not inline:
-                if len(self._queue) >= MAX_QUEUED_BATCHES:
+                if self._queued_bytes + size > MAX_QUEUED_BYTES:
                     self.dropped += len(packets)
                     return 0
                 self._queue.append(packets)
+                self._queued_bytes += size
                 self._cond.notify()
         if inline:
             return self.tun.write_batch(packets)
@@ -64,6 +65,7 @@ class ThreadedTunWriter:
                 if self._closed and not self._queue:
                     return
                 batch = self._queue.popleft()
+                self._queued_bytes -= sum(len(p) for p in batch)
                 self._busy = True
             try:
                 self.tun.write_batch(batch)
