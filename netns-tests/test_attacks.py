@@ -157,9 +157,9 @@ def test_spoofed_sources_from_a_verified_peer_arrive_nowhere(lab: Lab) -> None:
     lab.issue("alice", "--ip", "10.8.0.2")
     lab.issue("bob", "--ip", "10.8.0.3")
     carol = lab.issue("carol", "--ip", "10.8.0.4")
-    # Only vpnd's own check: the nft mirror is added a moment after CONFIG is sent, so
-    # with it on, carol's control packets (sent at once) could be dropped by nft instead.
-    lab.start_gateway(nftables={"anti_spoofing": False})
+    # With the nft mirror on (the lab default): CONFIG is sent only once carol's
+    # sources are in the set, so her control packets, sent at once, must arrive.
+    lab.start_gateway()
     for name in ("alice", "bob"):
         lab.start_client(name)
         _up(lab, name)

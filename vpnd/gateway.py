@@ -364,8 +364,24 @@ class Gateway:
         self.handshakes["accepted"] += 1
         for net in ident.routes:
             self._kernel(self._route_add(peer, net))
+        audit.info(
+            "accepted %s",
+            ident.name,
+            extra={"event": "auth_accepted", **_audit(peer)},
+        )
         if self.nft is not None:
-            self._kernel(self._nft_sources(networks, add=True))
+            # CONFIG only once the kernel's anti-spoofing set admits the peer's sources,
+            # else its first packets would die in nftables.
+            task = self._kernel(self._nft_sources(networks, add=True))
+            task.add_done_callback(lambda _t: self._send_config(peer, later=True))
+        else:
+            self._send_config(peer, later=False)
+
+    def _send_config(self, peer: Peer, *, later: bool) -> None:
+        """Send CONFIG; ``later``: outside the driver's own event loop, so flush it."""
+        if not peer.admitted or peer.driver.session.closed:
+            return
+        ident = peer.identity
         primary = ident.addresses[0]
         prefix = next(n.prefixlen for n in self.settings.overlay_networks if primary in n)
         extra = tuple(
@@ -393,11 +409,8 @@ class Gateway:
             ),
             self._clock(),
         )
-        audit.info(
-            "accepted %s",
-            ident.name,
-            extra={"event": "auth_accepted", **_audit(peer)},
-        )
+        if later:
+            peer.driver.pump()
 
     def _bad_route(self, routes: Sequence[IPNetwork]) -> str | None:
         """Why a site peer's routed subnet is refused, or None.
@@ -433,7 +446,7 @@ class Gateway:
         except Exception as err:  # a bad route must not take the gateway down
             peer.log.error("could not add route %s: %s", net, err)
 
-    def _kernel(self, work: Coroutine[Any, Any, None]) -> None:
+    def _kernel(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a kernel update (route, nft set) in order with the others, keeping a
         reference so it is neither collected nor overtaken by a later update."""
 
@@ -444,6 +457,7 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(serialized())
         self._kernel_tasks.add(task)
         task.add_done_callback(self._kernel_tasks.discard)
+        return task
 
     async def _nft_sources(self, nets: list[IPNetwork], *, add: bool) -> None:
         assert self.nft is not None
