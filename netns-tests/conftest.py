@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from nslib import NetnsFactory
+from vpnlab import Lab
 
 
 def _is_ci() -> bool:
@@ -41,3 +42,17 @@ def netns_factory() -> Iterator[NetnsFactory]:
         problems = factory.cleanup()
     assert not problems, f"netns teardown problems: {problems}"
     factory.assert_clean()
+
+
+@pytest.fixture
+def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
+    """The standard topology (gateway + LAN host, laptops alice, bob, mallory), with a
+    CA and the gateway's certificate; every daemon and namespace removed afterwards."""
+    lab = Lab(netns_factory)
+    lab.build()
+    lab.make_pki()
+    try:
+        yield lab
+    finally:
+        problems = lab.cleanup()
+        assert not problems, problems

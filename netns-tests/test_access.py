@@ -7,11 +7,9 @@ import ipaddress
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nslib import NetnsFactory
 from vpnlab import GW_OVERLAY, LAN, LAN_HOST, Lab
 
 from vpnd.pki.authority import issue_certificate
@@ -25,22 +23,6 @@ from vpnd.pki.keys import (
 )
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
-    lab = Lab(netns_factory)
-    lab.build()
-    lab.make_pki()
-    try:
-        yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not problems, problems
-
-
-def _up(lab: Lab, name: str) -> None:
-    assert lab.wait_log(name, r"tunnel up: tun0"), lab.hosts[name].log_text()
 
 
 def _pinger(lab: Lab, name: str, dst: str, seconds: float) -> subprocess.Popen[bytes]:
@@ -62,8 +44,8 @@ def test_revoking_a_connected_peer_cuts_it_within_a_second(lab: Lab) -> None:
     lab.start_gateway()
     lab.start_client("alice")
     lab.start_client("bob")
-    _up(lab, "alice")
-    _up(lab, "bob")
+    lab.wait_up("alice")
+    lab.wait_up("bob")
     alice_ping = _pinger(lab, "alice", GW_OVERLAY, 6)
     bob_ping = _pinger(lab, "bob", GW_OVERLAY, 6)
     time.sleep(2)
@@ -111,7 +93,7 @@ def test_certificate_expiring_while_connected_is_dropped_at_not_after(lab: Lab) 
     (certs / "alice.key").write_bytes(private_key_pem(key))
     lab.start_gateway()
     lab.start_client("alice", certs=certs)
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", GW_OVERLAY, count=1)
     assert lab.wait_log("alice", r"your certificate expired at", timeout=20)
     closed_at = time.time()
@@ -137,8 +119,8 @@ def test_group_policy_allows_exactly_what_it_says(lab: Lab) -> None:
     lab.start_gateway(policy=POLICY)
     lab.start_client("alice")
     lab.start_client("bob")
-    _up(lab, "alice")
-    _up(lab, "bob")
+    lab.wait_up("alice")
+    lab.wait_up("bob")
     # alice (eng): TCP to the LAN on an allowed port works, a denied port does not.
     assert lab.tcp_connect("alice", "lan", LAN_HOST, 8085)
     assert not lab.tcp_connect("alice", "lan", LAN_HOST, 9000)

@@ -11,12 +11,11 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nslib import PYTHON, NetnsFactory
+from nslib import PYTHON
 from vpnlab import GW_OVERLAY, GW_WAN, LAN_HOST, PORT, SERVER_NAME, VPNCTL, Lab
 
 pytestmark = pytest.mark.netns
@@ -104,22 +103,6 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
-    lab = Lab(netns_factory)
-    lab.build()
-    lab.make_pki()
-    try:
-        yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not problems, problems
-
-
-def _up(lab: Lab, name: str) -> None:
-    assert lab.wait_log(name, r"tunnel up: tun0"), lab.hosts[name].log_text()
-
-
 def control(lab: Lab, *args: str) -> Any:
     res = subprocess.run(
         [VPNCTL, "--socket", str(lab.workdir / "gw.sock"), *args, "--json"],
@@ -162,7 +145,7 @@ def test_spoofed_sources_from_a_verified_peer_arrive_nowhere(lab: Lab) -> None:
     lab.start_gateway()
     for name in ("alice", "bob"):
         lab.start_client(name)
-        _up(lab, name)
+        lab.wait_up(name)
     lan, lan_log = _counter(lab, "lan", 8)
     bob, bob_log = _counter(lab, "bob", 8)
     packets = [
@@ -197,7 +180,7 @@ def test_packets_from_the_physical_side_never_reach_an_overlay_address(lab: Lab)
     lab.issue("alice", "--ip", "10.8.0.2")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     gw = lab.hosts["gw"].ns
     probe = (
         "table inet vpnt_probe {\n"
@@ -263,7 +246,7 @@ def test_handshake_flood_leaves_an_established_tunnel_working(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     gw = lab.hosts["gw"].proc
     assert gw is not None
     _throughput(lab, 1)  # warm up

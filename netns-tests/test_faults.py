@@ -12,29 +12,16 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nslib import Netns, NetnsFactory
+from nslib import Netns
 from vpnlab import GW_OVERLAY, LAN_HOST, VPNCTL, Lab
 
 pytestmark = pytest.mark.netns
 FAST_RECONNECT = {"initial_delay": 0.5, "max_delay": 2}
 TUNNEL_UP = re.compile(r"^(\S+ \S+) \S+ +vpnd\.client: tunnel up: tun0", re.M)
-
-
-@pytest.fixture
-def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
-    lab = Lab(netns_factory)
-    lab.build()
-    lab.make_pki()
-    try:
-        yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not problems, problems
 
 
 def _up(lab: Lab, name: str, count: int = 1, timeout: float = 20) -> list[float]:

@@ -8,31 +8,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
-from nslib import NetnsFactory
 from vpnlab import GW_OVERLAY, LAN, LAN_HOST, VPNCTL, Lab
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
-    lab = Lab(netns_factory)
-    lab.build(clients=("alice", "bob"))
-    lab.make_pki()
-    try:
-        yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not problems, problems
-
-
-def _up(lab: Lab, name: str) -> None:
-    assert lab.wait_log(name, r"tunnel up: tun0"), lab.hosts[name].log_text()
 
 
 def ctl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -59,8 +41,8 @@ def test_status_and_peers_counters_grow_after_pings(lab: Lab) -> None:
     lab.start_gateway()
     lab.start_client("alice")
     lab.start_client("bob")
-    _up(lab, "alice")
-    _up(lab, "bob")
+    lab.wait_up("alice")
+    lab.wait_up("bob")
     status = json.loads(ctl(lab, "status", "--json").stdout)
     assert status["role"] == "gateway" and status["sessions"] == 2
     assert status["tun"] == "vpn0" and status["cert"]["name"] == "gw"
@@ -84,7 +66,7 @@ def test_kick_drops_a_peer_within_a_second(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice", reconnect={"initial_delay": 5.0, "max_delay": 10.0})
-    _up(lab, "alice")
+    lab.wait_up("alice")
     t0 = time.monotonic()
     out = ctl(lab, "kick", "alice", "--reason", "maintenance")
     assert "alice" in out.stdout
@@ -108,7 +90,7 @@ def test_reload_with_a_tightened_policy_cuts_the_flow_but_keeps_the_peer(lab: La
     open_policy = {"rules": [{"from": "any", "to": "any", "proto": "any"}]}
     lab.start_gateway(policy=open_policy)
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", LAN_HOST)
     gw = lab.hosts["gw"]
     assert gw.config is not None
@@ -141,7 +123,7 @@ def test_metrics_endpoint_on_loopback_with_expiry_gauges(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway(metrics={"listen": "127.0.0.1:9469"})
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", GW_OVERLAY, count=2)
     probe = (
         "import urllib.request\n"
@@ -206,7 +188,7 @@ def test_renewed_client_certificate_rotates_without_dropping_the_tunnel(lab: Lab
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     old_serial = peers(lab)["alice"]["serial"]
     pinger = lab.hosts["alice"].ns.popen(
         ["ping", "-n", "-i", "0.05", "-W", "1", "-c", "120", GW_OVERLAY],
@@ -230,7 +212,7 @@ def test_client_status_shows_its_tunnel_and_gateway(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     sock = str(lab.workdir / "alice.sock")
     res = subprocess.run([VPNCTL, "--socket", sock, "status", "--json"],
                          capture_output=True, text=True, timeout=30, check=True)  # fmt: skip

@@ -7,10 +7,8 @@ import ipaddress
 import re
 import signal
 import textwrap
-from collections.abc import Iterator
 
 import pytest
-from nslib import NetnsFactory
 from vpnlab import GW_OVERLAY, GW_WAN, LAN_HOST, PORT, SERVER_NAME, Lab
 
 from vpnd.pki.authority import issue_certificate
@@ -27,24 +25,6 @@ pytestmark = pytest.mark.netns
 NFT_SET = ["nft", "list", "set", "inet", "vpnd_vpn0", "allowed4"]
 
 
-@pytest.fixture
-def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
-    lab = Lab(netns_factory)
-    lab.build()
-    lab.make_pki()
-    try:
-        yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not problems, problems
-
-
-def _up(lab: Lab, name: str) -> None:
-    assert lab.wait_log(name, r"tunnel up: tun0"), (
-        f"{name} never came up:\n{lab.hosts[name].log_text()}"
-    )
-
-
 def test_verified_peers_reach_gateway_each_other_and_lan(lab: Lab) -> None:
     gw_before = lab.hosts["gw"].ns.snapshot()
     alice_before = lab.hosts["alice"].ns.snapshot()
@@ -54,8 +34,8 @@ def test_verified_peers_reach_gateway_each_other_and_lan(lab: Lab) -> None:
     assert lab.wait_log("gw", r"listening on"), lab.hosts["gw"].log_text()
     lab.start_client("alice")
     lab.start_client("bob")
-    _up(lab, "alice")
-    _up(lab, "bob")
+    lab.wait_up("alice")
+    lab.wait_up("bob")
 
     # Address from the certificate, pushed LAN route, via the TUN.
     addr = lab.hosts["alice"].ns.run(["ip", "-o", "-4", "addr", "show", "tun0"]).stdout
@@ -171,7 +151,7 @@ def test_gateway_restart_client_reconnects_by_itself(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", GW_OVERLAY)
     gw = lab.hosts["gw"]
     assert gw.proc is not None
@@ -190,7 +170,7 @@ def test_killed_client_frees_its_address(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway()
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     alice = lab.hosts["alice"]
     assert alice.proc is not None
     alice.proc.send_signal(signal.SIGKILL)
@@ -201,7 +181,7 @@ def test_killed_client_frees_its_address(lab: Lab) -> None:
     # The address is free: the same peer connects again at once.
     lab.start_client("alice")
     assert lab.wait_log("gw", r"(?s)freed 10\.8\.0\.2.*accepted alice", timeout=20)
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", GW_OVERLAY)
 
 
@@ -213,7 +193,7 @@ def test_nat_masquerade_reaches_a_lan_without_a_route_back(lab: Lab) -> None:
     lab.issue("alice")
     lab.start_gateway(nat="masquerade")
     lab.start_client("alice")
-    _up(lab, "alice")
+    lab.wait_up("alice")
     assert lab.ping("alice", LAN_HOST)
     table = lab.hosts["gw"].ns.run(["nft", "list", "ruleset"]).stdout
     assert "masquerade" in table
@@ -231,8 +211,8 @@ def test_offload_gateway_with_a_plain_client_large_transfers_arrive_intact(lab: 
     lab.start_gateway()
     lab.start_client("alice", tun={"name": "tun0", "mtu": 1400, "offload": False})
     lab.start_client("bob")
-    _up(lab, "alice")
-    _up(lab, "bob")
+    lab.wait_up("alice")
+    lab.wait_up("bob")
     assert lab.wait_log("gw", r"TUN vpn0 offload on")
     assert lab.tcp_transfer("alice", "lan", LAN_HOST, size=4_000_000)
     assert lab.tcp_transfer("alice", "lan", LAN_HOST, size=4_000_000, download=True)

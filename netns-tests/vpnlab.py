@@ -271,6 +271,10 @@ class Lab:
             time.sleep(0.1)
         return predicate()
 
+    def wait_up(self, name: str, timeout: float = 15) -> None:
+        """Assert (bounded wait) that ``name``'s client reported its tunnel up."""
+        assert self.wait_log(name, r"tunnel up: tun0", timeout), self.hosts[name].log_text()
+
     def has_link(self, name: str, ifname: str) -> bool:
         res = self.hosts[name].ns.run(["ip", "link", "show", ifname], check=False)
         return res.returncode == 0
