@@ -221,7 +221,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         if not isinstance(new, GatewayConfig):
             raise ConfigError(config_path, "mode", "changed to client: restart vpnd instead")
         assert new.pki.crl is not None
-        new_trust = load_trust_store(
+        # Validation only (PkiError refuses the reload); the watcher adopts its own copy.
+        load_trust_store(
             new.pki.ca, new.pki.crl, allow_stale_crl=new.pki.crl_stale == CrlStale.ALLOW
         )
         try:
@@ -285,10 +286,11 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
                 "handshake_timeout: the TLS part takes effect after a restart "
                 "(the tunnel-setup part applies to new sessions now)"
             )
-        if new.log != old.log:
+        if new.log.level != old.log.level:
             logging.getLogger().setLevel(new.log.level.value.upper())
             report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
-        del new_trust  # validated above; the watcher loaded and adopted its own copy
+        if new.log.format != old.log.format:
+            report.errors.append("log.format: changed, takes effect after a restart")
         return report
 
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
