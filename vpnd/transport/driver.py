@@ -35,6 +35,7 @@ class SessionDriver:
         self._on_lost = on_lost
         self._clock = clock
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         self._loop = asyncio.get_running_loop()
         self._done = False
 
@@ -78,12 +79,21 @@ class SessionDriver:
         self.pump()
 
     def _rearm(self) -> None:
+        when = self.session.get_timer()
+        if when is None or self._done:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        # Every packet moves the keepalive deadlines later; a timer already set to fire
+        # no later than needed is kept (it re-arms when it fires early), so the data
+        # path does not allocate and cancel a timer per packet.
+        if self._timer is not None and self._timer_when <= when:
+            return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        when = self.session.get_timer()
-        if when is not None and not self._done:
-            self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._on_timer)
+        self._timer_when = when
+        self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

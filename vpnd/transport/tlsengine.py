@@ -171,9 +171,14 @@ class TlsEngine:
         if self._failure is not None:
             raise self._failure
         chunks: list[bytes] = []
+        incoming, obj = self._incoming, self._obj
         while True:
+            # Nothing buffered on either side of OpenSSL: skip the read that would only
+            # raise SSLWantReadError (an exception per chunk on the per-packet path).
+            if not incoming.pending and not obj.pending():
+                break
             try:
-                chunk = self._obj.read(_READ_SIZE)
+                chunk = obj.read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
