@@ -18,6 +18,7 @@ from typing import Any
 
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.tun import TunDevice
+from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
 from vpnd.pki.identity import PeerIdentity, Role, VerifyError
@@ -94,6 +95,7 @@ class Client:
         *,
         connect: Connector,
         tun_factory: Callable[[str, bool], TunDevice],
+        tun_writer: Callable[[TunDevice], ThreadedTunWriter] | None = None,
         net: NetConfigurator,
         trust: TrustStore,
         clock: Callable[[], float] = time.time,
@@ -102,6 +104,8 @@ class Client:
         self.settings = settings
         self._connect = connect
         self._tun_factory = tun_factory
+        self._tun_writer_factory = tun_writer
+        self._writer: ThreadedTunWriter | None = None
         self.net = net
         self.trust = trust
         self._clock = clock
@@ -357,6 +361,8 @@ class Client:
             driver.close(CloseCode.NORMAL, "client could not open its TUN")
             return
         self.tun = tun
+        if self._tun_writer_factory is not None:
+            self._writer = self._tun_writer_factory(tun)
         self.config = cfg
         try:
             await self.net.configure_link(
@@ -401,6 +407,9 @@ class Client:
                     await self.net.del_route(net, tun.name)
                 except Exception as err:
                     log.warning("could not remove route %s: %s", net, err)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()  # before the TUN: it may still be writing a batch
         # Closing the TUN fd deletes the device and every route through it.
         tun.close()
         log.info("tunnel down: %s removed", tun.name)
@@ -415,7 +424,7 @@ class Client:
             if len(good) != len(packets):
                 self.drops["bad_vnet_from_gateway"] += len(packets) - len(good)
             packets = good
-        tun.write_batch(packets)
+        (self._writer or tun).write_batch(packets)
 
     def _on_tun_readable(self) -> None:
         driver, tun, cfg = self._driver, self.tun, self.config

@@ -530,7 +530,14 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
 
     own = [load_certificate(cfg.pki.cert)]
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
-        client = Client(settings, connect=dial, tun_factory=_open_tun, net=net, trust=trust)
+        client = Client(
+            settings,
+            connect=dial,
+            tun_factory=_open_tun,
+            tun_writer=ThreadedTunWriter,
+            net=net,
+            trust=trust,
+        )
         control = ClientControl(
             client,
             started_at=time.time(),
