@@ -104,3 +104,35 @@ groups = _typed("a comma-separated group list", _groups)
 peer_name = _typed("a peer name", canonical_name)
 dns_name = _typed("a DNS name", canonical_dns_name)
 serial = _typed("a hexadecimal serial", parse_serial)
+
+
+def add_peer_options(parser: argparse.ArgumentParser, *, ip_help: str) -> None:
+    """--ip, --groups, --routes: what an admin decides for a peer's certificate
+    (shared by issue, sign, enroll)."""
+    parser.add_argument(
+        "--ip",
+        dest="addresses",
+        metavar="ADDR",
+        type=address,
+        action="extend",
+        nargs="+",
+        default=[],
+        help=ip_help,
+    )
+    parser.add_argument(
+        "--groups",
+        metavar="G1,G2",
+        type=groups,
+        action="extend",
+        default=[],
+        help="firewall groups, comma-separated",
+    )
+    parser.add_argument(
+        "--routes",
+        metavar="CIDR",
+        type=network,
+        action="extend",
+        nargs="+",
+        default=[],
+        help="subnets this peer may route (site-to-site)",
+    )

@@ -73,32 +73,9 @@ def _add_passphrase_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_cert_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ip",
-        dest="addresses",
-        metavar="ADDR",
-        type=types.address,
-        action="extend",
-        nargs="+",
-        default=[],
-        help="overlay address(es); default: the next free one (a gateway: the first usable)",
-    )
-    parser.add_argument(
-        "--groups",
-        metavar="G1,G2",
-        type=types.groups,
-        action="extend",
-        default=[],
-        help="firewall groups, comma-separated",
-    )
-    parser.add_argument(
-        "--routes",
-        metavar="CIDR",
-        type=types.network,
-        action="extend",
-        nargs="+",
-        default=[],
-        help="subnets this peer may route (site-to-site)",
+    types.add_peer_options(
+        parser,
+        ip_help="overlay address(es); default: the next free one (a gateway: the first usable)",
     )
     parser.add_argument(
         "--days",

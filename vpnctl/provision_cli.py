@@ -126,32 +126,8 @@ def register(command: CommandFactory, signing_pki: PkiFactory, reading_pki: PkiF
     p.add_argument(
         "--ssh", required=True, metavar="[USER@]HOST[:PORT]", type=_ssh_target, dest="target"
     )
-    p.add_argument(
-        "--ip",
-        dest="addresses",
-        metavar="ADDR",
-        type=types.address,
-        action="extend",
-        nargs="+",
-        default=[],
-        help="overlay address(es); default: the next free one (renewals keep theirs)",
-    )
-    p.add_argument(
-        "--groups",
-        metavar="G1,G2",
-        type=types.groups,
-        action="extend",
-        default=[],
-        help="firewall groups, comma-separated",
-    )
-    p.add_argument(
-        "--routes",
-        metavar="CIDR",
-        type=types.network,
-        action="extend",
-        nargs="+",
-        default=[],
-        help="subnets this peer may route (site-to-site)",
+    types.add_peer_options(
+        p, ip_help="overlay address(es); default: the next free one (renewals keep theirs)"
     )
     p.add_argument("--days", type=types.positive_int, help="certificate lifetime in days")
     p.add_argument(
