@@ -232,3 +232,18 @@ def test_human_units() -> None:
         "1d01h",
         "0s",
     ]
+
+
+def test_client_status_shows_server_and_tunnel_state() -> None:
+    import dataclasses
+
+    from control_fixtures import STATUS
+
+    from vpnctl.control_commands import status_text
+
+    up = status_text(dataclasses.replace(STATUS, role="client", sessions=1))
+    lines = dict(line.split(None, 1) for line in up.splitlines())
+    assert lines["server"] == "0.0.0.0:4443" and lines["tunnel"] == "up"
+    assert "policy rules" not in up and "crl" not in up
+    down = status_text(dataclasses.replace(STATUS, role="client", sessions=0))
+    assert "down (reconnecting)" in down

@@ -102,6 +102,21 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def status_text(info: StatusInfo) -> str:
+    if info.role == "client":
+        # A laptop: where it connects, whether the tunnel is up; no CRL or policy.
+        pairs = [
+            ("role", info.role),
+            ("version", info.version),
+            ("pid", str(info.pid)),
+            ("uptime", duration(info.uptime_s)),
+            ("server", info.listen or "-"),
+            ("tun", info.tun),
+            ("tunnel", "up" if info.sessions else "down (reconnecting)"),
+            ("drops", counts(info.drops)),
+            ("certificate", cert_line(info.cert)),
+            ("ca", cert_line(info.ca)),
+        ]
+        return render.fields(pairs, indent="")
     pairs = [
         ("role", info.role),
         ("version", info.version),
