@@ -230,3 +230,25 @@ def test_client_status_shows_its_tunnel_and_gateway(lab: Lab) -> None:
     kick = subprocess.run([VPNCTL, "--socket", sock, "kick", "x"],
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert kick.returncode == 1 and "gateway command" in kick.stderr
+
+
+def test_gateway_certificate_renewed_by_reload_keeps_live_tunnels(lab: Lab) -> None:
+    lab.issue("alice")
+    lab.issue("bob")
+    lab.start_gateway()
+    lab.start_client("alice")
+    lab.wait_up("alice")
+    before = json.loads(ctl(lab, "status", "--json").stdout)["cert"]["serial"]
+    # The admin renews the gateway's certificate in place, then reloads.
+    lab.issue("gw", "--gateway", "--dns", "gw.vpn.test", "--ip", GW_OVERLAY)
+    report = json.loads(ctl(lab, "reload", "--json").stdout)
+    assert any(line.startswith("gateway certificate: now serial") for line in report["changed"])
+    assert report["closed"] == []
+    status = json.loads(ctl(lab, "status", "--json").stdout)
+    assert status["cert"]["serial"] != before
+    assert lab.ping("alice", GW_OVERLAY), "the live tunnel was kept"
+    assert "tunnel down" not in lab.hosts["alice"].log_text()
+    # A new client handshakes against the renewed certificate.
+    lab.start_client("bob")
+    lab.wait_up("bob")
+    assert lab.ping("bob", GW_OVERLAY)

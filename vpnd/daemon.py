@@ -213,6 +213,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         raise StartupError("the gateway certificate carries no overlay IP address")
     settings = _gateway_settings(cfg, overlays, tuple(gw_ifaces))
 
+    control: GatewayControl | None = None
+
     async def reload() -> ReloadReport:
         """Validate everything first; apply only if all of it is good; report changes."""
         nonlocal current, passphrase, own
@@ -256,6 +258,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
                 f"{new_own.not_valid_after_utc.isoformat()} (live tunnels kept)"
             )
         current, passphrase, own = new, new_passphrase, new_own
+        if control is not None:
+            control.own_cert = new_own  # status and metrics show the renewed certificate
         before = watcher.crl_state
         watcher.ca, watcher.crl = new.pki.ca, new.pki.crl
         watcher.allow_stale = new.pki.crl_stale == CrlStale.ALLOW
