@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from vpnctl_fixtures import run
+
+from vpnctl import cli
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20000"))
 
@@ -79,3 +83,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     HealthCheck.data_too_large,
                 ],
             )
+
+
+# ---- vpnctl CLI tests ----
+
+
+@pytest.fixture
+def vpnctl_clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test inherits a PKI directory or a passphrase file from the shell."""
+    monkeypatch.delenv(cli.ENV_PKI, raising=False)
+    monkeypatch.delenv(cli.ENV_PASSPHRASE_FILE, raising=False)
+
+
+@pytest.fixture
+def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh CA (10.8.0.0/24) in tmp_path/pki, also set as $VPNCTL_PKI."""
+    path = tmp_path / "pki"
+    code, _, err = run(
+        "--pki", str(path), "ca", "init", "--name", "test-ca", "--network", "10.8.0.0/24"
+    )
+    assert code == 0, err
+    monkeypatch.setenv(cli.ENV_PKI, str(path))
+    return path
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    path = tmp_path / "out"
+    path.mkdir()
+    return path

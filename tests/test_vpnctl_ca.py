@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import pytest
+from vpnctl_fixtures import assert_one_error_line, run
 
 from vpnctl import cli
 from vpnd import atomicfile
@@ -14,24 +14,7 @@ from vpnd.pki.crl import load_crls
 from vpnd.pki.keys import load_certificate
 from vpnd.pki.pkidir import PkiDir
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_error_line(err: str) -> None:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vpnctl: error: ")
-    assert "Traceback" not in err
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.ENV_PKI, raising=False)
-    monkeypatch.delenv(cli.ENV_PASSPHRASE_FILE, raising=False)
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 def init(pki: Path, *extra: str) -> tuple[int, str, str]:

@@ -3,56 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import ipaddress
 import json
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from vpnctl_fixtures import assert_one_error_line, run
 
-from vpnctl import cli
 from vpnd.pki.crl import load_crls
 from vpnd.pki.identity import Reason, Role, VerifyError
 from vpnd.pki.keys import load_certificate
 from vpnd.pki.pkidir import PkiDir
 from vpnd.pki.verify import load_trust_store, verify_peer
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_error_line(err: str) -> None:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vpnctl: error: ")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.ENV_PKI, raising=False)
-    monkeypatch.delenv(cli.ENV_PASSPHRASE_FILE, raising=False)
-
-
-@pytest.fixture
-def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "pki"
-    code, _, err = run(
-        "--pki", str(path), "ca", "init", "--name", "test-ca", "--network", "10.8.0.0/24"
-    )
-    assert code == 0, err
-    monkeypatch.setenv(cli.ENV_PKI, str(path))
-    return path
-
-
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 def crl_of(pki: Path) -> x509.CertificateRevocationList:

@@ -15,55 +15,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from vpnctl_fixtures import assert_one_error_line, run
 
-from vpnctl import cli
 from vpnd import cli as vpnd_cli
 from vpnd.pki.identity import Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.profile import describe_certificate
 from vpnd.pki.verify import load_trust_store, verify_peer
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 def vpnd(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = vpnd_cli.main(list(argv), out, err)
     return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_error_line(err: str) -> None:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vpnctl: error: ")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.ENV_PKI, raising=False)
-    monkeypatch.delenv(cli.ENV_PASSPHRASE_FILE, raising=False)
-
-
-@pytest.fixture
-def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "pki"
-    code, _, err = run(
-        "--pki", str(path), "ca", "init", "--name", "test-ca", "--network", "10.8.0.0/24"
-    )
-    assert code == 0, err
-    monkeypatch.setenv(cli.ENV_PKI, str(path))
-    return path
-
-
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
 
 
 def records(pki: Path) -> list[dict[str, object]]:
