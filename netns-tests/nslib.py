@@ -17,6 +17,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ PREFIX = "vpnt-"
 TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 RUN_TIMEOUT = 60.0
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
+# The interpreter running the suite (its venv holds vpnd/vpnctl), not a path in the checkout.
+PYTHON = sys.executable
 
 
 class HarnessError(Exception):

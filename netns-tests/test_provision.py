@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from nslib import ROOT, NetnsFactory, wait_for
+from nslib import NetnsFactory, wait_for
 from vpnlab import GW_OVERLAY, GW_WAN, PORT, SERVER_NAME, VPNCTL, VPND, Lab
 
 from vpnd.pki.keys import load_private_key
@@ -70,7 +70,7 @@ def _start_sshd(lab: Lab, d: Path) -> tuple[Path, Path]:
         # to syslog): how we see what was read. The command runs through the shell.
         f"Subsystem sftp {SFTP_SERVER} -e -l INFO 2>>{d / 'sftp.log'}\n"
         # vpnd on the host's PATH, so enroll uses 'vpnd keygen' there.
-        f"SetEnv PATH={ROOT / '.venv' / 'bin'}:/usr/bin:/bin\n"
+        f"SetEnv PATH={Path(VPND).parent}:/usr/bin:/bin\n"
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep chroot
     subprocess.run([SSHD, "-t", "-f", str(cfg)], check=True, timeout=30)

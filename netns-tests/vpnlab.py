@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from nslib import PYTHON, ROOT, Netns, NetnsFactory, veth
+from nslib import PYTHON, Netns, NetnsFactory, veth
 
-VPNCTL = str(ROOT / ".venv" / "bin" / "vpnctl")
-VPND = str(ROOT / ".venv" / "bin" / "vpnd")
+VPNCTL = str(Path(PYTHON).parent / "vpnctl")
+VPND = str(Path(PYTHON).parent / "vpnd")
 OVERLAY = "10.8.0.0/24"
 LAN = "192.168.50.0/24"
 LAN_HOST = "192.168.50.10"

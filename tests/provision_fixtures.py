@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from asyncssh.constants import FXF_READ, FXF_WRITE
 from vpnd.pki.pkidir import PkiDir
 
 ROOT = Path(__file__).resolve().parents[1]
-VPND = ROOT / ".venv" / "bin" / "vpnd"
+# The vpnd entry point of the Python running the tests (whatever venv that is), not a
+# hard-coded path inside the checkout.
+VPND = Path(sys.executable).parent / "vpnd"
 SYSTEM_PATH = "/usr/bin:/bin"
 OVERLAY = "10.8.0.0/24"
 STEP_TIMEOUT = 20.0  # bound on every cross-thread wait

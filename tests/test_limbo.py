@@ -11,6 +11,7 @@ structure checks and revocation.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import ipaddress
 import json
 from pathlib import Path
@@ -21,9 +22,9 @@ from cryptography import x509
 
 from vpnd.pki import PkiError, Reason, Role, TrustStore, VerifyError, VerifyOptions, verify_chain
 
-LIMBO = (
-    Path(__file__).resolve().parents[1] / ".." / "shared" / "testdata" / "x509-limbo" / "limbo.json"
-)
+# Shipped in the repository (source and licence in tests/data/x509-limbo/README.md), so a
+# plain clone needs nothing beside it.
+LIMBO = Path(__file__).resolve().parent / "data" / "x509-limbo" / "limbo.json.gz"
 
 # One line per skipped case: why vpnd (deliberately, or through cryptography 50.0.2)
 # decides differently from limbo's expectation.
@@ -72,7 +73,7 @@ EXPECTED_REASONS: dict[str, set[Reason]] = {
 def _load() -> list[dict[str, Any]]:
     if not LIMBO.is_file():
         return []
-    data: dict[str, Any] = json.loads(LIMBO.read_text())
+    data: dict[str, Any] = json.loads(gzip.decompress(LIMBO.read_bytes()))
     cases: list[dict[str, Any]] = data["testcases"]
     return cases
 
@@ -82,8 +83,8 @@ CASES = _load()
 
 def test_limbo_file_present() -> None:
     assert LIMBO.is_file(), (
-        f"x509-limbo vectors missing at {LIMBO}: they live in ../shared/testdata "
-        "next to the repository (always present in CI)"
+        f"x509-limbo vectors missing at {LIMBO}: they ship with the repository "
+        "(see tests/data/x509-limbo/README.md)"
     )
     assert len(CASES) > 100
 
