@@ -99,8 +99,11 @@ class Client:
         net: NetConfigurator,
         trust: TrustStore,
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        """``clock`` is wall time (certificate validity, timestamps for people); ``mono``
+        drives the session's timers, so a stepped wall clock cannot end the tunnel."""
         self.settings = settings
         self._connect = connect
         self._tun_factory = tun_factory
@@ -109,6 +112,7 @@ class Client:
         self.net = net
         self.trust = trust
         self._clock = clock
+        self._mono = mono
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self.tun: TunDevice | None = None
         self.config: TunnelConfig | None = None
@@ -131,9 +135,13 @@ class Client:
         """Packets the client refused to send or deliver, by reason."""
 
     def stop(self) -> None:
+        """Stop now: an in-flight connect or TLS handshake is cancelled, a backoff wait
+        ends, a live session gets a CLOSE; ``run()`` returns once the TUN is down."""
+        if not self._stop.is_set():
+            log.info("stopping: closing the connection to the gateway %s", self.settings.server)
         self._stop.set()
         if self._driver is not None:
-            self._driver.close(CloseCode.SHUTDOWN, "client shutting down")
+            self._driver.close(CloseCode.SHUTDOWN, "client stopping")
 
     async def run(self) -> None:
         """Connect, serve, reconnect with exponential backoff and jitter until stopped."""
@@ -162,7 +170,9 @@ class Client:
         """A TLS connection to a verified gateway, or why there is none."""
         s = self.settings
         try:
-            conn = await self._connect()
+            conn = await self._unless_stopped(self._connect())
+            if conn is None:
+                return Outcome(False, False, "stopped while connecting")
         except TlsHandshakeError as err:
             msg = f"refused the gateway {s.server}: {err.reason}: {err.detail}"
             log.error("%s", msg)
@@ -196,6 +206,23 @@ class Client:
         )
         return conn
 
+    async def _unless_stopped(self, aw: Awaitable[TlsConnection]) -> TlsConnection | None:
+        """``await aw``, or None as soon as ``stop()`` is called (``aw`` is cancelled and
+        a connection it produced anyway is closed)."""
+        work = asyncio.ensure_future(aw)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not work.done():
+                work.cancel()
+        if not self._stop.is_set():
+            return work.result()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            (await work).abort()  # connected just as stop() came: do not leave it open
+        return None
+
     def _start_session(
         self, conn: TlsConnection, on_config: Callable[[TunnelConfig], None]
     ) -> tuple[SessionDriver, asyncio.Future[Outcome]]:
@@ -207,7 +234,7 @@ class Client:
                 max_frame=self.settings.max_frame,
                 config_timeout=self.settings.handshake_timeout,
             ),
-            self._clock(),
+            self._mono(),
             offload=self.settings.offload,
         )
         driver: SessionDriver | None = None
@@ -230,6 +257,13 @@ class Client:
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
                 return
+            ended = driver.session.close_event if driver is not None else None
+            if self._stop.is_set() and ended is not None and not ended.by_peer:
+                # Our own stop (SIGTERM): not "the gateway is shutting down".
+                text = f"stopped: closed the session to the gateway {self.settings.server}"
+                log.info("%s", text)
+                done.set_result(Outcome(state["established"], False, text))
+                return
             if isinstance(exc, TlsAlertReceived):
                 out = self._alert_outcome(exc.alert)
                 done.set_result(Outcome(state["established"], out.permanent, out.message))
@@ -243,7 +277,9 @@ class Client:
             (log.error if permanent else log.warning)("%s", text)
             done.set_result(Outcome(state["established"], permanent, text))
 
-        driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        driver = SessionDriver(
+            conn, session, on_event=on_event, on_lost=on_lost, mono=self._mono, wall=self._clock
+        )
         return driver, done
 
     async def _serve(self, conn: TlsConnection) -> Outcome:
@@ -441,5 +477,5 @@ class Client:
             if len(batch) != len(packets):
                 self.drops["not_own_source"] += len(packets) - len(batch)
             if batch:
-                driver.session.send_packets(batch, self._clock(), vnet=tun.vnet_hdr)
+                driver.session.send_packets(batch, self._mono(), vnet=tun.vnet_hdr)
                 driver.flush()
