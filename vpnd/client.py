@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -21,7 +22,8 @@ from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import PeerIdentity, Role, VerifyError
+from vpnd.pki.identity import IPNetwork, PeerIdentity, Role, VerifyError
+from vpnd.policy.addresses import AddressTable
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -75,6 +77,28 @@ class ClientSettings:
     max_delay: float = 30.0
     offload: bool = False
     """Offer TUN offload (virtio headers, GSO super-packets) to the gateway."""
+    own_routes: tuple[IPNetwork, ...] = ()
+    """The subnets our certificate may route (a site router): their hosts' packets go
+    into the tunnel as well as our own addresses'."""
+
+
+# Settings a live session was built with: changing one needs a new session.
+_RECONNECT_FIELDS = frozenset({"server", "server_name", "tun_name", "max_frame", "offload"})
+
+
+def settings_changes(old: ClientSettings, new: ClientSettings) -> tuple[list[str], bool]:
+    """What a reload changes: a line per changed setting, and whether the live tunnel
+    must be re-established for them (the others apply at once or at the next connect)."""
+    changed: list[str] = []
+    reconnect = False
+    for fld in dataclasses.fields(ClientSettings):
+        a, b = getattr(old, fld.name), getattr(new, fld.name)
+        if a != b:
+            if isinstance(a, tuple):
+                a, b = ", ".join(map(str, a)) or "none", ", ".join(map(str, b)) or "none"
+            changed.append(f"{fld.name}: {a} -> {b}")
+            reconnect = reconnect or fld.name in _RECONNECT_FIELDS
+    return changed, reconnect
 
 
 @dataclass
@@ -133,6 +157,7 @@ class Client:
         self.connected_since: float | None = None
         self.drops: Counter[str] = Counter()
         """Packets the client refused to send or deliver, by reason."""
+        self._routed: tuple[tuple[IPNetwork, ...], AddressTable[bool]] | None = None
 
     def stop(self) -> None:
         """Stop now: an in-flight connect or TLS handshake is cancelled, a backoff wait
@@ -142,6 +167,16 @@ class Client:
         self._stop.set()
         if self._driver is not None:
             self._driver.close(CloseCode.SHUTDOWN, "client stopping")
+
+    def reconfigure(self, settings: ClientSettings) -> list[str]:
+        """Adopt new settings (reload); the live tunnel is re-established only when a
+        setting it was built with changed. Returns what changed."""
+        changed, reconnect = settings_changes(self.settings, settings)
+        self.settings = settings
+        if reconnect and self._driver is not None and not self._stop.is_set():
+            log.info("reconnecting to apply the new configuration")
+            self._driver.close(CloseCode.NORMAL, "client reconnecting with a new configuration")
+        return changed
 
     async def run(self) -> None:
         """Connect, serve, reconnect with exponential backoff and jitter until stopped."""
@@ -424,6 +459,17 @@ class Client:
         self.connected_since = self._clock()
         self.connected.set()
 
+    def _routed_sources(self) -> AddressTable[bool] | None:
+        """Longest-prefix table of ``settings.own_routes`` (None: not a site router)."""
+        routes = self.settings.own_routes
+        if not routes:
+            return None
+        if self._routed is None or self._routed[0] != routes:
+            table: AddressTable[bool] = AddressTable()
+            table.add(True, routes)
+            self._routed = (routes, table)
+        return self._routed[1]
+
     def counters(self) -> SessionCounters | None:
         """Traffic counters of the live session, if any."""
         return self._driver.session.counters if self._driver is not None else None
@@ -467,13 +513,20 @@ class Client:
         if driver is None or tun is None or cfg is None:
             return
         own = {cfg.address.ip.packed, *(a.ip.packed for a in cfg.extra_addresses)}
+        routed = self._routed_sources()
         off = VNET_HDR_LEN if tun.vnet_hdr else 0
         for _ in range(16):
             packets = tun.read_batch(64)
             if not packets:
                 return
-            # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
-            batch = [p for p in packets if (a := ip_src_dst(p, off)) is not None and a[0] in own]
+            # Only our own sources go into the tunnel (no IPv6 chatter, no leaks): our
+            # overlay addresses, and a site router's LAN (its certificate's routes).
+            batch = [
+                p
+                for p in packets
+                if (a := ip_src_dst(p, off)) is not None
+                and (a[0] in own or (routed is not None and routed.lookup_raw(a[0]) is not None))
+            ]
             if len(batch) != len(packets):
                 self.drops["not_own_source"] += len(packets) - len(batch)
             if batch:
