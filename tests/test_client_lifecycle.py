@@ -187,3 +187,8 @@ def test_wall_steps_do_not_end_a_tunnel_and_expiry_still_cuts(
             await w.close()
 
     run(scenario())
+
+
+def test_the_client_unit_reloads_with_sighup() -> None:
+    unit = Path(__file__).parent.parent / "config" / "systemd" / "vpnd-client.service"
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read_text().splitlines()
