@@ -133,7 +133,8 @@ class LoadGen:
             if not up.done():
                 up.set_exception(ConnectionError(message))
 
-        session = Session(SessionConfig(role="client", config_timeout=CONNECT_TIMEOUT), time.time())
+        loop_now = asyncio.get_running_loop().time()  # the driver's (monotonic) timebase
+        session = Session(SessionConfig(role="client", config_timeout=CONNECT_TIMEOUT), loop_now)
         sim.driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost)
         sim.driver.start()
         try:

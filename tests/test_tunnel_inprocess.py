@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,12 @@ class World:
         self.crl_path.write_bytes(crl_pem(crl))
 
     async def start_gateway(
-        self, duplicate: str = "replace", policy: PolicyConfig = ALLOW_ALL
+        self,
+        duplicate: str = "replace",
+        policy: PolicyConfig = ALLOW_ALL,
+        *,
+        clock: Callable[[], float] = time.time,
+        keepalive: tuple[float, float] = (5, 15),
     ) -> None:
         settings = GatewaySettings(
             duplicate=duplicate,
@@ -116,8 +122,8 @@ class World:
                 for a in (["10.8.0.1/24", "fd00:8::1/64"] if self.v6 else ["10.8.0.1/24"])
             ),
             push_routes=(LAN,),
-            keepalive_interval=5,
-            keepalive_timeout=15,
+            keepalive_interval=keepalive[0],
+            keepalive_timeout=keepalive[1],
         )
         self.gateway = Gateway(
             settings,
@@ -125,6 +131,7 @@ class World:
             net=self.gw_net,
             trust=load_trust_store(self.ca_path, self.crl_path),
             policy=policy,
+            clock=clock,
         )
         await self.gateway.start()
         ctx = server_context(ca=self.ca_path, cert=self.gw_cert, key=self.gw_key, crl=self.crl_path)
@@ -148,6 +155,7 @@ class World:
         leaf: Leaf | None = None,
         label: str | None = None,
         offload: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> Node:
         issuer = ca or self.ca
         if leaf is None:
@@ -184,6 +192,7 @@ class World:
             tun_factory=tun_factory,
             net=net,
             trust=load_trust_store(self.ca_path, None, crl_required=False),
+            clock=clock,
         )
         node = Node(client, tuns, net, asyncio.create_task(client.run()))
         self.nodes.append(node)

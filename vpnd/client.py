@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -21,7 +22,8 @@ from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import PeerIdentity, Role, VerifyError
+from vpnd.pki.identity import IPNetwork, PeerIdentity, Role, VerifyError
+from vpnd.policy.addresses import AddressTable
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -75,6 +77,28 @@ class ClientSettings:
     max_delay: float = 30.0
     offload: bool = False
     """Offer TUN offload (virtio headers, GSO super-packets) to the gateway."""
+    own_routes: tuple[IPNetwork, ...] = ()
+    """The subnets our certificate may route (a site router): their hosts' packets go
+    into the tunnel as well as our own addresses'."""
+
+
+# Settings a live session was built with: changing one needs a new session.
+_RECONNECT_FIELDS = frozenset({"server", "server_name", "tun_name", "max_frame", "offload"})
+
+
+def settings_changes(old: ClientSettings, new: ClientSettings) -> tuple[list[str], bool]:
+    """What a reload changes: a line per changed setting, and whether the live tunnel
+    must be re-established for them (the others apply at once or at the next connect)."""
+    changed: list[str] = []
+    reconnect = False
+    for fld in dataclasses.fields(ClientSettings):
+        a, b = getattr(old, fld.name), getattr(new, fld.name)
+        if a != b:
+            if isinstance(a, tuple):
+                a, b = ", ".join(map(str, a)) or "none", ", ".join(map(str, b)) or "none"
+            changed.append(f"{fld.name}: {a} -> {b}")
+            reconnect = reconnect or fld.name in _RECONNECT_FIELDS
+    return changed, reconnect
 
 
 @dataclass
@@ -99,8 +123,11 @@ class Client:
         net: NetConfigurator,
         trust: TrustStore,
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        """``clock`` is wall time (certificate validity, timestamps for people); ``mono``
+        drives the session's timers, so a stepped wall clock cannot end the tunnel."""
         self.settings = settings
         self._connect = connect
         self._tun_factory = tun_factory
@@ -109,6 +136,7 @@ class Client:
         self.net = net
         self.trust = trust
         self._clock = clock
+        self._mono = mono
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self.tun: TunDevice | None = None
         self.config: TunnelConfig | None = None
@@ -129,11 +157,26 @@ class Client:
         self.connected_since: float | None = None
         self.drops: Counter[str] = Counter()
         """Packets the client refused to send or deliver, by reason."""
+        self._routed: tuple[tuple[IPNetwork, ...], AddressTable[bool]] | None = None
 
     def stop(self) -> None:
+        """Stop now: an in-flight connect or TLS handshake is cancelled, a backoff wait
+        ends, a live session gets a CLOSE; ``run()`` returns once the TUN is down."""
+        if not self._stop.is_set():
+            log.info("stopping: closing the connection to the gateway %s", self.settings.server)
         self._stop.set()
         if self._driver is not None:
-            self._driver.close(CloseCode.SHUTDOWN, "client shutting down")
+            self._driver.close(CloseCode.SHUTDOWN, "client stopping")
+
+    def reconfigure(self, settings: ClientSettings) -> list[str]:
+        """Adopt new settings (reload); the live tunnel is re-established only when a
+        setting it was built with changed. Returns what changed."""
+        changed, reconnect = settings_changes(self.settings, settings)
+        self.settings = settings
+        if reconnect and self._driver is not None and not self._stop.is_set():
+            log.info("reconnecting to apply the new configuration")
+            self._driver.close(CloseCode.NORMAL, "client reconnecting with a new configuration")
+        return changed
 
     async def run(self) -> None:
         """Connect, serve, reconnect with exponential backoff and jitter until stopped."""
@@ -162,7 +205,9 @@ class Client:
         """A TLS connection to a verified gateway, or why there is none."""
         s = self.settings
         try:
-            conn = await self._connect()
+            conn = await self._unless_stopped(self._connect())
+            if conn is None:
+                return Outcome(False, False, "stopped while connecting")
         except TlsHandshakeError as err:
             msg = f"refused the gateway {s.server}: {err.reason}: {err.detail}"
             log.error("%s", msg)
@@ -196,6 +241,23 @@ class Client:
         )
         return conn
 
+    async def _unless_stopped(self, aw: Awaitable[TlsConnection]) -> TlsConnection | None:
+        """``await aw``, or None as soon as ``stop()`` is called (``aw`` is cancelled and
+        a connection it produced anyway is closed)."""
+        work = asyncio.ensure_future(aw)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not work.done():
+                work.cancel()
+        if not self._stop.is_set():
+            return work.result()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            (await work).abort()  # connected just as stop() came: do not leave it open
+        return None
+
     def _start_session(
         self, conn: TlsConnection, on_config: Callable[[TunnelConfig], None]
     ) -> tuple[SessionDriver, asyncio.Future[Outcome]]:
@@ -207,7 +269,7 @@ class Client:
                 max_frame=self.settings.max_frame,
                 config_timeout=self.settings.handshake_timeout,
             ),
-            self._clock(),
+            self._mono(),
             offload=self.settings.offload,
         )
         driver: SessionDriver | None = None
@@ -230,6 +292,13 @@ class Client:
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
                 return
+            ended = driver.session.close_event if driver is not None else None
+            if self._stop.is_set() and ended is not None and not ended.by_peer:
+                # Our own stop (SIGTERM): not "the gateway is shutting down".
+                text = f"stopped: closed the session to the gateway {self.settings.server}"
+                log.info("%s", text)
+                done.set_result(Outcome(state["established"], False, text))
+                return
             if isinstance(exc, TlsAlertReceived):
                 out = self._alert_outcome(exc.alert)
                 done.set_result(Outcome(state["established"], out.permanent, out.message))
@@ -243,7 +312,9 @@ class Client:
             (log.error if permanent else log.warning)("%s", text)
             done.set_result(Outcome(state["established"], permanent, text))
 
-        driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        driver = SessionDriver(
+            conn, session, on_event=on_event, on_lost=on_lost, mono=self._mono, wall=self._clock
+        )
         return driver, done
 
     async def _serve(self, conn: TlsConnection) -> Outcome:
@@ -388,6 +459,17 @@ class Client:
         self.connected_since = self._clock()
         self.connected.set()
 
+    def _routed_sources(self) -> AddressTable[bool] | None:
+        """Longest-prefix table of ``settings.own_routes`` (None: not a site router)."""
+        routes = self.settings.own_routes
+        if not routes:
+            return None
+        if self._routed is None or self._routed[0] != routes:
+            table: AddressTable[bool] = AddressTable()
+            table.add(True, routes)
+            self._routed = (routes, table)
+        return self._routed[1]
+
     def counters(self) -> SessionCounters | None:
         """Traffic counters of the live session, if any."""
         return self._driver.session.counters if self._driver is not None else None
@@ -431,15 +513,22 @@ class Client:
         if driver is None or tun is None or cfg is None:
             return
         own = {cfg.address.ip.packed, *(a.ip.packed for a in cfg.extra_addresses)}
+        routed = self._routed_sources()
         off = VNET_HDR_LEN if tun.vnet_hdr else 0
         for _ in range(16):
             packets = tun.read_batch(64)
             if not packets:
                 return
-            # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
-            batch = [p for p in packets if (a := ip_src_dst(p, off)) is not None and a[0] in own]
+            # Only our own sources go into the tunnel (no IPv6 chatter, no leaks): our
+            # overlay addresses, and a site router's LAN (its certificate's routes).
+            batch = [
+                p
+                for p in packets
+                if (a := ip_src_dst(p, off)) is not None
+                and (a[0] in own or (routed is not None and routed.lookup_raw(a[0]) is not None))
+            ]
             if len(batch) != len(packets):
                 self.drops["not_own_source"] += len(packets) - len(batch)
             if batch:
-                driver.session.send_packets(batch, self._clock(), vnet=tun.vnet_hdr)
+                driver.session.send_packets(batch, self._mono(), vnet=tun.vnet_hdr)
                 driver.flush()

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd import sdnotify
-from vpnd.client import Client, ClientSettings
+from vpnd.client import Client, ClientSettings, settings_changes
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
@@ -44,6 +44,7 @@ from vpnd.pki.authority import ca_networks
 from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, load_certificate
+from vpnd.pki.profile import peer_attributes_of
 from vpnd.transport.connection import TlsConnection, connect, serve
 from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
 from vpnd.trust_watch import TrustWatcher
@@ -82,7 +83,7 @@ async def _main(cfg: GatewayConfig | ClientConfig, config_path: str) -> int:
     if isinstance(cfg, GatewayConfig):
         await _run_gateway(cfg, config_path, stop)
     else:
-        await _run_client(cfg, stop)
+        await _run_client(cfg, stop, config_path)
     return 0
 
 
@@ -441,9 +442,52 @@ async def _expiry_warnings(cfg: GatewayConfig | ClientConfig) -> None:
         _own_certificate(cfg, dt.datetime.now(dt.UTC))
 
 
-async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
+def _client_settings(cfg: ClientConfig, offload_ok: bool) -> ClientSettings:
+    try:
+        routes = peer_attributes_of(load_certificate(cfg.pki.cert)).routes
+    except PkiError as err:
+        raise PkiError(f"pki.cert: {err}") from None
+    return ClientSettings(
+        server=f"{cfg.server.host}:{cfg.server.port}",
+        server_name=cfg.server_name,
+        tun_name=cfg.tun.name,
+        handshake_timeout=cfg.handshake_timeout,
+        max_frame=cfg.limits.max_frame,
+        initial_delay=cfg.reconnect.initial_delay,
+        max_delay=cfg.reconnect.max_delay,
+        offload=cfg.tun.offload and offload_ok,
+        own_routes=routes,
+    )
+
+
+def _warn_if_not_forwarding(routes: tuple[IPNetwork, ...]) -> None:
+    """A site router (certificate routes) needs the kernel to forward its LAN's packets."""
+    for version, path in ((4, "/proc/sys/net/ipv4/ip_forward"),
+                          (6, "/proc/sys/net/ipv6/conf/all/forwarding")):  # fmt: skip
+        nets = [str(n) for n in routes if n.version == version]
+        if not nets:
+            continue
+        try:
+            on = Path(path).read_text().strip() == "1"
+        except OSError:
+            continue
+        if not on:
+            log.warning(
+                "this certificate routes %s (site-to-site) but %s is 0: hosts behind "
+                "this machine cannot use the tunnel until forwarding is enabled",
+                ", ".join(nets),
+                path.removeprefix("/proc/sys/").replace("/", "."),
+            )
+
+
+# Client keys a running client cannot change: they need a restart (reload reports them).
+_CLIENT_RESTART_KEYS = ("control_socket", "metrics")
+
+
+async def _run_client(cfg: ClientConfig, stop: asyncio.Event, config_path: str = "") -> None:
     now = dt.datetime.now(dt.UTC)
     _own_certificate(cfg, now)
+    current = cfg  # replaced by each successful reload (SIGHUP, `vpnctl reload`)
     try:
         # A client checks the gateway against its CA; a CRL is optional on clients.
         trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
@@ -453,36 +497,35 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
 
     def make_context() -> ssl.SSLContext:
         return client_context(
-            ca=cfg.pki.ca, cert=cfg.pki.cert, key=cfg.pki.key, key_passphrase=passphrase
+            ca=current.pki.ca,
+            cert=current.pki.cert,
+            key=current.pki.key,
+            key_passphrase=passphrase,
         )
 
     try:
         good = [make_context()]  # the last context that loaded; replaced on renewal
     except TlsConfigError as err:
         raise StartupError(str(err)) from None
-    settings = ClientSettings(
-        server=f"{cfg.server.host}:{cfg.server.port}",
-        server_name=cfg.server_name,
-        tun_name=cfg.tun.name,
-        handshake_timeout=cfg.handshake_timeout,
-        max_frame=cfg.limits.max_frame,
-        initial_delay=cfg.reconnect.initial_delay,
-        max_delay=cfg.reconnect.max_delay,
-        offload=cfg.tun.offload and probe_offload(),
-    )
+    offload_ok = cfg.tun.offload and probe_offload()
+    try:
+        settings = _client_settings(cfg, offload_ok)
+    except PkiError as err:
+        raise StartupError(str(err)) from None
+    _warn_if_not_forwarding(settings.own_routes)
 
     async def dial() -> TlsConnection:
         return await connect(
-            cfg.server.host,
-            cfg.server.port,
+            current.server.host,
+            current.server.port,
             good[0],
-            server_hostname=cfg.server_name,
-            timeout=cfg.handshake_timeout,
+            server_hostname=current.server_name,
+            timeout=current.handshake_timeout,
         )
 
     def files() -> tuple[tuple[int, int], ...]:
         out = []
-        for path in (cfg.pki.cert, cfg.pki.key, cfg.pki.ca):
+        for path in (current.pki.cert, current.pki.key, current.pki.ca):
             try:
                 st = os.stat(path)
                 out.append((st.st_ino, st.st_mtime_ns))
@@ -490,15 +533,21 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
                 out.append((-1, -1))
         return tuple(out)
 
-    async def refresh(client: Client) -> ReloadReport:
+    async def refresh(client: Client, *, rotate: bool = True) -> ReloadReport:
         """Adopt changed certificate/key/CA files and move the live tunnel onto them."""
         try:
             ctx = make_context()
-            new_trust = load_trust_store(cfg.pki.ca, cfg.pki.crl, crl_required=False)
-            cert = load_certificate(cfg.pki.cert)
+            new_trust = load_trust_store(current.pki.ca, current.pki.crl, crl_required=False)
+            cert = load_certificate(current.pki.cert)
+            routes = peer_attributes_of(cert).routes
         except TlsConfigError as err:
             raise PkiError(str(err)) from None
         report = ReloadReport()
+        if routes != client.settings.own_routes:
+            report.changed.extend(
+                client.reconfigure(dataclasses.replace(client.settings, own_routes=routes))
+            )
+            _warn_if_not_forwarding(routes)
         if cert.fingerprint(hashes.SHA256()) != own[0].fingerprint(hashes.SHA256()):
             report.changed.append(
                 f"certificate: now serial {cert.serial_number:x}, valid until "
@@ -506,8 +555,8 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             )
         good[0], own[0] = ctx, cert
         client.trust = new_trust
-        _own_certificate(cfg, dt.datetime.now(dt.UTC))
-        if report.changed and client.connected.is_set():
+        _own_certificate(current, dt.datetime.now(dt.UTC))
+        if rotate and report.changed and client.connected.is_set():
             if await client.rotate():
                 report.changed.append("the live tunnel moved onto it without going down")
             else:
@@ -532,6 +581,44 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             for line in report.changed:
                 log.info("certificate files changed: %s", line)
 
+    async def reload(client: Client) -> ReloadReport:
+        """Re-read the config, certificate, key and CA; keep the tunnel unless something
+        it was built with changed. Validated first: on error nothing changes."""
+        nonlocal current, passphrase
+        if not config_path:
+            return await refresh(client)
+        new = load_config(config_path)  # ConfigError: refused, the running config kept
+        if not isinstance(new, ClientConfig):
+            raise ConfigError(config_path, "mode", "changed to gateway: restart vpnd instead")
+        try:
+            new_passphrase = _passphrase(new.pki.key_passphrase_file)
+        except StartupError as err:
+            raise PkiError(str(err)) from None
+        try:
+            client_context(ca=new.pki.ca, cert=new.pki.cert, key=new.pki.key,
+                           key_passphrase=new_passphrase)  # fmt: skip
+            load_trust_store(new.pki.ca, new.pki.crl, crl_required=False)
+            new_settings = _client_settings(new, offload_ok)
+        except TlsConfigError as err:
+            raise PkiError(str(err)) from None
+        old = current
+        current, passphrase = new, new_passphrase
+        _, reconnect = settings_changes(client.settings, new_settings)
+        # A new session is coming anyway: no make-before-break rotation onto the old server.
+        report = await refresh(client, rotate=not reconnect)
+        report.changed.extend(client.reconfigure(new_settings))
+        if reconnect and client.connected.is_set():
+            report.changed.append("the tunnel reconnects to apply it")
+        for key in _CLIENT_RESTART_KEYS:
+            if getattr(new, key) != getattr(old, key):
+                report.errors.append(f"{key}: changed, takes effect after a restart")
+        if new.log.level != old.log.level:
+            logging.getLogger().setLevel(new.log.level.value.upper())
+            report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
+        if new.log.format != old.log.format:
+            report.errors.append("log.format: changed, takes effect after a restart")
+        return report
+
     own = [load_certificate(cfg.pki.cert)]
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
         client = Client(
@@ -549,7 +636,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             tun=cfg.tun.name,
             own_cert=lambda: own[0],
             ca_cert=trust.roots[0],
-            reload=lambda: refresh(client),
+            reload=lambda: reload(client),
         )
         server_ctl = ControlServer(cfg.control_socket, control)
         try:
@@ -558,6 +645,29 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             raise StartupError(f"control_socket: {err}") from None
         undo.push_async_callback(server_ctl.close)
         task = asyncio.create_task(client.run())
+
+        async def on_sighup() -> None:
+            sdnotify.reloading()
+            try:
+                report = await control.reload()
+                log.info("SIGHUP reload: %s", "; ".join(report.changed) or "no change")
+                for line in report.errors:
+                    log.warning("SIGHUP reload: %s", line)
+            except ControlError as err:
+                log.error("SIGHUP reload refused: %s", err.message)
+            finally:
+                sdnotify.ready()
+
+        hup_tasks: set[asyncio.Task[None]] = set()
+
+        def sighup() -> None:
+            hup = asyncio.create_task(on_sighup())
+            hup_tasks.add(hup)
+            hup.add_done_callback(hup_tasks.discard)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, sighup)
+        undo.callback(loop.remove_signal_handler, signal.SIGHUP)
         expiry = asyncio.create_task(_expiry_warnings(cfg))
         renewals = asyncio.create_task(watch_certificate(client))
         # Ready once running, not once connected: a gateway that is down must not hold

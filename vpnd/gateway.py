@@ -117,7 +117,10 @@ class Gateway:
         policy: PolicyConfig | None = None,
         tun_writer: TunWriter | None = None,
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` is wall time: certificate validity and timestamps shown to people.
+        ``mono`` drives every timer: sessions, conntrack, log budgets."""
         self.settings = settings
         self.tun = tun
         self.tun_writer: TunWriter = tun_writer or tun
@@ -131,6 +134,7 @@ class Gateway:
         self.trust_error: str | None = None
         """Set while the revocation data cannot be used: every new peer is refused."""
         self._clock = clock
+        self._mono = mono
         self._keys = itertools.count(1)
         self.peers: dict[int, Peer] = {}
         self.table: AddressTable[Peer] = AddressTable()
@@ -224,7 +228,7 @@ class Gateway:
                 max_frame=self.settings.max_frame,
                 config_timeout=self.settings.handshake_timeout,
             ),
-            self._clock(),
+            self._mono(),
         )
         peer: Peer | None = None
 
@@ -236,13 +240,16 @@ class Gateway:
             assert peer is not None
             self._on_lost(peer, code, message)
 
-        driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=self._clock)
+        driver = SessionDriver(
+            conn, session, on_event=on_event, on_lost=on_lost, mono=self._mono, wall=self._clock
+        )
         peer = Peer(key, identity, driver, remote, plog, self._clock())
         peer.view = PeerView(identity.name, identity.groups)
         peer.chain = chain
         self.peers[key] = peer
-        # A certificate that expires while connected is cut at notAfter: a timer, not polling.
-        session.set_deadline(
+        # A certificate that expires while connected is cut at notAfter (wall time,
+        # re-anchored on the monotonic timer at every tick): a timer, not polling.
+        driver.set_expiry(
             identity.not_after.timestamp(),
             CloseCode.CERT_EXPIRED,
             identity.not_after.isoformat(),
@@ -254,7 +261,7 @@ class Gateway:
         """OpenSSL refused the handshake (and sent the alert): count and audit it."""
         remote = _fmt_remote(peername)
         self.handshakes[f"refused_{err.reason}"] += 1
-        if not self._refusal_log.allow(_host(peername), self._clock()):
+        if not self._refusal_log.allow(_host(peername), self._mono()):
             return  # counted above; a flood from one address must not flood the log
         audit.warning(
             "refused %s in the TLS handshake: %s (%s)",
@@ -266,7 +273,7 @@ class Gateway:
 
     def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
         self.handshakes[f"refused_{err.reason.value}"] += 1
-        if self._refusal_log.allow(_host(conn.peername), self._clock()):
+        if self._refusal_log.allow(_host(conn.peername), self._mono()):
             presented = _presented(conn)
             audit.warning(
                 "refused %s%s: %s",
@@ -407,7 +414,7 @@ class Gateway:
                 offload=peer.offload,
                 extra_addresses=extra,
             ),
-            self._clock(),
+            self._mono(),
         )
         if later:
             peer.driver.pump()
@@ -533,12 +540,12 @@ class Gateway:
             owner = lookup(addr)
             return owner.view if owner is not None else None
 
-        return self.firewall.replace_policy(policy, now=self._clock(), peers=view)
+        return self.firewall.replace_policy(policy, now=self._mono(), peers=view)
 
     async def _expire_flows(self) -> None:
         while True:
             await asyncio.sleep(5)
-            self.firewall.expire(self._clock())
+            self.firewall.expire(self._mono())
 
     def refuse_new_peers(self, reason: str) -> None:
         """Revocation data became unusable: fail closed for new peers until fixed."""
@@ -603,7 +610,7 @@ class Gateway:
         prefix = self.tun.vnet_hdr and not vnet
         drops = peer.drops
         check = self.firewall.check_packet
-        now = self._clock()
+        now = self._mono()
         for pkt in packets:
             if vnet and (bad := validate_vnet_packet(pkt)) is not None:
                 drops[bad] += 1
@@ -654,7 +661,7 @@ class Gateway:
                 except GsoError as err:
                     peer.drops[str(err)] += 1
             packets = plain
-        dropped = peer.driver.session.send_packets(packets, self._clock(), vnet=peer.offload)
+        dropped = peer.driver.session.send_packets(packets, self._mono(), vnet=peer.offload)
         if dropped:
             peer.drops["oversize"] += dropped
         peer.packets_out += len(packets) - dropped
@@ -663,7 +670,7 @@ class Gateway:
 
     def _log_denied(self, peer: Peer, pkt: bytes | memoryview, off: int, reason: str) -> None:
         # Rate-limited: a peer scanning the LAN must not flood the log.
-        if self._denied_log.allow(peer.identity.name, self._clock()):
+        if self._denied_log.allow(peer.identity.name, self._mono()):
             peer.log.info("denied %s (%s)", self.firewall.describe(pkt, off), reason)
 
     def _on_tun_readable(self) -> None:
@@ -675,7 +682,7 @@ class Gateway:
             if not packets:
                 return
             batches: dict[Peer, list[bytes | memoryview]] = {}
-            now = self._clock()
+            now = self._mono()
             for pkt in packets:
                 addrs = ip_src_dst(pkt, off)
                 if addrs is None:

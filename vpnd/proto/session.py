@@ -5,6 +5,13 @@ Driven like aioquic's ``QuicConnection``: the owner feeds decrypted stream bytes
 ``next_event()`` until None, and calls ``handle_timer()`` when ``get_timer()`` says.
 Nothing here reads a clock or touches a socket.
 
+Two clocks, never mixed: every ``now`` is *monotonic* (the event loop's time), so
+keepalives, dead-peer detection and setup deadlines ignore wall-clock steps. Wall
+time (Unix seconds) enters only as ``wall``, for certificate validity: ``set_expiry``
+takes notAfter, and each ``handle_timer(now, wall=...)`` re-anchors it on the
+monotonic clock, so the cut follows the wall clock (a step is seen at the next timer
+tick) while nothing else does.
+
 Keepalive: a PING goes out when nothing was *sent* for ``keepalive_interval``; the
 peer is declared dead when nothing was *received* for ``keepalive_timeout``. Until
 the tunnel is established the ``SessionConfig`` values apply; from then on both ends
@@ -209,6 +216,7 @@ class Session:
         self._last_received = now
         self._setup_deadline = now + config.config_timeout
         self._deadline: tuple[float, int, str] | None = None
+        self._expiry: tuple[float, int, str] | None = None
         self._ping_seq = 0
         self._ping_out: tuple[bytes, float] | None = None
         self._hello: Hello | None = None
@@ -389,10 +397,29 @@ class Session:
             raise LocalProtocolError(f"close code {code!r} is not a 16-bit integer")
         if self.state is not _S.CLOSED:
             self._deadline = (when, code, message)
+            self._expiry = None
+
+    def set_expiry(
+        self, not_after: float, code: CloseCode, message: str, *, now: float, wall: float
+    ) -> None:
+        """Close with ``code`` once the *wall* clock reaches ``not_after`` (Unix seconds,
+        e.g. certificate notAfter); replaces any earlier deadline.
+
+        ``now`` is the monotonic time and ``wall`` the wall time at this moment: the
+        monotonic deadline is ``now + (not_after - wall)``, recomputed by every
+        ``handle_timer`` that is given ``wall``. Past ``not_after`` already, the
+        session closes at the next ``handle_timer``.
+        """
+        if not math.isfinite(not_after) or not math.isfinite(wall):
+            raise LocalProtocolError(f"expiry {not_after!r} is not a finite time")
+        self.set_deadline(now + max(0.0, not_after - wall), code, message)
+        if self.state is not _S.CLOSED:
+            self._expiry = (not_after, code, message)
 
     def clear_deadline(self) -> None:
-        """Forget the deadline (e.g. after an in-tunnel renewal)."""
+        """Forget the deadline or expiry (e.g. after an in-tunnel renewal)."""
         self._deadline = None
+        self._expiry = None
 
     # ---- output ------------------------------------------------------------------
 
@@ -422,10 +449,17 @@ class Session:
             when = min(when, self._deadline[0])
         return when
 
-    def handle_timer(self, now: float) -> None:
-        """Act on whatever is due at ``now``; harmless to call early."""
+    def handle_timer(self, now: float, wall: float | None = None) -> None:
+        """Act on whatever is due at monotonic ``now``; harmless to call early.
+
+        ``wall``: the wall time now, to re-anchor a ``set_expiry`` deadline (a stepped
+        wall clock moves the cut; keepalives never see it).
+        """
         if self.state is _S.CLOSED:
             return
+        if wall is not None and self._expiry is not None:
+            not_after, code, message = self._expiry
+            self._deadline = (now + max(0.0, not_after - wall), code, message)
         if self._deadline is not None and now >= self._deadline[0]:
             _, code, message = self._deadline
             self._close(code, message, now, by_peer=False, send=True)
@@ -472,6 +506,7 @@ class Session:
             self._queue(_F.CLOSE, encode_close(code, message), now)
         self.state = _S.CLOSED
         self._deadline = None
+        self._expiry = None
         self._decoder = FrameDecoder(self.config.max_frame)  # free buffered input
         event = SessionClosed(code, message, by_peer)
         self.close_event = event

@@ -1,5 +1,9 @@
 """Drives one sans-I/O ``Session`` over one ``TlsConnection``: the only code that
-reads the clock or arms timers for a session (aioquic's QuicConnectionProtocol role)."""
+reads the clock or arms timers for a session (aioquic's QuicConnectionProtocol role).
+
+The session runs on the monotonic clock (``mono``, the event loop's time by default);
+the wall clock (``wall``) is read only to re-anchor a certificate expiry at each
+timer tick, so a stepped wall clock never ends a healthy tunnel."""
 
 from __future__ import annotations
 
@@ -27,16 +31,18 @@ class SessionDriver:
         *,
         on_event: Callable[[Event], None],
         on_lost: Callable[[int, str, BaseException | None], None],
-        clock: Clock = time.time,
+        mono: Clock | None = None,
+        wall: Clock = time.time,
     ) -> None:
         self.conn = conn
         self.session = session
         self._on_event = on_event
         self._on_lost = on_lost
-        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._clock: Clock = mono or self._loop.time
+        self._wall = wall
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
-        self._loop = asyncio.get_running_loop()
         self._done = False
 
     def start(self) -> None:
@@ -44,7 +50,14 @@ class SessionDriver:
         self.pump()
 
     def now(self) -> float:
+        """Monotonic time, the session's timebase."""
         return self._clock()
+
+    def set_expiry(self, not_after: float, code: CloseCode, message: str) -> None:
+        """Close with ``code`` when the wall clock reaches ``not_after`` (Unix seconds)."""
+        self.session.set_expiry(not_after, code, message, now=self._clock(), wall=self._wall())
+        if self._timer is not None:
+            self._rearm()
 
     def _on_data(self, data: bytes) -> None:
         if self._done:
@@ -99,7 +112,7 @@ class SessionDriver:
         self._timer = None
         if self._done:
             return
-        self.session.handle_timer(self._clock())
+        self.session.handle_timer(self._clock(), self._wall())
         self.pump()
 
     def _on_conn_closed(self, exc: Exception | None) -> None:
