@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import random
 import ssl
 import time
@@ -16,7 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vpnd.net.errors import TunError
 from vpnd.net.netlink import NetConfigurator
+from vpnd.net.ownership import format_alias
 from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
@@ -129,6 +132,8 @@ class Client:
         self.connected_since: float | None = None
         self.drops: Counter[str] = Counter()
         """Packets the client refused to send or deliver, by reason."""
+        self.fatal: str | None = None
+        """Why the client cannot go on (its TUN vanished): the daemon exits non-zero."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -365,6 +370,7 @@ class Client:
             self._writer = self._tun_writer_factory(tun)
         self.config = cfg
         try:
+            await self.net.set_link_alias(tun.name, format_alias(os.getpid()))  # vpnd's mark
             await self.net.configure_link(
                 tun.name, addresses=[cfg.address, *cfg.extra_addresses], mtu=cfg.mtu
             )
@@ -433,7 +439,11 @@ class Client:
         own = {cfg.address.ip.packed, *(a.ip.packed for a in cfg.extra_addresses)}
         off = VNET_HDR_LEN if tun.vnet_hdr else 0
         for _ in range(16):
-            packets = tun.read_batch(64)
+            try:
+                packets = tun.read_batch(64)
+            except TunError as err:
+                self._tun_lost(tun, str(err))
+                return
             if not packets:
                 return
             # Only our own overlay source goes into the tunnel (no IPv6 chatter, no leaks).
@@ -443,3 +453,14 @@ class Client:
             if batch:
                 driver.session.send_packets(batch, self._clock(), vnet=tun.vnet_hdr)
                 driver.flush()
+
+    def _tun_lost(self, tun: TunDevice, why: str) -> None:
+        """The TUN vanished under a live tunnel: say so once and stop (the daemon exits
+        non-zero, systemd restarts it); never spin on a dead fd."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(tun.fileno())
+        if self.fatal is not None:
+            return
+        self.fatal = f"TUN {tun.name} is gone ({why}); exiting"
+        log.error("%s", self.fatal)
+        self.stop()
