@@ -461,6 +461,6 @@ class Client:
             asyncio.get_running_loop().remove_reader(tun.fileno())
         if self.fatal is not None:
             return
-        self.fatal = f"TUN {tun.name} is gone ({why}); exiting"
+        self.fatal = f"{why}; exiting non-zero so a supervisor restarts vpnd"
         log.error("%s", self.fatal)
         self.stop()

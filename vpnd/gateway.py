@@ -713,7 +713,7 @@ class Gateway:
             self._reader_installed = False
         if self.fatal is not None:
             return
-        self.fatal = f"TUN {self.settings.tun_name} is gone ({why}); exiting"
+        self.fatal = f"{why}; exiting non-zero so a supervisor restarts vpnd"
         log.error("%s", self.fatal)
         if self.on_fatal is not None:
             self.on_fatal(self.fatal)
