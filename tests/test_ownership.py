@@ -114,3 +114,36 @@ def test_cleanup_restores_only_what_no_live_vpnd_holds(tmp_path: Path) -> None:
     ledger.hold(net, IP4, "1", 1)  # pid 1 (init) is alive
     assert ledger.release(net, IP4, os.getpid()) is None
     assert net.forwarding["ipv4"]
+
+
+def test_vpnd_cleanup_with_nothing_recorded_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from vpnd.cli import main
+
+    monkeypatch.setenv("VPND_RUNTIME_DIR", str(tmp_path))
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["cleanup"], out, err) == 0
+    assert out.getvalue() == "vpnd cleanup: nothing to undo\n" and not err.getvalue()
+
+
+def test_vpnd_cleanup_with_a_bad_config_is_one_line(tmp_path: Path) -> None:
+    import io
+
+    from vpnd.cli import main
+
+    bad = tmp_path / "x.yaml"
+    bad.write_text("mode: gateway\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["cleanup", "--config", str(bad)], out, err) == 1
+    assert err.getvalue().startswith("vpnd: error:") and err.getvalue().count("\n") == 1
+
+
+def test_a_sysctl_changed_by_someone_else_is_left_alone(tmp_path: Path) -> None:
+    net = FakeNetConfigurator()
+    ledger = SysctlLedger(tmp_path, netns="1")
+    ledger.hold(net, IP4, "1", os.getpid())
+    net.forwarding["ipv4"] = False  # the admin turned it off meanwhile
+    assert "left alone" in (ledger.release(net, IP4, os.getpid()) or "")

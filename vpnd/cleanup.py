@@ -139,20 +139,22 @@ async def _cleanup(tuns: list[str] | None, runtime_dir: Path, out: TextIO) -> in
     return code
 
 
-def run_cleanup(config: str | None, out: TextIO) -> int:
+def run_cleanup(config: str | None, out: TextIO, err: TextIO | None = None) -> int:
     """``vpnd cleanup [--config FILE]``: 0 when done or nothing to do, 1 if refused."""
     from vpnd.config import ConfigError, load_config  # noqa: PLC0415
+
+    err = err or out
 
     tuns: list[str] | None = None
     if config is not None:
         try:
             cfg = load_config(config)
-        except ConfigError as err:
-            out.write(f"vpnd: error: {err}\n")
+        except ConfigError as exc:
+            err.write(f"vpnd: error: {exc}\n")
             return 1
         tuns = [cfg.tun.name]
     try:
         return asyncio.run(_cleanup(tuns, resolve_runtime_dir(), out))
-    except (NetError, RuntimeDirError) as err:
-        out.write(f"vpnd: error: cleanup: {err}\n")
+    except (NetError, RuntimeDirError) as exc:
+        err.write(f"vpnd: error: cleanup: {exc}\n")
         return 1

@@ -135,10 +135,10 @@ def _daemon(config: str, err: TextIO) -> int:
     return int(code) if isinstance(code, int) else 1
 
 
-def _cleanup(config: str | None, out: TextIO) -> int:
+def _cleanup(config: str | None, out: TextIO, err: TextIO) -> int:
     # Lazy, like the daemon: keygen and --version need no kernel-facing dependencies.
     cleanup = importlib.import_module("vpnd.cleanup")
-    code = cleanup.run_cleanup(config, out)
+    code = cleanup.run_cleanup(config, out, err)
     return int(code)
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str], out: TextIO, err: TextIO) -> int:
         if args.command == "cleanup":
             if args.config is not None and args.cleanup_config is not None:
                 raise UsageError("give --config once, after 'cleanup'")
-            return _cleanup(args.cleanup_config or args.config, out)
+            return _cleanup(args.cleanup_config or args.config, out, err)
         if args.config is None:
             raise UsageError("give --config FILE to run the daemon, or a command (see --help)")
         return _daemon(args.config, err)

@@ -240,6 +240,7 @@ class SysctlLedger:
             entry = data.get(key)
             if not isinstance(entry, dict) or "original" not in entry:
                 entry = {"original": sys.read_sysctl(key), "holders": []}
+            entry["set"] = value
             entry["holders"] = [*self._live(entry, exclude=pid), pid]
             data[key] = entry
             self._save(data)  # recorded before the change: a crash now is recoverable
@@ -259,11 +260,10 @@ class SysctlLedger:
                 entry["holders"] = live
                 self._save(data)
                 return None
-            original = str(entry["original"])
-            sys.write_sysctl(key, original)
+            line = self._restore(sys, key, entry)
             del data[key]
             self._save(data)
-            return f"sysctl {key.replace('/', '.')} restored to {original}"
+            return line
 
     def release_dead(self, sys: Sysctls) -> list[str]:
         """After a crash: restore every sysctl no live vpnd holds any more."""
@@ -281,12 +281,23 @@ class SysctlLedger:
                 if live:
                     entry["holders"] = live
                     continue
-                original = str(entry["original"])
-                sys.write_sysctl(key, original)
+                line = self._restore(sys, key, entry)
                 del data[key]
-                out.append(f"sysctl {key.replace('/', '.')} restored to {original}")
+                if line:
+                    out.append(line)
             self._save(data)
         return out
+
+    @staticmethod
+    def _restore(sys: Sysctls, key: str, entry: dict[str, Any]) -> str | None:
+        """Put the original back, unless someone else changed the value since vpnd set
+        it: then it is theirs now, and vpnd leaves it alone."""
+        original, ours = str(entry["original"]), entry.get("set")
+        name = key.replace("/", ".")
+        if ours is not None and sys.read_sysctl(key) != str(ours):
+            return f"sysctl {name} left alone: changed by someone else since vpnd set it"
+        sys.write_sysctl(key, original)
+        return f"sysctl {name} restored to {original}"
 
     def recorded(self) -> dict[str, Any]:
         return _read_json(self.path)
