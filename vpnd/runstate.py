@@ -95,9 +95,10 @@ def _ensure_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive (blocking, short) lock on ``path`` for a read-modify-write."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE)
+def _flocked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive (blocking, short) lock on the runtime directory itself for a
+    read-modify-write: no lock file is left behind."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -217,7 +218,7 @@ class SysctlLedger:
         self.dir = runtime_dir
         ns = netns or netns_id()
         self.path = runtime_dir / f"{ns}.sysctl.json"
-        self._lock = runtime_dir / f"{ns}.sysctl.lock"
+        self._lock = runtime_dir
 
     def _save(self, data: dict[str, Any]) -> None:
         if data:
@@ -250,6 +251,8 @@ class SysctlLedger:
     def release(self, sys: Sysctls, key: str, pid: int) -> str | None:
         """Drop ``pid`` as holder; the last one out restores the original. Returns a
         description of what was restored, or None."""
+        if not self.path.exists():
+            return None
         with _flocked(self._lock):
             data = _read_json(self.path)
             entry = data.get(key)
