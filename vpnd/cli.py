@@ -78,6 +78,17 @@ def build_parser() -> _Parser:
     keygen.add_argument("--out-csr", required=True, metavar="CSR")
     keygen.add_argument("--key-type", choices=KEY_TYPES_LEAF, default=KEY_TYPES_LEAF[0])
     keygen.add_argument("--force", action="store_true", help="overwrite an existing KEY")
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="undo what a crashed vpnd left in the kernel (systemd ExecStopPost)",
+        description="Remove the nftables table and stale links a dead vpnd left in this "
+        "network namespace and put forwarding sysctls back to their pre-vpnd values, as "
+        "recorded under the runtime dir ($VPND_RUNTIME_DIR, default /run/vpnd). Prints "
+        "what it undid; exit 0 when done or nothing to do, 1 if that vpnd still runs.",
+    )
+    cleanup.add_argument(
+        "--config", dest="cleanup_config", metavar="FILE", help="only the TUN of this config"
+    )
     return parser
 
 
@@ -124,6 +135,13 @@ def _daemon(config: str, err: TextIO) -> int:
     return int(code) if isinstance(code, int) else 1
 
 
+def _cleanup(config: str | None, out: TextIO, err: TextIO) -> int:
+    # Lazy, like the daemon: keygen and --version need no kernel-facing dependencies.
+    cleanup = importlib.import_module("vpnd.cleanup")
+    code = cleanup.run_cleanup(config, out, err)
+    return int(code)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -139,6 +157,10 @@ def main(argv: list[str], out: TextIO, err: TextIO) -> int:
             if args.config is not None:
                 raise UsageError("--config runs the daemon; it does not go with keygen")
             return _keygen(args, out)
+        if args.command == "cleanup":
+            if args.config is not None and args.cleanup_config is not None:
+                raise UsageError("give --config once, after 'cleanup'")
+            return _cleanup(args.cleanup_config or args.config, out, err)
         if args.config is None:
             raise UsageError("give --config FILE to run the daemon, or a command (see --help)")
         return _daemon(args.config, err)

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
 import random
 import ssl
 import time
@@ -17,7 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vpnd.net.errors import TunError
 from vpnd.net.netlink import NetConfigurator
+from vpnd.net.ownership import format_alias
 from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
@@ -158,6 +161,8 @@ class Client:
         self.drops: Counter[str] = Counter()
         """Packets the client refused to send or deliver, by reason."""
         self._routed: tuple[tuple[IPNetwork, ...], AddressTable[bool]] | None = None
+        self.fatal: str | None = None
+        """Why the client cannot go on (its TUN vanished): the daemon exits non-zero."""
 
     def stop(self) -> None:
         """Stop now: an in-flight connect or TLS handshake is cancelled, a backoff wait
@@ -436,6 +441,7 @@ class Client:
             self._writer = self._tun_writer_factory(tun)
         self.config = cfg
         try:
+            await self.net.set_link_alias(tun.name, format_alias(os.getpid()))  # vpnd's mark
             await self.net.configure_link(
                 tun.name, addresses=[cfg.address, *cfg.extra_addresses], mtu=cfg.mtu
             )
@@ -516,7 +522,11 @@ class Client:
         routed = self._routed_sources()
         off = VNET_HDR_LEN if tun.vnet_hdr else 0
         for _ in range(16):
-            packets = tun.read_batch(64)
+            try:
+                packets = tun.read_batch(64)
+            except TunError as err:
+                self._tun_lost(tun, str(err))
+                return
             if not packets:
                 return
             # Only our own sources go into the tunnel (no IPv6 chatter, no leaks): our
@@ -532,3 +542,14 @@ class Client:
             if batch:
                 driver.session.send_packets(batch, self._mono(), vnet=tun.vnet_hdr)
                 driver.flush()
+
+    def _tun_lost(self, tun: TunDevice, why: str) -> None:
+        """The TUN vanished under a live tunnel: say so once and stop (the daemon exits
+        non-zero, systemd restarts it); never spin on a dead fd."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(tun.fileno())
+        if self.fatal is not None:
+            return
+        self.fatal = f"{why}; exiting non-zero so a supervisor restarts vpnd"
+        log.error("%s", self.fatal)
+        self.stop()

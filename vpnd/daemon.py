@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd import sdnotify
+from vpnd.cleanup import safe_undo
 from vpnd.client import Client, ClientSettings, settings_changes
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
@@ -35,8 +36,9 @@ from vpnd.gateway import Gateway, GatewaySettings, IPInterface
 from vpnd.logsetup import setup_logging
 from vpnd.metrics import MetricsError, MetricsExporter
 from vpnd.net.errors import NetError, TunError
-from vpnd.net.netlink import PyRoute2Configurator
+from vpnd.net.netlink import PyRoute2Configurator, forwarding_key
 from vpnd.net.nftables import NftablesRuleset
+from vpnd.net.ownership import LinkOwner, classify_link, format_alias
 from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
@@ -45,6 +47,14 @@ from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, load_certificate
 from vpnd.pki.profile import peer_attributes_of
+from vpnd.runstate import (
+    InstanceLock,
+    InstanceState,
+    RuntimeDirError,
+    SysctlLedger,
+    control_socket_in_use,
+    resolve_runtime_dir,
+)
 from vpnd.transport.connection import TlsConnection, connect, serve
 from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
 from vpnd.trust_watch import TrustWatcher
@@ -80,11 +90,56 @@ async def _main(cfg: GatewayConfig | ClientConfig, config_path: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if isinstance(cfg, GatewayConfig):
-        await _run_gateway(cfg, config_path, stop)
-    else:
-        await _run_client(cfg, stop, config_path)
-    return 0
+    # Before anything touches the kernel: one vpnd per (network namespace, TUN name),
+    # and never a second one on a live control socket.
+    lock = InstanceLock(resolve_runtime_dir(), cfg.tun.name)
+    try:
+        lock.acquire()
+    except RuntimeDirError as err:
+        raise StartupError(str(err)) from None
+    try:
+        if control_socket_in_use(cfg.control_socket):
+            raise StartupError(
+                f"control_socket {cfg.control_socket}: another vpnd is listening there; "
+                "stop it first or set another control_socket"
+            )
+        if isinstance(cfg, GatewayConfig):
+            return await _run_gateway(cfg, config_path, stop, lock)
+        return await _run_client(cfg, stop, lock, config_path)
+    finally:
+        lock.release()
+
+
+async def _claim_tun(name: str, net: PyRoute2Configurator, lock: InstanceLock) -> InstanceState:
+    """Undo what a dead vpnd left; refuse a TUN name vpnd does not own; record the TUN."""
+    ledger = SysctlLedger(lock.dir, netns=lock.netns)
+    for line in await _guard(safe_undo(lock, net, ledger)):
+        log.warning("cleaned up after a previous vpnd: %s", line)
+    exists, alias = await _guard(net.link_alias(name))
+    owner = classify_link(exists, alias)
+    if owner == LinkOwner.FOREIGN:
+        raise StartupError(
+            f"tun.name {name}: an interface of that name exists and vpnd did not create it "
+            f"(ifalias {alias!r}); choose another tun.name"
+        )
+    if owner == LinkOwner.OURS_LIVE:
+        raise StartupError(f"tun.name {name}: in use by a running vpnd (ifalias {alias})")
+    if owner == LinkOwner.OURS_STALE:
+        log.warning("removing stale link %s (%s, that vpnd is gone)", name, alias)
+        await _guard(net.delete_link(name))
+    state = InstanceState(pid=os.getpid(), tun=name, links=[name])
+    state.save(lock.state_path)  # before the TUN exists: a crash from here on is recorded
+    return state
+
+
+def _forwarding_families(
+    overlays: tuple[IPNetwork, ...], push_routes: tuple[IPNetwork, ...]
+) -> list[bool]:
+    """[ipv6?] for each forwarding sysctl the gateway needs: IPv4 always; IPv6 when the
+    overlay or a pushed route is IPv6 (a peer's routed IPv6 subnet needs an IPv6 overlay:
+    the TUN has IPv6 disabled otherwise)."""
+    v6 = any(n.version == 6 for n in (*overlays, *push_routes))
+    return [False, True] if v6 else [False]
 
 
 def _passphrase(path: Path | None) -> bytes | None:
@@ -156,7 +211,9 @@ def _gateway_settings(
 _RESTART_KEYS = ("listen", "tun", "nat", "forwarding", "nftables", "control_socket", "metrics")
 
 
-async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event) -> None:
+async def _run_gateway(
+    cfg: GatewayConfig, config_path: str, stop: asyncio.Event, lock: InstanceLock
+) -> int:
     _own_certificate(cfg, dt.datetime.now(dt.UTC))
     current = cfg  # replaced by each successful reload
     passphrase = _passphrase(cfg.pki.key_passphrase_file)
@@ -298,20 +355,25 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
             report.errors.append("log.format: changed, takes effect after a restart")
         return report
 
+    fatal: list[str] = []
+
+    def on_fatal(why: str) -> None:
+        fatal.append(why)
+        stop.set()
+
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
-        if await net.link_exists(cfg.tun.name):
-            # A persistent device of that name (left by another tool or an old version)
-            # would make TUNSETIFF attach to it; replace it rather than fail.
-            log.warning("found a stale link %s: deleting it", cfg.tun.name)
-            await _guard(net.delete_link(cfg.tun.name))
+        state = await _claim_tun(cfg.tun.name, net, lock)
         tun = _open_tun(cfg.tun.name, cfg.tun.offload and probe_offload())
         log.info("TUN %s offload %s", cfg.tun.name, "on" if tun.vnet_hdr else "off")
         undo.callback(tun.close)
+        await _guard(net.set_link_alias(cfg.tun.name, format_alias(os.getpid())))
         writer = ThreadedTunWriter(tun)
         undo.callback(writer.close)  # runs before tun.close (LIFO)
         nft: NftablesRuleset | None = None
         if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
             nft = NftablesRuleset(cfg.tun.name)
+            state.nft_tables.append(nft.table)
+            state.save(lock.state_path)
             # Installed before the TUN carries traffic; removed last, after the sessions.
             await _guard(
                 nft.install(
@@ -331,6 +393,7 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
             nft=nft if cfg.nftables.anti_spoofing else None,
             policy=cfg.policy,
             tun_writer=writer,
+            on_fatal=on_fatal,
         )
         if not cfg.policy.rules:
             log.warning(
@@ -340,9 +403,16 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         await _guard(gateway.start())
         undo.push_async_callback(gateway.stop)
         if cfg.forwarding:
-            previous = await _guard(net.set_ip_forwarding(True))
-            if not previous:
-                undo.push_async_callback(net.set_ip_forwarding, False)
+            # The value before vpnd FIRST changed it is kept under the runtime dir, so a
+            # restart after a crash never takes vpnd's own "1" for the original.
+            ledger = SysctlLedger(lock.dir, netns=lock.netns)
+            for v6 in _forwarding_families(overlays, cfg.push_routes):
+                key = forwarding_key(ipv6=v6)
+                try:
+                    ledger.hold(net, key, "1", os.getpid())
+                except (NetError, RuntimeDirError, OSError) as err:
+                    raise StartupError(f"forwarding: {err}") from None
+                undo.callback(_release_sysctl, ledger, net, key)
 
         def crl_info() -> CrlSummary | None:
             t = watcher.trust
@@ -427,6 +497,17 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
             server.close()
             await gateway.stop()
             await asyncio.sleep(0.05)  # let CLOSE frames reach the wire
+    return 1 if fatal else 0
+
+
+def _release_sysctl(ledger: SysctlLedger, net: PyRoute2Configurator, key: str) -> None:
+    try:
+        restored = ledger.release(net, key, os.getpid())
+    except (NetError, OSError) as err:
+        log.error("could not restore %s: %s (run 'vpnd cleanup')", key.replace("/", "."), err)
+        return
+    if restored:
+        log.info("%s", restored)
 
 
 def _fmt(value: object) -> str:
@@ -484,7 +565,9 @@ def _warn_if_not_forwarding(routes: tuple[IPNetwork, ...]) -> None:
 _CLIENT_RESTART_KEYS = ("control_socket", "metrics")
 
 
-async def _run_client(cfg: ClientConfig, stop: asyncio.Event, config_path: str = "") -> None:
+async def _run_client(
+    cfg: ClientConfig, stop: asyncio.Event, lock: InstanceLock, config_path: str = ""
+) -> int:
     now = dt.datetime.now(dt.UTC)
     _own_certificate(cfg, now)
     current = cfg  # replaced by each successful reload (SIGHUP, `vpnctl reload`)
@@ -621,6 +704,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event, config_path: str =
 
     own = [load_certificate(cfg.pki.cert)]
     async with _netlink() as net, contextlib.AsyncExitStack() as undo:
+        await _claim_tun(cfg.tun.name, net, lock)
         client = Client(
             settings,
             connect=dial,
@@ -687,6 +771,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event, config_path: str =
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    return 1 if client.fatal else 0
 
 
 def _open_tun(name: str, offload: bool = False) -> LinuxTun:

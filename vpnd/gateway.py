@@ -7,6 +7,7 @@ gateway runs in unit tests over fakes; ``vpnd.daemon`` builds the real ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import itertools
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 
 from vpnd.config import PolicyConfig
 from vpnd.logsetup import PeerLogger
+from vpnd.net.errors import TunError
 from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
@@ -118,11 +120,15 @@ class Gateway:
         tun_writer: TunWriter | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         """``clock`` is wall time: certificate validity and timestamps shown to people.
         ``mono`` drives every timer: sessions, conntrack, log budgets."""
         self.settings = settings
         self.tun = tun
+        self.on_fatal = on_fatal
+        """Called once if the gateway cannot go on (its TUN vanished): the daemon exits."""
+        self.fatal: str | None = None
         self.tun_writer: TunWriter = tun_writer or tun
         self.net = net
         self.trust = trust
@@ -678,7 +684,11 @@ class Gateway:
         check = self.firewall.check_packet
         off = VNET_HDR_LEN if self.tun.vnet_hdr else 0
         for _ in range(16):  # bounded: let the loop serve sockets between bursts
-            packets = self.tun.read_batch(64)
+            try:
+                packets = self.tun.read_batch(64)
+            except TunError as err:
+                self._tun_lost(str(err))
+                return
             if not packets:
                 return
             batches: dict[Peer, list[bytes | memoryview]] = {}
@@ -700,6 +710,20 @@ class Gateway:
                 batches.setdefault(owner, []).append(pkt)
             for owner, batch in batches.items():
                 self._to_peer(owner, batch)
+
+    def _tun_lost(self, why: str) -> None:
+        """The TUN went away under us (``ip link del``): stop reading, say so once, and
+        let the daemon exit non-zero so systemd restarts it; never spin on the fd."""
+        if self._reader_installed:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.tun.fileno())
+            self._reader_installed = False
+        if self.fatal is not None:
+            return
+        self.fatal = f"{why}; exiting non-zero so a supervisor restarts vpnd"
+        log.error("%s", self.fatal)
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
 
 
 class _LogBudget:

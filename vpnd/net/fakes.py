@@ -124,6 +124,7 @@ class FakeLink:
     up: bool = False
     addresses: list[IPInterface] = field(default_factory=list)
     ipv6_disabled: bool = False
+    alias: str | None = None
     routes: dict[IPNetwork, FakeRoute] = field(default_factory=dict)
     """Main-table routes out of this link, connected ones included."""
 
@@ -134,6 +135,7 @@ class FakeNetConfigurator:
     def __init__(self) -> None:
         self.links: dict[str, FakeLink] = {}
         self.forwarding: dict[str, bool] = {"ipv4": False, "ipv6": False}
+        """The two namespace-wide forwarding sysctls (also readable via ``read_sysctl``)."""
         self.closed = False
         self.calls: list[str] = []
 
@@ -225,11 +227,34 @@ class FakeNetConfigurator:
         self.calls.append(f"delete link {ifname}")
         self.remove_link(ifname)
 
+    async def link_alias(self, ifname: str) -> tuple[bool, str | None]:
+        await self.link_exists(ifname)  # validates the name
+        link = self.links.get(ifname)
+        return (False, None) if link is None else (True, link.alias)
+
+    async def set_link_alias(self, ifname: str, alias: str) -> None:
+        what = f"mark link {ifname}"
+        self.calls.append(what)
+        self._link(ifname, what).alias = alias
+
     async def set_ip_forwarding(self, enabled: bool, *, ipv6: bool = False) -> bool:
         key = "ipv6" if ipv6 else "ipv4"
         previous = self.forwarding[key]
         self.forwarding[key] = enabled
         return previous
+
+    _SYSCTLS = {"net/ipv4/ip_forward": "ipv4", "net/ipv6/conf/all/forwarding": "ipv6"}
+
+    def read_sysctl(self, key: str) -> str:
+        if key not in self._SYSCTLS:
+            raise NetError(f"sysctl {key.replace('/', '.')}: no such setting")
+        return "1" if self.forwarding[self._SYSCTLS[key]] else "0"
+
+    def write_sysctl(self, key: str, value: str) -> None:
+        if key not in self._SYSCTLS or value not in ("0", "1"):
+            raise NetError(f"sysctl {key.replace('/', '.')}={value}: invalid argument (EINVAL)")
+        self.calls.append(f"sysctl {key}={value}")
+        self.forwarding[self._SYSCTLS[key]] = value == "1"
 
     async def close(self) -> None:
         self.closed = True

@@ -36,6 +36,7 @@ __all__ = [
     "NetConfigurator",
     "NetError",
     "PyRoute2Configurator",
+    "forwarding_key",
     "is_listed_route",
 ]
 
@@ -74,11 +75,30 @@ class NetConfigurator(Protocol):
         """Delete a (stale, persistent) link; a missing one is fine."""
         ...
 
+    async def link_alias(self, ifname: str) -> tuple[bool, str | None]:
+        """(exists, ifalias) of a link; (False, None) when there is no such link."""
+        ...
+
+    async def set_link_alias(self, ifname: str, alias: str) -> None:
+        """Set a link's ifalias (vpnd marks the links it creates, see net.ownership)."""
+        ...
+
     async def set_ip_forwarding(self, enabled: bool, *, ipv6: bool = False) -> bool:
         """Set forwarding in this namespace; returns the previous value."""
         ...
 
+    def read_sysctl(self, key: str) -> str:
+        """The value of ``key`` (``net/ipv4/ip_forward``), stripped."""
+        ...
+
+    def write_sysctl(self, key: str, value: str) -> None: ...
+
     async def close(self) -> None: ...
+
+
+def forwarding_key(*, ipv6: bool) -> str:
+    """The namespace-wide forwarding sysctl, as a /proc/sys relative path."""
+    return "net/ipv6/conf/all/forwarding" if ipv6 else "net/ipv4/ip_forward"
 
 
 def is_listed_route(dst: IPNetwork) -> bool:
@@ -263,11 +283,38 @@ class PyRoute2Configurator:
                 if e.code != errno.ENODEV:
                     raise
 
+    async def link_alias(self, ifname: str) -> tuple[bool, str | None]:
+        what = f"look up link {ifname}"
+        async with self._lock:
+            idx = await self._index(ifname, what)
+            if idx is None:
+                return False, None
+            try:
+                msgs = await self._call(what, "link", "get", index=idx)
+            except _NetlinkFailure as e:
+                if e.code == errno.ENODEV:
+                    return False, None
+                raise
+            alias = msgs[0].get_attr("IFLA_IFALIAS") if msgs else None
+            return True, (str(alias) if alias else None)
+
+    async def set_link_alias(self, ifname: str, alias: str) -> None:
+        what = f"mark link {ifname}"
+        async with self._lock:
+            idx = await self._require(ifname, what)
+            await self._call(what, "link", "set", index=idx, ifalias=alias)
+
     async def set_ip_forwarding(self, enabled: bool, *, ipv6: bool = False) -> bool:
-        key = "net/ipv6/conf/all/forwarding" if ipv6 else "net/ipv4/ip_forward"
+        key = forwarding_key(ipv6=ipv6)
         previous = self._read_sysctl(key).strip() != "0"
         self._write_sysctl(key, "1" if enabled else "0")
         return previous
+
+    def read_sysctl(self, key: str) -> str:
+        return self._read_sysctl(key).strip()
+
+    def write_sysctl(self, key: str, value: str) -> None:
+        self._write_sysctl(key, value)
 
     async def close(self) -> None:
         if self._ipr is not None:
