@@ -25,7 +25,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from vpnd import sdnotify
+from vpnd import preflight, sdnotify
 from vpnd.client import Client, ClientSettings
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
@@ -65,6 +65,15 @@ def run(config_path: str) -> int:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
     for warning in cfg.warnings:
         log.warning("%s", warning)
+    # The same checks as `vpnd --check`, before anything touches the kernel.
+    report = preflight.check(cfg, now=dt.datetime.now(dt.UTC), privileged=True)
+    for warning in report.warnings:
+        if warning not in cfg.warnings:
+            log.warning("%s", warning)
+    for problem in report.problems:
+        log.error("cannot start: %s", problem)
+    if report.problems:
+        return 1
     try:
         return asyncio.run(_main(cfg, config_path))
     except StartupError as err:
