@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 import socket
 from pathlib import Path
 
@@ -305,3 +306,60 @@ def test_cli_check_bad_config_is_one_line(tmp_path: Path) -> None:
     bad.write_text("mode: gateway\ntun:\n  mtu: huge\n")
     code, _, err = run_cli("--check", "--config", str(bad))
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith("vpnd: error: ")
+
+
+# --- the same checks at start: vpnd.daemon.run ----------------------------------------
+
+
+def _break(site: Site, how: str) -> None:
+    other = make_ca("other-ca")
+    if how == "peer certificate as its own":
+        put(site.alice, site.dir, "gw")
+    elif how == "certificate from another CA":
+        real = dt.datetime.now(dt.UTC)
+        put(other.issue("gw", role=Role.GATEWAY, addresses=["10.77.0.1"],
+                        dns_names=["gw.test"], not_before=real - DAY,
+                        not_after=real + 30 * DAY), site.dir, "gw")  # fmt: skip
+    elif how == "another CA's CRL":
+        (site.dir / "crl.pem").write_bytes(crl_pem(other.crl()))
+
+
+@pytest.mark.parametrize(
+    ("how", "needle"),
+    [
+        ("peer certificate as its own", "not a gateway certificate"),
+        ("certificate from another CA", "does not chain to a CA in pki.ca"),
+        ("another CA's CRL", "not a CA in pki.ca"),
+        (None, None),
+    ],
+)
+def test_gateway_start_refuses_with_one_line_before_touching_anything(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str | None,
+    needle: str | None,
+) -> None:
+    from vpnd import daemon
+
+    site = _dated_site(tmp_path)
+    if how is not None:
+        _break(site, how)
+    started: list[str] = []
+
+    async def fake_main(cfg: object, path: str) -> int:  # stands in for all kernel work
+        started.append(path)
+        return 0
+
+    monkeypatch.setattr(daemon, "_main", fake_main)
+    monkeypatch.setattr(daemon, "setup_logging", lambda *a: None)  # keep caplog's handler
+    with caplog.at_level(logging.INFO, logger="vpnd"):
+        code = daemon.run(str(site.gateway(tun="vpnchk1")))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if needle is None:
+        assert (code, started, errors) == (0, [str(site.dir / "gateway.yaml")], [])
+        return
+    assert code == 1
+    assert started == []  # refused before the TUN, netlink, nftables or the listener
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("cannot start: ") and needle in errors[0]
