@@ -21,7 +21,7 @@ from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import PeerIdentity, Role, VerifyError
+from vpnd.pki.identity import PeerIdentity, PkiError, Role, VerifyError
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -36,6 +36,7 @@ from vpnd.proto import (
 from vpnd.transport.alerts import describe_alert
 from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
+from vpnd.transport.tlsctx import TlsConfigError
 from vpnd.transport.tlsengine import TlsAlertReceived, TlsHandshakeError
 
 log = logging.getLogger("vpnd.client")
@@ -63,6 +64,15 @@ _PERMANENT_ALERTS = {
 Connector = Callable[[], Awaitable[TlsConnection]]
 
 
+class LocalError(Exception):
+    """A permanent problem on this host: no CAP_NET_ADMIN for the TUN, an unusable own
+    key or certificate, our certificate outside its validity period. Reconnecting cannot
+    help (and would make the gateway admit us again and again), so ``Client.run`` raises
+    this instead of retrying; ``str(err)`` is one line. Network and gateway errors are
+    retried, never raised.
+    """
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     server: str
@@ -86,6 +96,8 @@ class Outcome:
     message: str
     superseded: bool = False
     """This session was replaced by a newer one on the same TUN (certificate rotation)."""
+    fatal: bool = False
+    """A permanent local problem (see ``LocalError``): the client stops, it does not retry."""
 
 
 class Client:
@@ -100,8 +112,13 @@ class Client:
         trust: TrustStore,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        local_check: Callable[[], str | None] | None = None,
     ) -> None:
+        """``local_check`` runs before every connection attempt; a line it returns is a
+        permanent local problem (e.g. our certificate expired) and stops the client."""
         self.settings = settings
+        self._local_check = local_check
+        self._fatal: str | None = None
         self._connect = connect
         self._tun_factory = tun_factory
         self._tun_writer_factory = tun_writer
@@ -141,6 +158,8 @@ class Client:
         while not self._stop.is_set():
             outcome = await self._attempt()
             self.last_outcome = outcome
+            if outcome.fatal:
+                raise LocalError(outcome.message)
             if self._stop.is_set():
                 break
             if outcome.established:
@@ -153,16 +172,26 @@ class Client:
             delay = min(delay * 2, self.settings.max_delay)
 
     async def _attempt(self) -> Outcome:
+        problem = self._local_check() if self._local_check is not None else None
+        if problem is not None:
+            return Outcome(False, True, problem, fatal=True)
         opened = await self._open()
         if isinstance(opened, Outcome):
             return opened
-        return await self._serve(opened)
+        outcome = await self._serve(opened)
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            return Outcome(outcome.established, True, fatal, fatal=True)
+        return outcome
 
     async def _open(self) -> TlsConnection | Outcome:
         """A TLS connection to a verified gateway, or why there is none."""
         s = self.settings
         try:
             conn = await self._connect()
+        except (TlsConfigError, PkiError) as err:
+            # Our own certificate, key or CA file cannot be used: not the network's fault.
+            return Outcome(False, True, f"cannot use our own TLS files: {err}", fatal=True)
         except TlsHandshakeError as err:
             msg = f"refused the gateway {s.server}: {err.reason}: {err.detail}"
             log.error("%s", msg)
@@ -229,6 +258,9 @@ class Client:
             ):
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
+                return
+            if self._fatal is not None:  # we closed it: the caller reports why, once
+                done.set_result(Outcome(state["established"], True, self._fatal, fatal=True))
                 return
             if isinstance(exc, TlsAlertReceived):
                 out = self._alert_outcome(exc.alert)
@@ -357,7 +389,11 @@ class Client:
         try:
             tun = self._tun_factory(self.settings.tun_name, cfg.offload)
         except Exception as err:
-            log.error("cannot open TUN %s: %s", self.settings.tun_name, err)
+            # No CAP_NET_ADMIN, no tun module, a name taken: the same next time. Stop
+            # rather than have the gateway admit us once a second forever.
+            name = self.settings.tun_name
+            text = str(err) or type(err).__name__
+            self._fatal = text if name in text else f"cannot open TUN {name}: {text}"
             driver.close(CloseCode.NORMAL, "client could not open its TUN")
             return
         self.tun = tun

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd import preflight, sdnotify
-from vpnd.client import Client, ClientSettings
+from vpnd.client import Client, ClientSettings, LocalError
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
@@ -78,6 +78,9 @@ def run(config_path: str) -> int:
         return asyncio.run(_main(cfg, config_path))
     except StartupError as err:
         log.error("cannot start: %s", err)
+        return 1
+    except LocalError as err:
+        log.error("stopping: %s (a local problem: reconnecting cannot help)", err)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -550,6 +553,7 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             tun_writer=ThreadedTunWriter,
             net=net,
             trust=trust,
+            local_check=lambda: _validity_problem(cfg.pki.cert, own[0]),
         )
         control = ClientControl(
             client,
@@ -586,6 +590,22 @@ async def _run_client(cfg: ClientConfig, stop: asyncio.Event) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _validity_problem(path: Path, cert: x509.Certificate) -> str | None:
+    """Our own certificate outside its validity period (wall time): a permanent local error."""
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        return (
+            f"pki.cert: own certificate {path} expired at "
+            f"{cert.not_valid_after_utc.isoformat()}; ask your admin for a new one"
+        )
+    if now < cert.not_valid_before_utc:
+        return (
+            f"pki.cert: own certificate {path} is not valid before "
+            f"{cert.not_valid_before_utc.isoformat()}; check the clock"
+        )
+    return None
 
 
 def _open_tun(name: str, offload: bool = False) -> LinuxTun:
