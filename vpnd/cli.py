@@ -1,5 +1,6 @@
-"""The ``vpnd`` command: run the daemon (``vpnd --config FILE``) or make a key and CSR
-on the peer (``vpnd keygen``), the peer side of ``vpnctl sign``.
+"""The ``vpnd`` command: run the daemon (``vpnd --config FILE``), check a config without
+starting (``vpnd --check --config FILE``) or make a key and CSR on the peer
+(``vpnd keygen``), the peer side of ``vpnctl sign``.
 
 Exit codes: 0 ok, 1 refused or failed, 2 usage error; errors are one ``vpnd: error:`` line.
 """
@@ -66,6 +67,12 @@ def build_parser() -> _Parser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--config", metavar="FILE", help="run the daemon with this YAML config")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --config: validate the config, certificate, key, CA, CRL, listen port "
+        "and TUN name without starting (touches no kernel state, no network); exit 0 or 1",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     keygen = sub.add_parser(
         "keygen",
@@ -142,6 +149,31 @@ def _cleanup(config: str | None, out: TextIO, err: TextIO) -> int:
     return int(code)
 
 
+def _check(config: str, out: TextIO, err: TextIO) -> int:
+    """``vpnd --check``: one line per problem on ``err``, a short OK summary on ``out``."""
+    if not Path(config).is_file():
+        raise CliError(f"config file {config} does not exist")
+    # Lazily, like the daemon: keygen and --version need none of this.
+    import datetime as dt  # noqa: PLC0415
+
+    from vpnd.config import ConfigError, load_config  # noqa: PLC0415
+    from vpnd.preflight import check  # noqa: PLC0415
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    report = check(cfg, now=dt.datetime.now(dt.UTC))
+    for line in report.warnings:
+        err.write(f"vpnd: warning: {_one_line(line)}\n")
+    for line in report.problems:
+        err.write(f"vpnd: error: {_one_line(line)}\n")
+    if report.problems:
+        return 1
+    out.write(f"vpnd: ok: {cfg.mode.value} config {config}: {'; '.join(report.ok)}\n")
+    return 0
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -153,6 +185,14 @@ def main(argv: list[str], out: TextIO, err: TextIO) -> int:
         if args.version:
             out.write(f"vpnd {__version__}\n")
             return 0
+        if args.check:
+            if args.command is not None:
+                raise UsageError(
+                    f"--check validates a daemon config; it does not go with {args.command}"
+                )
+            if args.config is None:
+                raise UsageError("--check needs --config FILE")
+            return _check(args.config, out, err)
         if args.command == "keygen":
             if args.config is not None:
                 raise UsageError("--config runs the daemon; it does not go with keygen")

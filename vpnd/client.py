@@ -25,7 +25,7 @@ from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, validate_vnet_packet
 from vpnd.pki import TrustStore, verify_peer
-from vpnd.pki.identity import IPNetwork, PeerIdentity, Role, VerifyError
+from vpnd.pki.identity import IPNetwork, PeerIdentity, PkiError, Role, VerifyError
 from vpnd.policy.addresses import AddressTable
 from vpnd.proto import (
     CloseCode,
@@ -41,6 +41,7 @@ from vpnd.proto import (
 from vpnd.transport.alerts import describe_alert
 from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
+from vpnd.transport.tlsctx import TlsConfigError
 from vpnd.transport.tlsengine import TlsAlertReceived, TlsHandshakeError
 
 log = logging.getLogger("vpnd.client")
@@ -66,6 +67,15 @@ _PERMANENT_ALERTS = {
 }
 
 Connector = Callable[[], Awaitable[TlsConnection]]
+
+
+class LocalError(Exception):
+    """A permanent problem on this host: no CAP_NET_ADMIN for the TUN, an unusable own
+    key or certificate, our certificate outside its validity period. Reconnecting cannot
+    help (and would make the gateway admit us again and again), so ``Client.run`` raises
+    this instead of retrying; ``str(err)`` is one line. Network and gateway errors are
+    retried, never raised.
+    """
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class Outcome:
     message: str
     superseded: bool = False
     """This session was replaced by a newer one on the same TUN (certificate rotation)."""
+    fatal: bool = False
+    """A permanent local problem (see ``LocalError``): the client stops, it does not retry."""
 
 
 class Client:
@@ -128,10 +140,15 @@ class Client:
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        local_check: Callable[[], str | None] | None = None,
     ) -> None:
         """``clock`` is wall time (certificate validity, timestamps for people); ``mono``
-        drives the session's timers, so a stepped wall clock cannot end the tunnel."""
+        drives the session's timers, so a stepped wall clock cannot end the tunnel.
+        ``local_check`` runs before every connection attempt; a line it returns is a
+        permanent local problem (e.g. our certificate expired) and stops the client."""
         self.settings = settings
+        self._local_check = local_check
+        self._fatal: str | None = None
         self._connect = connect
         self._tun_factory = tun_factory
         self._tun_writer_factory = tun_writer
@@ -189,6 +206,8 @@ class Client:
         while not self._stop.is_set():
             outcome = await self._attempt()
             self.last_outcome = outcome
+            if outcome.fatal:
+                raise LocalError(outcome.message)
             if self._stop.is_set():
                 break
             if outcome.established:
@@ -201,10 +220,17 @@ class Client:
             delay = min(delay * 2, self.settings.max_delay)
 
     async def _attempt(self) -> Outcome:
+        problem = self._local_check() if self._local_check is not None else None
+        if problem is not None:
+            return Outcome(False, True, problem, fatal=True)
         opened = await self._open()
         if isinstance(opened, Outcome):
             return opened
-        return await self._serve(opened)
+        outcome = await self._serve(opened)
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            return Outcome(outcome.established, True, fatal, fatal=True)
+        return outcome
 
     async def _open(self) -> TlsConnection | Outcome:
         """A TLS connection to a verified gateway, or why there is none."""
@@ -213,6 +239,9 @@ class Client:
             conn = await self._unless_stopped(self._connect())
             if conn is None:
                 return Outcome(False, False, "stopped while connecting")
+        except (TlsConfigError, PkiError) as err:
+            # Our own certificate, key or CA file cannot be used: not the network's fault.
+            return Outcome(False, True, f"cannot use our own TLS files: {err}", fatal=True)
         except TlsHandshakeError as err:
             msg = f"refused the gateway {s.server}: {err.reason}: {err.detail}"
             log.error("%s", msg)
@@ -296,6 +325,9 @@ class Client:
             ):
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
+                return
+            if self._fatal is not None:  # we closed it: the caller reports why, once
+                done.set_result(Outcome(state["established"], True, self._fatal, fatal=True))
                 return
             ended = driver.session.close_event if driver is not None else None
             if self._stop.is_set() and ended is not None and not ended.by_peer:
@@ -433,7 +465,11 @@ class Client:
         try:
             tun = self._tun_factory(self.settings.tun_name, cfg.offload)
         except Exception as err:
-            log.error("cannot open TUN %s: %s", self.settings.tun_name, err)
+            # No CAP_NET_ADMIN, no tun module, a name taken: the same next time. Stop
+            # rather than have the gateway admit us once a second forever.
+            name = self.settings.tun_name
+            text = str(err) or type(err).__name__
+            self._fatal = text if name in text else f"cannot open TUN {name}: {text}"
             driver.close(CloseCode.NORMAL, "client could not open its TUN")
             return
         self.tun = tun

@@ -25,9 +25,9 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from vpnd import sdnotify
+from vpnd import preflight, sdnotify
 from vpnd.cleanup import safe_undo
-from vpnd.client import Client, ClientSettings, settings_changes
+from vpnd.client import Client, ClientSettings, LocalError, settings_changes
 from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
@@ -76,10 +76,22 @@ def run(config_path: str) -> int:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
     for warning in cfg.warnings:
         log.warning("%s", warning)
+    # The same checks as `vpnd --check`, before anything touches the kernel.
+    report = preflight.check(cfg, now=dt.datetime.now(dt.UTC), privileged=True)
+    for warning in report.warnings:
+        if warning not in cfg.warnings:
+            log.warning("%s", warning)
+    for problem in report.problems:
+        log.error("cannot start: %s", problem)
+    if report.problems:
+        return 1
     try:
         return asyncio.run(_main(cfg, config_path))
     except StartupError as err:
         log.error("cannot start: %s", err)
+        return 1
+    except LocalError as err:
+        log.error("stopping: %s (a local problem: reconnecting cannot help)", err)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -712,6 +724,7 @@ async def _run_client(
             tun_writer=ThreadedTunWriter,
             net=net,
             trust=trust,
+            local_check=lambda: _validity_problem(cfg.pki.cert, own[0]),
         )
         control = ClientControl(
             client,
@@ -772,6 +785,22 @@ async def _run_client(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return 1 if client.fatal else 0
+
+
+def _validity_problem(path: Path, cert: x509.Certificate) -> str | None:
+    """Our own certificate outside its validity period (wall time): a permanent local error."""
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        return (
+            f"pki.cert: own certificate {path} expired at "
+            f"{cert.not_valid_after_utc.isoformat()}; ask your admin for a new one"
+        )
+    if now < cert.not_valid_before_utc:
+        return (
+            f"pki.cert: own certificate {path} is not valid before "
+            f"{cert.not_valid_before_utc.isoformat()}; check the clock"
+        )
+    return None
 
 
 def _open_tun(name: str, offload: bool = False) -> LinuxTun:

@@ -45,6 +45,7 @@ from vpnd.proto import (
     SessionConfig,
     TunnelConfig,
 )
+from vpnd.transport.alerts import describe_client_abort
 from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
 from vpnd.transport.tlsengine import TlsHandshakeError
@@ -269,12 +270,22 @@ class Gateway:
         self.handshakes[f"refused_{err.reason}"] += 1
         if not self._refusal_log.allow(_host(peername), self._mono()):
             return  # counted above; a flood from one address must not flood the log
+        presented = _presented_der(err.presented)
+        who = f" ({presented['peer']}, serial {presented['serial']})" if presented else ""
+        # The client judged *us*: say so, instead of the advice meant for a client.
+        text = describe_client_abort(err.reason) if err.by_peer else f"{err.reason} ({err.detail})"
         audit.warning(
-            "refused %s in the TLS handshake: %s (%s)",
+            "refused %s%s in the TLS handshake: %s",
             remote,
-            err.reason,
-            err.detail,
-            extra={"event": "auth_refused", "remote": remote, "reason": err.reason},
+            who,
+            text,
+            extra={
+                "event": "auth_refused",
+                "remote": remote,
+                "reason": err.reason,
+                "by_peer": err.by_peer,
+                **presented,
+            },
         )
 
     def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
@@ -787,6 +798,18 @@ def _fmt_remote(peername: tuple[str, int] | None) -> str:
 
 def _addrs(identity: PeerIdentity) -> str:
     return ", ".join(str(a) for a in identity.addresses)
+
+
+def _presented_der(der: bytes | None) -> dict[str, str]:
+    """Name, serial and fingerprint of a certificate a peer presented in a refused
+    handshake (never the certificate itself)."""
+    if not der:
+        return {}
+    try:
+        info = describe_certificate(x509.load_der_x509_certificate(der))
+    except Exception:  # a refused peer's certificate may be anything
+        return {}
+    return {"peer": info.name or "?", "serial": f"{info.serial:x}", "fingerprint": info.fingerprint}
 
 
 def _audit(peer: Peer) -> dict[str, object]:

@@ -149,6 +149,36 @@ def alert_from_ssl_error(err: ssl.SSLError) -> str:
     return "handshake_failure"
 
 
+# Alerts a client sends when *it* refuses the gateway: our certificate (its CA, dates,
+# EKU, revocation) or our name (the client's pinned server_name is not in our SAN).
+_REJECTS_OUR_CERTIFICATE = {
+    "unknown_ca": "it does not trust the CA that signed our certificate",
+    "bad_certificate": "our certificate does not carry the name it pinned, or is invalid",
+    "certificate_unknown": "it could not accept our certificate",
+    "unsupported_certificate": "our certificate is not a gateway (serverAuth) certificate",
+    "certificate_expired": "our certificate has expired, or its clock is off",
+    "certificate_revoked": "it holds a CRL revoking our certificate",
+    "decrypt_error": "a signature in our certificate chain did not verify",
+    "unrecognized_name": "we do not carry the name it asked for",
+    "access_denied": "it denied access",
+}
+
+
+def describe_client_abort(alert: str) -> str:
+    """One line for the gateway's log when the *client* aborted the handshake with ``alert``.
+
+    Not the advice meant for a client (``describe_alert``): here the client judged us.
+    """
+    why = _REJECTS_OUR_CERTIFICATE.get(alert)
+    if why is None:
+        return f"the client aborted the TLS handshake with alert {alert}"
+    return (
+        f"the client aborted the TLS handshake with alert {alert}: the client rejected our "
+        f"certificate or name ({why}); check that its pki.ca holds the CA that signed our "
+        "certificate and that its server_name is a DNS name in our certificate"
+    )
+
+
 def describe_alert(alert: str) -> str:
     """One line, in plain words, for an alert the gateway (or peer) sent us."""
     if alert in _DESCRIPTIONS:

@@ -473,7 +473,10 @@ async def serve(
     def on_handshake(conn: TlsConnection, err: Exception | None) -> None:
         release(conn)
         if err is not None:
-            refused(conn.peername, _as_refusal(err))
+            refusal = _as_refusal(err)
+            if refusal.presented is None:
+                refusal.presented = conn.engine.presented_leaf_der()  # name + serial for audit
+            refused(conn.peername, refusal)
             return
         try:
             result = on_connection(conn)

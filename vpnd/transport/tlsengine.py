@@ -44,6 +44,9 @@ class TlsHandshakeError(TlsError):
         self.detail = detail
         self.sent_alert = sent_alert
         self.by_peer = by_peer
+        self.presented: bytes | None = None
+        """DER of the leaf certificate the peer presented, if it sent one (for the audit
+        log's name and serial; never logged itself)."""
 
 
 class TlsAlertReceived(TlsError):
@@ -236,6 +239,28 @@ class TlsEngine:
                 return [bytes(cert.public_bytes(ssl._ssl.ENCODING_DER)) for cert in chain]  # type: ignore[attr-defined]
         leaf = self._obj.getpeercert(binary_form=True)
         return [leaf] if leaf else []
+
+    def presented_leaf_der(self) -> bytes | None:
+        """The leaf certificate the peer sent, as DER, also after a *failed* handshake.
+
+        OpenSSL keeps the chain it tried to verify even when verification fails (the
+        leaf first); ``getpeercert()`` refuses before the handshake is complete.
+        """
+        for obj in (self._obj, getattr(self._obj, "_sslobj", None)):
+            get = getattr(obj, "get_verified_chain", None)
+            if get is None:
+                continue
+            try:
+                chain = get()
+            except (ssl.SSLError, ValueError):
+                return None
+            if not chain:
+                return None
+            first = chain[0]
+            if isinstance(first, bytes | bytearray):
+                return bytes(first)
+            return bytes(first.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
+        return None
 
     def _queue_close_notify(self) -> None:
         try:
