@@ -137,6 +137,8 @@ class ConntrackConfig:
     tcp_timeout: float = 3600.0
     udp_timeout: float = 180.0
     icmp_timeout: float = 30.0
+    max_flows_per_peer: int = 4096
+    """Tracked flows one peer may hold; its next flow evicts its own oldest, never another's."""
 
 
 @dataclass(frozen=True, slots=True)
