@@ -661,6 +661,7 @@ def test_examples_show_every_key(name: str) -> None:
         "max_pending_per_source",
         "max_frame",
         "peer_queue_bytes",
+        "peer_turn_packets",
     }
 
 

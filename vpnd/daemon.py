@@ -148,6 +148,7 @@ def _gateway_settings(
         peer_queue_bytes=cfg.limits.peer_queue_bytes,
         max_unadmitted=cfg.limits.max_pending_handshakes,
         duplicate=cfg.duplicate.value,
+        peer_turn_packets=cfg.limits.peer_turn_packets,
     )
 
 

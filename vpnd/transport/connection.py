@@ -51,6 +51,10 @@ Peername = tuple[str, int]
 HandshakeCallback = Callable[["TlsConnection", Exception | None], None]
 
 
+READ_SLICE = 8192
+"""Decrypted bytes delivered per step: ~270 tiny packets, or an eighth of a 64 KB frame."""
+
+
 class TlsConnection(asyncio.Protocol):
     """One TCP connection carrying one TLS session.
 
@@ -97,6 +101,7 @@ class TlsConnection(asyncio.Protocol):
         self._lost = False
         self._user_paused = False
         self._held = False  # reading paused until a receiver is set
+        self._yielding = False  # yield_turn(): the rest waits for a later loop turn
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -141,6 +146,25 @@ class TlsConnection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         self._user_paused = False
+        self._update_reading()
+
+    def pause_delivery(self) -> None:
+        """Deliver nothing more until ``resume_delivery()`` (the owner's per-peer budget
+        for this loop turn is spent). Takes effect after the slice being delivered; the
+        rest stays in the TLS buffers, undecrypted, and the socket is not read meanwhile,
+        so TCP pushes back on the sender and memory stays bounded."""
+        if self._yielding:
+            return
+        self._yielding = True
+        self._update_reading()
+
+    def resume_delivery(self) -> None:
+        """Go on delivering: what is buffered now, then the socket again."""
+        if not self._yielding:
+            return
+        self._yielding = False
+        if not self._ended and not self._closing and self._backlog is None:
+            self._read_app()
         self._update_reading()
 
     async def wait_writable(self) -> None:
@@ -288,9 +312,10 @@ class TlsConnection(asyncio.Protocol):
             callback(self, _detached(err))
 
     def _read_app(self) -> None:
-        while not self._ended:
+        # In slices, so that an owner's yield_turn() takes effect within one slice.
+        while not self._ended and not self._yielding:
             try:
-                data = self.engine.read()
+                data = self.engine.read(READ_SLICE)
             except TlsClosed:
                 self.engine.close()  # answer with our close_notify
                 self._shutdown(None)
@@ -343,7 +368,7 @@ class TlsConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             return
-        paused = self._user_paused or self._held or self._backlog_paused
+        paused = self._user_paused or self._held or self._backlog_paused or self._yielding
         if paused and transport.is_reading():
             transport.pause_reading()
         elif not paused and not transport.is_reading():
