@@ -201,6 +201,8 @@ class LimitsConfig:
     max_pending_handshakes: int = 256
     max_pending_per_source: int = 16
     """At most ``max_pending_handshakes``."""
+    max_pending_per_subnet: int = 64
+    """Per /24 (IPv4) or /64 (IPv6); at most ``max_pending_handshakes``."""
     max_frame: int = 262144
     """Bytes; at least ``MIN_MAX_FRAME`` so one 64 KiB GSO super-packet always fits."""
     peer_queue_bytes: int = 4194304
