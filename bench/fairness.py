@@ -292,7 +292,7 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="bench.fairness", description=__doc__.split("\n")[0])
     p.add_argument("--pings", type=int, default=200)
     p.add_argument("--interval", type=float, default=0.02, help="seconds between pings")
-    p.add_argument("--budgets", type=int, nargs="+", default=[256])
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 64, 32])
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)

@@ -78,7 +78,7 @@ class GatewaySettings:
     max_unadmitted: int = 256
     """Verified TLS sessions that have not yet sent HELLO: bounded like handshakes."""
     duplicate: str = "replace"
-    peer_turn_packets: int = 256
+    peer_turn_packets: int = 32
     """Packets (GSO segments counted one by one) from one peer per event-loop turn; then
     its connection yields so other peers and the TUN are served (fair sharing)."""
 

@@ -266,7 +266,7 @@ def _limits(ctx: Context, path: str, value: object) -> LimitsConfig:
         ),
         max_frame=max_frame,
         peer_queue_bytes=s.get("peer_queue_bytes", integer(max_frame, 1 << 30), d.peer_queue_bytes),
-        peer_turn_packets=s.get("peer_turn_packets", integer(16, 1_000_000), d.peer_turn_packets),
+        peer_turn_packets=s.get("peer_turn_packets", integer(8, 1_000_000), d.peer_turn_packets),
     )
 
 

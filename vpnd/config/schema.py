@@ -207,7 +207,7 @@ class LimitsConfig:
     """Bytes; at least ``MIN_MAX_FRAME`` so one 64 KiB GSO super-packet always fits."""
     peer_queue_bytes: int = 4194304
     """Bytes queued towards one peer before it counts as slow; at least ``max_frame``."""
-    peer_turn_packets: int = 256
+    peer_turn_packets: int = 32
     """Packets (GSO segments each count) read from one peer before the others get a turn."""
 
 
