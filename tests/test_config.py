@@ -659,8 +659,10 @@ def test_examples_show_every_key(name: str) -> None:
         "max_sessions",
         "max_pending_handshakes",
         "max_pending_per_source",
+        "max_pending_per_subnet",
         "max_frame",
         "peer_queue_bytes",
+        "peer_turn_packets",
     }
 
 

@@ -73,6 +73,8 @@ def test_conntrack_defaults_and_values() -> None:
     assert policy_of({}).conntrack == ConntrackConfig(3600.0, 180.0, 30.0)
     ct = policy_of({"conntrack": {"tcp_timeout": 60, "icmp_timeout": 1.5}}).conntrack
     assert ct == ConntrackConfig(tcp_timeout=60.0, udp_timeout=180.0, icmp_timeout=1.5)
+    assert policy_of({}).conntrack.max_flows_per_peer == 4096
+    assert policy_of({"conntrack": {"max_flows_per_peer": 100}}).conntrack.max_flows_per_peer == 100
 
 
 VALID_RULES: list[tuple[dict[str, Any], RuleConfig]] = [
@@ -228,6 +230,12 @@ INVALID_RULES: list[tuple[object, str, str]] = [
     ({"conntrack": {"udp_timeout": "3m"}}, "policy.conntrack.udp_timeout", "got '3m'"),
     ({"conntrack": {"icmp_timeout": 10**9}}, "policy.conntrack.icmp_timeout", "<= 604800"),
     ({"conntrack": []}, "policy.conntrack", "expected a mapping"),
+    (
+        {"conntrack": {"max_flows_per_peer": 0}},
+        "policy.conntrack.max_flows_per_peer",
+        "1..16777216",
+    ),
+    ({"conntrack": {"max_flows_per_peer": "lots"}}, "policy.conntrack.max_flows_per_peer", "lots"),
 ]
 
 

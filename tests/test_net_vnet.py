@@ -21,6 +21,7 @@ from vpnd.net.vnet import (
     plain_vnet_header,
     strip_vnet,
     validate_vnet_packet,
+    vnet_segments,
 )
 
 SRC4, DST4 = ipaddress.IPv4Address("10.8.0.2"), ipaddress.IPv4Address("10.8.0.1")
@@ -275,3 +276,69 @@ def test_ip_src_dst_rejects_malformed(pkt: bytes) -> None:
 def test_ip_src_dst_offset_bounds() -> None:
     assert ip_src_dst(ipv4(b"x"), offset=100) is None
     assert ip_src_dst(ipv4(b"x"), offset=-1) is None
+
+
+# -- GSO fan-out bound ------------------------------------------------------------------
+
+
+def big4(gso_size: int, *, doff_words: int = 5, size: int = 60000) -> bytes:
+    h = vnet(
+        flags=F_NEEDS_CSUM,
+        gso_type=GSO_TCPV4,
+        hdr_len=20 + doff_words * 4,
+        gso_size=gso_size,
+        csum_start=20,
+        csum_offset=16,
+    )
+    return h + ipv4(tcp_header(doff_words=doff_words) + bytes(size))
+
+
+def big6(gso_size: int, *, doff_words: int = 5, size: int = 60000) -> bytes:
+    h = vnet(
+        flags=F_NEEDS_CSUM,
+        gso_type=GSO_TCPV6,
+        hdr_len=40 + doff_words * 4,
+        gso_size=gso_size,
+        csum_start=40,
+        csum_offset=16,
+    )
+    return h + ipv6(tcp_header(doff_words=doff_words) + bytes(size))
+
+
+@pytest.mark.parametrize(
+    ("pkt", "reason"),
+    [
+        (big4(1), "vnet_gso_size_small"),  # 60,000 segments
+        (big4(100), "vnet_gso_size_small"),
+        (big4(535), "vnet_gso_size_small"),
+        (big4(536), None),  # IPv4's minimum MSS
+        (big4(523, doff_words=8), "vnet_gso_size_small"),  # 12 bytes of options: 524
+        (big4(524, doff_words=8), None),  # MSS 536 less the timestamp option
+        (big6(1), "vnet_gso_size_small"),
+        (big6(1219), "vnet_gso_size_small"),
+        (big6(1220), None),  # IPv6's minimum MTU less 60
+        (big6(1207, doff_words=8), "vnet_gso_size_small"),
+        (big6(1208, doff_words=8), None),
+    ],
+)
+def test_a_tiny_gso_size_is_refused(pkt: bytes, reason: str | None) -> None:
+    assert validate_vnet_packet(pkt) == reason
+
+
+@pytest.mark.parametrize(
+    ("pkt", "segments"),
+    [
+        (big4(1448, size=1), 1),
+        (big4(1448, size=1448), 1),
+        (big4(1448, size=1449), 2),
+        (big4(1448, size=60000), 42),
+        (big4(536, size=60000), 112),
+        (big6(1428, size=60000), 43),
+        (big4(524, doff_words=8, size=60000), 115),
+        (vnet() + ipv4(tcp_header() + bytes(100)), 1),  # not GSO
+        (gso4(), 3),  # 3072 bytes at 1448
+    ],
+)
+def test_segments_counts_what_segmentation_produces(pkt: bytes, segments: int) -> None:
+    assert validate_vnet_packet(pkt) is None
+    assert vnet_segments(pkt) == segments

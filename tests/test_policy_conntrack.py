@@ -127,6 +127,7 @@ def test_reply_allowed_then_new_tun_flow_denied() -> None:
         "allowed_fragment": 0,
         "dropped_not_tracked": 2,
         "evicted": 0,
+        "evicted_peer_limit": 0,
         "expired": 0,
         "entries": 1,
     }
@@ -397,6 +398,66 @@ def test_expire_sweeps_idle_flows() -> None:
     assert gw.fw.expire(60.0) == 1
     stats = gw.fw.stats
     assert (stats["entries"], stats["expired"]) == (0, 2)
+
+
+def per_peer(cap: int) -> PolicyConfig:
+    return PolicyConfig(
+        rules=POLICY.rules,
+        conntrack=ConntrackConfig(
+            tcp_timeout=60.0, udp_timeout=20.0, icmp_timeout=5.0, max_flows_per_peer=cap
+        ),
+    )
+
+
+def test_one_peers_70000_flows_evict_only_its_own() -> None:
+    gw = Gateway(per_peer(100), max_conntrack=65536)
+    assert gw.send(dns(5353), at=0.0) is None  # alice: one flow, idle from now on
+    sent = 0
+    for sport in range(1024, 65536):  # bob: ssh from every port ...
+        assert gw.send(ssh(sport=sport), at=1.0) is None
+        sent += 1
+    for sport in range(1024, 1024 + 70000 - sent):  # ... and DNS, 70,000 flows in all
+        assert gw.send(ipv4(BOB4, LAN4, UDP, udp(sport, 53)), at=1.0) is None
+    stats = gw.fw.stats
+    assert (stats["entries"], stats["evicted_peer_limit"], stats["evicted"]) == (101, 69900, 0)
+    assert gw.send(dns_reply(5353), at=2.0) is None  # alice's flow survived
+    assert gw.send(ipv4(LAN4, BOB4, UDP, udp(53, 1024 + 70000 - sent - 1))) is None  # newest
+    assert gw.send(ssh_reply(sport=1024)) == "not_tracked"  # bob's oldest went
+
+
+def test_a_full_table_evicts_from_the_biggest_holder() -> None:
+    gw = Gateway(per_peer(4096), max_conntrack=10)
+    for sport in (5001, 5002, 5003):
+        assert gw.send(dns(sport), at=0.0) is None  # alice: the oldest flows in the table
+    for sport in range(40000, 40020):
+        assert gw.send(ssh(sport=sport), at=1.0) is None  # bob fills the rest, and more
+    stats = gw.fw.stats
+    assert (stats["entries"], stats["evicted"], stats["evicted_peer_limit"]) == (10, 13, 0)
+    for sport in (5001, 5002, 5003):
+        assert gw.send(dns_reply(sport), at=2.0) is None
+    assert [gw.send(ssh_reply(sport=p)) is None for p in range(40013, 40020)] == [True] * 7
+    assert gw.send(ssh_reply(sport=40012)) == "not_tracked"
+
+
+def test_a_peer_at_its_cap_keeps_its_recently_used_flows() -> None:
+    gw = Gateway(per_peer(2))
+    assert gw.send(ssh(sport=1), at=0.0) is None
+    assert gw.send(ssh(sport=2), at=1.0) is None
+    assert gw.send(ssh_reply(sport=1), at=2.0) is None  # 1 is used again: 2 is bob's LRU
+    assert gw.send(ssh(sport=3), at=3.0) is None
+    assert gw.send(ssh_reply(sport=2)) == "not_tracked"
+    assert gw.send(ssh_reply(sport=1)) is None
+    assert gw.fw.stats["evicted_peer_limit"] == 1
+
+
+def test_reload_applies_a_new_per_peer_cap_to_later_flows() -> None:
+    gw = Gateway(per_peer(100))
+    for sport in range(1, 11):
+        assert gw.send(ssh(sport=sport), at=0.0) is None
+    gw.fw.replace_policy(per_peer(3), peers=gw.peers(), now=0.0)
+    assert gw.fw.stats["entries"] == 10  # existing flows are kept ...
+    assert gw.send(ssh(sport=11), at=1.0) is None  # ... until bob's next flow
+    assert gw.fw.stats["entries"] == 3
 
 
 def test_bad_bound_is_refused() -> None:

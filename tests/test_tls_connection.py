@@ -517,6 +517,7 @@ def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) ->
             lambda conn: conn.set_receiver(conn.write, lambda _reason: None),
             max_pending=3,
             max_pending_per_source=2,
+            min_evict_age=3600,  # no early eviction here: see test_tls_slots_loopback.py
         )
         silent = []
         try:

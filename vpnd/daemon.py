@@ -216,6 +216,7 @@ def _gateway_settings(
         peer_queue_bytes=cfg.limits.peer_queue_bytes,
         max_unadmitted=cfg.limits.max_pending_handshakes,
         duplicate=cfg.duplicate.value,
+        peer_turn_packets=cfg.limits.peer_turn_packets,
     )
 
 
@@ -352,7 +353,7 @@ async def _run_gateway(
             if getattr(new, key) != getattr(old, key):
                 report.errors.append(f"{key}: changed, takes effect after a restart")
         # Bound into the TLS listener at start: say so rather than pretend.
-        for key in ("max_pending_handshakes", "max_pending_per_source"):
+        for key in ("max_pending_handshakes", "max_pending_per_source", "max_pending_per_subnet"):
             if getattr(new.limits, key) != getattr(old.limits, key):
                 report.errors.append(f"limits.{key}: changed, takes effect after a restart")
         if new.handshake_timeout != old.handshake_timeout:
@@ -468,6 +469,7 @@ async def _run_gateway(
                 on_refused=gateway.on_refused,
                 max_pending=cfg.limits.max_pending_handshakes,
                 max_pending_per_source=cfg.limits.max_pending_per_source,
+                max_pending_per_subnet=cfg.limits.max_pending_per_subnet,
                 max_write_backlog=cfg.limits.peer_queue_bytes + cfg.limits.max_frame,
             )
         except OSError as err:

@@ -13,7 +13,7 @@ import ipaddress
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,7 +28,13 @@ from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
 from vpnd.net.tun import TunDevice
-from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_vnet_packet
+from vpnd.net.vnet import (
+    VNET_HDR_LEN,
+    ip_src_dst,
+    plain_vnet_header,
+    validate_vnet_packet,
+    vnet_segments,
+)
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.pki.profile import describe_certificate
@@ -75,6 +81,9 @@ class GatewaySettings:
     max_unadmitted: int = 256
     """Verified TLS sessions that have not yet sent HELLO: bounded like handshakes."""
     duplicate: str = "replace"
+    peer_turn_packets: int = 32
+    """Packets (GSO segments counted one by one) from one peer per event-loop turn; then
+    its connection yields so other peers and the TUN are served (fair sharing)."""
 
 
 @dataclass(eq=False)
@@ -99,6 +108,14 @@ class Peer:
     packets_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    turn_packets: int = 0
+    """Packets charged to this peer since it last ran out of budget (``Gateway._from_peer``)."""
+    turn_yields: int = 0
+    """How often this peer's budget ran out and the other peers were served first."""
+    waiting: bool = False
+    """Over budget: delivery paused until the next loop turn."""
+    backlog: deque[tuple[Sequence[bytes | memoryview], bool]] = field(default_factory=deque)
+    """Decoded packets held over to the next turn, oldest first (bounded by one read slice)."""
 
     def __hash__(self) -> int:
         return self.key
@@ -619,6 +636,52 @@ class Gateway:
     # ---- data path -------------------------------------------------------------------
 
     def _from_peer(self, peer: Peer, packets: Sequence[bytes | memoryview], vnet: bool) -> None:
+        """Fair share: each peer gets ``peer_turn_packets`` packets per loop turn, a GSO
+        super-packet costing its segments. Past that, the rest waits for the next turn
+        and the peer's connection stops delivering, so other peers' reads run first."""
+        if peer.waiting:
+            peer.backlog.append((packets, vnet))
+            return
+        self._serve(peer, packets, vnet)
+
+    def _serve(self, peer: Peer, packets: Sequence[bytes | memoryview], vnet: bool) -> None:
+        budget = self.settings.peer_turn_packets
+        used = peer.turn_packets
+        if vnet:
+            n = len(packets)
+            for i, pkt in enumerate(packets):
+                used += vnet_segments(pkt)
+                if used >= budget:
+                    n = i + 1
+                    break
+        else:
+            n = min(len(packets), max(0, budget - used))
+            used += n
+        if used < budget:
+            peer.turn_packets = used
+        else:
+            peer.turn_packets = 0
+            peer.turn_yields += 1
+            peer.waiting = True
+            if n < len(packets):
+                peer.backlog.appendleft((packets[n:], vnet))
+                packets = packets[:n]
+            peer.driver.conn.pause_delivery()
+            asyncio.get_running_loop().call_soon(self._next_turn, peer)
+        self._forward(peer, packets, vnet)
+
+    def _next_turn(self, peer: Peer) -> None:
+        peer.waiting = False
+        if self.peers.get(peer.key) is not peer:
+            peer.backlog.clear()
+            return
+        while peer.backlog and not peer.waiting:
+            packets, vnet = peer.backlog.popleft()
+            self._serve(peer, packets, vnet)
+        if not peer.waiting:
+            peer.driver.conn.resume_delivery()
+
+    def _forward(self, peer: Peer, packets: Sequence[bytes | memoryview], vnet: bool) -> None:
         to_tun: list[bytes | memoryview] = []
         to_peers: dict[Peer, list[bytes | memoryview]] = {}
         lookup = self.table.lookup_raw

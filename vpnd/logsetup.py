@@ -30,7 +30,18 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        line = json.dumps(doc, default=str, ensure_ascii=False)
+        # json escapes only C0 controls, '"' and '\\'. DEL, C1 (NEL), U+2028/U+2029 and the
+        # other non-printables would pass raw: U+2028/9 end a line in JavaScript and in
+        # many viewers, so a peer-supplied name could forge a log line. Escape them all
+        # (\uXXXX, surrogate pairs above the BMP): the line stays valid, equal JSON.
+        if line.isprintable():
+            return line
+        return "".join(ch if ch.isprintable() else _json_escape(ch) for ch in line)
+
+
+def _json_escape(ch: str) -> str:
+    return json.dumps(ch)[1:-1]  # ensure_ascii: "\u2028", "\ud83d\ude00"
 
 
 class TextFormatter(logging.Formatter):

@@ -259,8 +259,14 @@ def _limits(ctx: Context, path: str, value: object) -> LimitsConfig:
             _at_most(pending, "max_pending_handshakes"),
             d.max_pending_per_source,
         ),
+        max_pending_per_subnet=s.get(
+            "max_pending_per_subnet",
+            _at_most(pending, "max_pending_handshakes"),
+            min(d.max_pending_per_subnet, pending),
+        ),
         max_frame=max_frame,
         peer_queue_bytes=s.get("peer_queue_bytes", integer(max_frame, 1 << 30), d.peer_queue_bytes),
+        peer_turn_packets=s.get("peer_turn_packets", integer(8, 1_000_000), d.peer_turn_packets),
     )
 
 

@@ -30,6 +30,7 @@ from vpnd.config.validate import (
     choice,
     describe,
     file_path,
+    integer,
     list_of,
     network,
     seconds,
@@ -37,7 +38,7 @@ from vpnd.config.validate import (
 
 POLICY_KEYS = ("rules", "conntrack")
 RULE_KEYS = ("from", "to", "proto", "ports")
-CONNTRACK_KEYS = ("tcp_timeout", "udp_timeout", "icmp_timeout")
+CONNTRACK_KEYS = ("tcp_timeout", "udp_timeout", "icmp_timeout", "max_flows_per_peer")
 
 # The same canonical forms vpnd.pki puts into certificates; a rule naming a
 # non-canonical group could never match, so it is refused rather than normalised.
@@ -91,13 +92,20 @@ def _policy_mapping(ctx: Context, path: str, value: object, *, source: str | Non
 
 
 def _conntrack(ctx: Context, path: str, value: object) -> ConntrackConfig:
-    s = Section(ctx, path, value, CONNTRACK_KEYS, what="conntrack idle timeouts in seconds")
+    s = Section(
+        ctx,
+        path,
+        value,
+        CONNTRACK_KEYS,
+        what="conntrack idle timeouts in seconds and max_flows_per_peer",
+    )
     timeout = seconds(0, _WEEK)
     d = ConntrackConfig()
     return ConntrackConfig(
         tcp_timeout=s.get("tcp_timeout", timeout, d.tcp_timeout),
         udp_timeout=s.get("udp_timeout", timeout, d.udp_timeout),
         icmp_timeout=s.get("icmp_timeout", timeout, d.icmp_timeout),
+        max_flows_per_peer=s.get("max_flows_per_peer", integer(1, 1 << 24), d.max_flows_per_peer),
     )
 
 

@@ -137,6 +137,8 @@ class ConntrackConfig:
     tcp_timeout: float = 3600.0
     udp_timeout: float = 180.0
     icmp_timeout: float = 30.0
+    max_flows_per_peer: int = 4096
+    """Tracked flows one peer may hold; its next flow evicts its own oldest, never another's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +201,14 @@ class LimitsConfig:
     max_pending_handshakes: int = 256
     max_pending_per_source: int = 16
     """At most ``max_pending_handshakes``."""
+    max_pending_per_subnet: int = 64
+    """Per /24 (IPv4) or /64 (IPv6); at most ``max_pending_handshakes``."""
     max_frame: int = 262144
     """Bytes; at least ``MIN_MAX_FRAME`` so one 64 KiB GSO super-packet always fits."""
     peer_queue_bytes: int = 4194304
     """Bytes queued towards one peer before it counts as slow; at least ``max_frame``."""
+    peer_turn_packets: int = 32
+    """Packets (GSO segments each count) read from one peer before the others get a turn."""
 
 
 MIN_MAX_FRAME = 65536 + 4096

@@ -30,6 +30,13 @@ _IPPROTO_UDP = 17
 _CSUM_FIELD = {_IPPROTO_TCP: 16, _IPPROTO_UDP: 6}
 _PLAIN = bytes(VNET_HDR_LEN)
 
+MIN_MSS = {4: 536, 6: 1220}
+"""The smallest MSS a TCP sender uses without ICMP help: IPv4's 576-byte minimum
+reassembly size and IPv6's 1280-byte minimum MTU, less the IP and TCP headers. A kernel
+sets gso_size to the MSS less the TCP options each segment carries, so a super-packet's
+gso_size is refused below ``MIN_MSS - options`` (``vnet_gso_size_small``): otherwise a
+64 KB super-packet with gso_size 1 fans out into 64,000 segments of gateway CPU."""
+
 
 def plain_vnet_header() -> bytes:
     """The header of a packet with no offload: all zeros."""
@@ -123,7 +130,26 @@ def validate_vnet_packet(pkt: bytes | memoryview) -> str | None:
     doff = (pkt[tcp_off + 12] >> 4) * 4
     if doff < 20 or l3_len + doff > size:
         return "vnet_bad_tcp_header"
+    if gso_size < MIN_MSS[version] - (doff - 20):
+        return "vnet_gso_size_small"
     return None
+
+
+def vnet_segments(pkt: bytes | memoryview) -> int:
+    """How many packets ``pkt`` (header + IP packet) becomes once segmented: 1 for a plain
+    packet, ceil(TCP payload / gso_size) for a super-packet. For budgets: a peer is
+    charged per packet the gateway or the kernel will produce, not per frame.
+    Call it on a packet ``validate_vnet_packet`` accepted (else it answers 1)."""
+    if len(pkt) < VNET_HDR_LEN + 40 or not pkt[1] & ~GSO_ECN:
+        return 1
+    gso_size = pkt[4] | (pkt[5] << 8)
+    off = VNET_HDR_LEN
+    l3 = (pkt[off] & 0x0F) * 4 if pkt[off] >> 4 == 4 else 40
+    if gso_size == 0 or len(pkt) < off + l3 + 13:
+        return 1
+    doff = (pkt[off + l3 + 12] >> 4) * 4
+    payload = len(pkt) - off - l3 - doff
+    return max(1, -(-payload // gso_size))
 
 
 def ip_src_dst(pkt: bytes | memoryview, offset: int = 0) -> tuple[bytes, bytes] | None:

@@ -2,8 +2,11 @@
 
 An ``Entry`` is one flow a rule allowed. It is reachable under two keys, its forward
 (initiator -> responder) and reverse 5-tuple, so either direction costs one dict lookup.
-Entries are kept in least-recently-used order: when the table is full the LRU entry is
-evicted (counted), so memory never grows past ``max_entries``. Expiry is lazy (on
+Entries are kept in least-recently-used order, overall and per initiating peer. A peer
+holds at most ``max_per_peer`` flows: its next one evicts *its own* LRU flow
+(``evicted_peer_limit``). When the whole table is full, the LRU flow of the peer holding
+the most flows is evicted (``evicted``), so memory never grows past ``max_entries`` and
+one peer's flood of flows cannot push out another peer's flows. Expiry is lazy (on
 lookup, by the firewall), amortised (each insertion first looks at the two LRU entries)
 and explicit (``expire(now)``, which the gateway calls periodically).
 """
@@ -78,10 +81,18 @@ class Entry:
 class ConntrackTable:
     """Entries indexed by both directions, LRU-ordered, at most ``max_entries``."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_per_peer: int | None = None) -> None:
         if max_entries < 1:
             raise ValueError(f"conntrack needs room for at least 1 entry, got {max_entries}")
+        if max_per_peer is not None and max_per_peer < 1:
+            raise ValueError(
+                f"conntrack needs room for at least 1 flow per peer, got {max_per_peer}"
+            )
         self.max_entries = max_entries
+        self.max_per_peer = max_per_peer or max_entries
+        self._by_peer: dict[str, OrderedDict[Key, Entry]] = {}
+        """Initiating peer -> its flows, LRU first."""
+        self.evicted_peer_limit = 0
         self.index: dict[Key, tuple[Entry, Names]] = {}
         """Both keys of every entry -> (entry, the (src, dst) names expected that way)."""
         self._lru: OrderedDict[Key, Entry] = OrderedDict()
@@ -98,6 +109,14 @@ class ConntrackTable:
     def touch(self, entry: Entry, now: float) -> None:
         entry.last = now
         self._lru.move_to_end(entry.fwd)
+        own = self._by_peer.get(entry.a_name)
+        if own is not None and entry.fwd in own:
+            own.move_to_end(entry.fwd)
+
+    def peer_flows(self, name: str) -> int:
+        """How many tracked flows the peer ``name`` initiated."""
+        own = self._by_peer.get(name)
+        return len(own) if own is not None else 0
 
     def add(self, entry: Entry, now: float) -> None:
         """Insert ``entry`` (replacing any entry on its keys), evicting the LRU if full."""
@@ -114,13 +133,20 @@ class ConntrackTable:
             old = self.index.get(key)
             if old is not None:
                 self.remove(old[0])
+        own = self._by_peer.get(entry.a_name)
+        while own and len(own) >= self.max_per_peer:
+            self.remove(next(iter(own.values())))
+            self.evicted_peer_limit += 1
         while len(lru) >= self.max_entries:
-            self.remove(next(iter(lru.values())))
+            # The biggest holder pays (O(peers), only when the whole table is full).
+            biggest = max(self._by_peer.values(), key=len)
+            self.remove(next(iter(biggest.values())))
             self.evicted += 1
         names = (entry.a_name, entry.b_name)
         self.index[entry.fwd] = (entry, names)
         self.index[entry.rev] = (entry, (entry.b_name, entry.a_name))
         lru[entry.fwd] = entry
+        self._by_peer.setdefault(entry.a_name, OrderedDict())[entry.fwd] = entry
         self._by_addr.setdefault(entry.src, set()).add(entry.fwd)
         self._by_addr.setdefault(entry.dst, set()).add(entry.fwd)
 
@@ -129,6 +155,11 @@ class ConntrackTable:
             return
         self.index.pop(entry.fwd, None)
         self.index.pop(entry.rev, None)
+        own = self._by_peer.get(entry.a_name)
+        if own is not None:
+            own.pop(entry.fwd, None)
+            if not own:
+                del self._by_peer[entry.a_name]
         for addr in (entry.src, entry.dst):
             keys = self._by_addr.get(addr)
             if keys is not None:
@@ -164,6 +195,7 @@ class ConntrackTable:
         self.index.clear()
         self._lru.clear()
         self._by_addr.clear()
+        self._by_peer.clear()
 
 
 FragKey = tuple[bytes, bytes, int]

@@ -43,8 +43,11 @@ Semantics:
    with the same (source, destination, identification) passed within the last 30 s,
    else ``fragment``. So no fragment ever reaches a port the rules did not allow; a
    datagram whose first fragment arrives last is lost.
-8. **Bounded memory.** At most ``max_conntrack`` flows (default 65536); when full, the
-   least recently used flow is evicted and counted in ``evicted``. Expiry is lazy on
+8. **Bounded memory.** At most ``conntrack.max_flows_per_peer`` flows initiated by one
+   peer (default 4096): its next flow evicts its own least recently used one
+   (``evicted_peer_limit``). At most ``max_conntrack`` flows in all (default 65536); when
+   full, the least recently used flow of the peer holding the most is evicted
+   (``evicted``), so one peer's flood never evicts another peer's flows. Expiry is lazy on
    lookup, amortised on insertion, and ``expire(now)`` sweeps the rest.
 9. **Reload.** ``replace_policy`` re-checks every tracked flow against the new rules with
    the peers that now own its addresses, and drops those no longer allowed: a tightened
@@ -53,7 +56,8 @@ Semantics:
     re-leased address starts clean.
 
 Counters (``stats``): ``allowed_new``, ``allowed_tracked``, ``allowed_related`` (ICMP
-errors), ``allowed_fragment``, ``dropped_<reason>``, ``evicted``, ``expired``,
+errors), ``allowed_fragment``, ``dropped_<reason>``, ``evicted``, ``evicted_peer_limit``,
+``expired``,
 ``entries``.
 """
 
@@ -221,7 +225,7 @@ class Firewall:
         self._rules = _RuleSet(policy)
         self._timeout = _timeouts(policy.conntrack)
         self.policy = policy
-        self._ct = ConntrackTable(max_conntrack)
+        self._ct = ConntrackTable(max_conntrack, policy.conntrack.max_flows_per_peer)
         self._frags = FragmentTable(max(64, max_conntrack // 16), FRAGMENT_TIMEOUT)
         self._counts: dict[str, int] = {
             "allowed_new": 0,
@@ -237,6 +241,7 @@ class Firewall:
         """A snapshot of the counters, plus ``evicted``, ``expired`` and ``entries``."""
         out = dict(self._counts)
         out["evicted"] = self._ct.evicted
+        out["evicted_peer_limit"] = self._ct.evicted_peer_limit
         out["expired"] = self._ct.expired
         out["entries"] = len(self._ct)
         return out
@@ -391,6 +396,7 @@ class Firewall:
         rules = _RuleSet(policy)
         timeouts = _timeouts(policy.conntrack)
         self._rules, self._timeout, self.policy = rules, timeouts, policy
+        self._ct.max_per_peer = policy.conntrack.max_flows_per_peer  # applies from the next flow
         # A later fragment would pass on an old decision: start the fragment state over.
         self._frags.clear()
         dropped = 0

@@ -36,6 +36,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vpnd.transport.slots import HandshakeSlots
 from vpnd.transport.tlsengine import (
     TlsAlertReceived,
     TlsClosed,
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 Peername = tuple[str, int]
 HandshakeCallback = Callable[["TlsConnection", Exception | None], None]
+
+
+READ_SLICE = 8192
+"""Decrypted bytes delivered per step: ~270 tiny packets, or an eighth of a 64 KB frame."""
 
 
 class TlsConnection(asyncio.Protocol):
@@ -97,6 +102,9 @@ class TlsConnection(asyncio.Protocol):
         self._lost = False
         self._user_paused = False
         self._held = False  # reading paused until a receiver is set
+        self._yielding = False  # pause_delivery(): the rest waits for resume_delivery()
+        self.handshake_bytes = 0
+        """Bytes received before the handshake completed (0: a silent connection)."""
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -141,6 +149,25 @@ class TlsConnection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         self._user_paused = False
+        self._update_reading()
+
+    def pause_delivery(self) -> None:
+        """Deliver nothing more until ``resume_delivery()`` (the owner's per-peer budget
+        for this loop turn is spent). Takes effect after the slice being delivered; the
+        rest stays in the TLS buffers, undecrypted, and the socket is not read meanwhile,
+        so TCP pushes back on the sender and memory stays bounded."""
+        if self._yielding:
+            return
+        self._yielding = True
+        self._update_reading()
+
+    def resume_delivery(self) -> None:
+        """Go on delivering: what is buffered now, then the socket again."""
+        if not self._yielding:
+            return
+        self._yielding = False
+        if not self._ended and not self._closing and self._backlog is None:
+            self._read_app()
         self._update_reading()
 
     async def wait_writable(self) -> None:
@@ -208,6 +235,7 @@ class TlsConnection(asyncio.Protocol):
         if self.engine.established:
             self._read_app()
         else:
+            self.handshake_bytes += len(data)
             self._step_handshake()
 
     def eof_received(self) -> bool | None:
@@ -269,6 +297,21 @@ class TlsConnection(asyncio.Protocol):
         if not self._closing:
             self._read_app()  # app data (or an alert) may have come with the Finished
 
+    def evict(self) -> None:
+        """Drop a pending handshake to make room for a newer one (the table is full)."""
+        if self.engine.established or self._transport is None or self._closing:
+            return
+        self._cancel_timer()
+        self._closing = True
+        self._transport.abort()
+        self._handshake_done(
+            TlsHandshakeError(
+                "handshake_evicted",
+                "the oldest stalled handshake was dropped: too many unauthenticated connections",
+                sent_alert=False,
+            )
+        )
+
     def _timed_out(self) -> None:
         self._timer = None
         if self.engine.established or self._transport is None:
@@ -288,9 +331,10 @@ class TlsConnection(asyncio.Protocol):
             callback(self, _detached(err))
 
     def _read_app(self) -> None:
-        while not self._ended:
+        # In slices, so that an owner's yield_turn() takes effect within one slice.
+        while not self._ended and not self._yielding:
             try:
-                data = self.engine.read()
+                data = self.engine.read(READ_SLICE)
             except TlsClosed:
                 self.engine.close()  # answer with our close_notify
                 self._shutdown(None)
@@ -343,7 +387,7 @@ class TlsConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             return
-        paused = self._user_paused or self._held or self._backlog_paused
+        paused = self._user_paused or self._held or self._backlog_paused or self._yielding
         if paused and transport.is_reading():
             transport.pause_reading()
         elif not paused and not transport.is_reading():
@@ -426,6 +470,8 @@ async def serve(
     max_pending: int | None = None,
     max_pending_per_source: int | None = None,
     max_write_backlog: int | None = None,
+    max_pending_per_subnet: int | None = None,
+    min_evict_age: float = 1.0,
 ) -> asyncio.Server:
     """Listen for TLS clients; call ``on_connection`` for each completed handshake.
 
@@ -437,30 +483,35 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
-    # Unauthenticated connections are bounded in total and per source address, so a
-    # handshake flood cannot exhaust memory, descriptors or CPU for the peers we trust.
-    pending: dict[str, int] = {}
-    counted: dict[int, str] = {}
+    # Unauthenticated connections are bounded in total, per source address and per
+    # /24 (/64), so a handshake flood cannot exhaust memory, descriptors or CPU for the
+    # peers we trust; when the table is full the oldest silent handshake makes room.
+    slots: HandshakeSlots[int] = HandshakeSlots(
+        max_total=max_pending,
+        max_per_source=max_pending_per_source,
+        max_per_subnet=max_pending_per_subnet,
+        min_age=min_evict_age,
+    )
+    waiting: dict[int, TlsConnection] = {}
 
     def admit(conn: TlsConnection) -> bool:
         source = conn.peername[0] if conn.peername else "?"
-        total = sum(pending.values())
-        if max_pending is not None and total >= max_pending:
+        verdict = slots.admit(
+            id(conn), source, loop.time(), heard=lambda k: waiting[k].handshake_bytes > 0
+        )
+        for key in verdict.evict:
+            victim = waiting.pop(key, None)
+            if victim is not None:
+                victim.evict()
+        if not verdict.admitted:
             return False
-        if max_pending_per_source is not None and pending.get(source, 0) >= max_pending_per_source:
-            return False
-        pending[source] = pending.get(source, 0) + 1
-        counted[id(conn)] = source
+        waiting[id(conn)] = conn
         return True
 
     def release(conn: TlsConnection) -> None:
-        source = counted.pop(id(conn), None)
-        if source is not None:
-            left = pending[source] - 1
-            if left:
-                pending[source] = left
-            else:
-                del pending[source]
+        if waiting.get(id(conn)) is conn:
+            del waiting[id(conn)]
+            slots.release(id(conn))
 
     def refused(peer: Peername | None, err: TlsHandshakeError) -> None:
         log.debug("TLS handshake from %s refused: %s", peer, err)
@@ -497,7 +548,7 @@ async def serve(
             on_handshake,
             handshake_timeout=handshake_timeout,
             max_write_backlog=max_write_backlog,
-            admit=admit if max_pending is not None or max_pending_per_source is not None else None,
+            admit=admit,
         )
 
     return await loop.create_server(factory, host, port)

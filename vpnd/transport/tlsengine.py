@@ -162,8 +162,9 @@ class TlsEngine:
         self._established = True
         return True
 
-    def read(self) -> bytes:
-        """All application data decrypted so far (b"" if none).
+    def read(self, max_bytes: int | None = None) -> bytes:
+        """All application data decrypted so far (b"" if none), or at most ``max_bytes``
+        of it (the rest stays buffered for the next call).
 
         Raises ``TlsClosed`` on the peer's close_notify, ``TlsAlertReceived`` on a fatal
         alert, ``TlsProtocolError`` on a corrupt stream. Data that arrived before the
@@ -175,13 +176,14 @@ class TlsEngine:
             raise self._failure
         chunks: list[bytes] = []
         incoming, obj = self._incoming, self._obj
-        while True:
+        left = _READ_SIZE if max_bytes is None else max_bytes
+        while left > 0 or max_bytes is None:
             # Nothing buffered on either side of OpenSSL: skip the read that would only
             # raise SSLWantReadError (an exception per chunk on the per-packet path).
             if not incoming.pending and not obj.pending():
                 break
             try:
-                chunk = obj.read(_READ_SIZE)
+                chunk = obj.read(_READ_SIZE if max_bytes is None else min(left, _READ_SIZE))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -200,6 +202,7 @@ class TlsEngine:
                 self._failure = TlsClosed()
                 break
             chunks.append(chunk)
+            left -= len(chunk)
         if chunks:
             return b"".join(chunks)
         if self._failure is not None:
