@@ -221,9 +221,7 @@ class Gateway:
             return
         if len(self.peers) - len(self.table) >= self.settings.max_unadmitted:
             self.handshakes["refused_resource_limit"] += 1
-            _close_now(
-                conn, CloseCode.RESOURCE_LIMIT, "too many sessions setting up", self._clock()
-            )
+            _close_now(conn, CloseCode.RESOURCE_LIMIT, "too many sessions setting up", self._mono())
             return
         if self.trust_error is not None:
             # Revocation data is missing or unusable: fail closed for new peers.
@@ -323,7 +321,7 @@ class Gateway:
             )
         # The handshake already succeeded, so no TLS alert can carry our reason: a
         # CLOSE frame does, and the client prints it.
-        _close_now(conn, CloseCode.AUTH_FAILED, err.reason.value, self._clock())
+        _close_now(conn, CloseCode.AUTH_FAILED, err.reason.value, self._mono())
 
     def _admit(self, peer: Peer) -> None:
         ident = peer.identity
