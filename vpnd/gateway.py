@@ -84,7 +84,7 @@ class Peer:
     remote: str
     log: PeerLogger
     connected_at: float
-    chain: tuple[bytes, ...] = ()
+    chain: tuple[bytes, ...] = field(default=(), repr=False)
     """The DER chain the peer presented, to re-verify when the trusted CAs change."""
     view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
     """What the firewall sees of this peer: its name and groups."""
@@ -323,13 +323,25 @@ class Gateway:
         try:
             self.table.conflicts(networks, ignore=old)
         except AddressConflict as err:
-            peer.log.warning("refused: %s", err)
+            # Our own log may name both peers; the refused peer learns only the address
+            # (its certificate claims it), never who holds it.
+            holder = err.owner.identity if isinstance(err.owner, Peer) else None
+            held_by = f"{holder.name} (serial {holder.serial_hex})" if holder else "another peer"
+            peer.log.warning("refused: %s is already owned by %s", err.network, held_by)
             audit.warning(
-                "refused %s: address conflict",
+                "refused %s: address conflict with %s",
                 ident.name,
-                extra={"event": "auth_refused", "reason": "address_conflict", **_audit(peer)},
+                held_by,
+                extra={
+                    "event": "auth_refused",
+                    "reason": "address_conflict",
+                    "network": str(err.network),
+                    "holder": holder.name if holder else "?",
+                    "holder_serial": holder.serial_hex if holder else "?",
+                    **_audit(peer),
+                },
             )
-            peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
+            peer.driver.close(CloseCode.ADDRESS_CONFLICT, f"{err.network} is held by another peer")
             return
         if old is not None:
             # Atomic takeover: nothing awaits between these lines, so no packet sees a
