@@ -148,6 +148,9 @@ def _gateway_settings(
         peer_queue_bytes=cfg.limits.peer_queue_bytes,
         max_unadmitted=cfg.limits.max_pending_handshakes,
         duplicate=cfg.duplicate.value,
+        holddown_takeovers=cfg.duplicate_holddown.takeovers,
+        holddown_window=cfg.duplicate_holddown.window,
+        holddown_hold=cfg.duplicate_holddown.hold,
     )
 
 

@@ -32,6 +32,7 @@ from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.pki.profile import describe_certificate
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.policy.firewall import Firewall, PeerView
+from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -72,6 +73,11 @@ class GatewaySettings:
     max_unadmitted: int = 256
     """Verified TLS sessions that have not yet sent HELLO: bounded like handshakes."""
     duplicate: str = "replace"
+    holddown_takeovers: int = 5
+    """Takeovers of one certificate within ``holddown_window`` before newcomers are held
+    down (0: never); see ``vpnd.policy.takeover``."""
+    holddown_window: float = 60.0
+    holddown_hold: float = 600.0
 
 
 @dataclass(eq=False)
@@ -140,9 +146,13 @@ class Gateway:
         self._kernel_tasks: set[asyncio.Task[None]] = set()
         self._by_cert: dict[tuple[str, int], Peer] = {}
         self._by_name: dict[tuple[str, str], Peer] = {}
+        self._takeovers = TakeoverGuard(
+            settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
+        )
+        self._monotonic: Callable[[], float] = time.monotonic
         self.totals: Counter[str] = Counter()
         """bytes/packets in/out of peers that have left (live peers hold their own), so
-        that exported counters only ever grow."""
+        that exported counters only ever grow; ``clone_holddowns`` counts hold-downs started."""
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._stopping = False
@@ -317,6 +327,27 @@ class Gateway:
         elif self.settings.duplicate == "reject":
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
             return
+        else:
+            verdict = self._takeovers.takeover((ident.issuer, ident.serial), self._monotonic())
+            if verdict is not Verdict.ALLOW:
+                self.handshakes["refused_clone_holddown"] += 1
+                if verdict is Verdict.HOLD_START:
+                    self.totals["clone_holddowns"] += 1
+                    audit.warning(
+                        "holding down %s from %s: %s (the session from %s stays)",
+                        ident.name,
+                        peer.remote,
+                        CLONE_REASON,
+                        old.remote,
+                        extra={
+                            "event": "clone_holddown",
+                            "reason": "possible_copy",
+                            "holder_remote": old.remote,
+                            **_audit(peer),
+                        },
+                    )
+                peer.driver.close(CloseCode.POLICY, CLONE_REASON)
+                return
         if old is None and len(self.table) >= self.settings.max_sessions:
             peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
             return

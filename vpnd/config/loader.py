@@ -16,6 +16,7 @@ from vpnd.config.schema import (
     ClientConfig,
     Config,
     CrlStale,
+    DuplicateHolddownConfig,
     DuplicatePolicy,
     GatewayConfig,
     IPNetwork,
@@ -63,7 +64,16 @@ COMMON_KEYS = (
     "log",
     "limits",
 )
-GATEWAY_KEYS = ("listen", "push_routes", "nat", "forwarding", "duplicate", "policy", "nftables")
+GATEWAY_KEYS = (
+    "listen",
+    "push_routes",
+    "nat",
+    "forwarding",
+    "duplicate",
+    "duplicate_holddown",
+    "policy",
+    "nftables",
+)
 CLIENT_KEYS = ("server", "server_name", "reconnect")
 PKI_KEYS = ("ca", "cert", "key", "key_passphrase_file", "crl", "crl_stale", "expiry_warning_days")
 
@@ -130,6 +140,9 @@ def parse_config(data: object, *, source: str, base_dir: Path, check_files: bool
             nat=top.get("nat", choice(NatMode), defaults.nat),
             forwarding=top.get("forwarding", boolean, defaults.forwarding),
             duplicate=top.get("duplicate", choice(DuplicatePolicy), defaults.duplicate),
+            duplicate_holddown=top.section(
+                "duplicate_holddown", _duplicate_holddown, DuplicateHolddownConfig()
+            ),
             policy=top.section("policy", read_policy, PolicyConfig()),
             nftables=top.section("nftables", _nftables, NftablesConfig()),
         )
@@ -281,6 +294,16 @@ def _push_routes(ctx: Context, path: str, value: object) -> tuple[IPNetwork, ...
         if route in routes[:i]:
             raise ctx.error(f"{path}[{i}]", f"{route} is listed twice")
     return routes
+
+
+def _duplicate_holddown(ctx: Context, path: str, value: object) -> DuplicateHolddownConfig:
+    s = Section(ctx, path, value, ("takeovers", "window", "hold"), what="clone hold-down settings")
+    d = DuplicateHolddownConfig()
+    return DuplicateHolddownConfig(
+        takeovers=s.get("takeovers", integer(0, 1000), d.takeovers),
+        window=s.get("window", seconds(0, _DAY), d.window),
+        hold=s.get("hold", seconds(0, 7 * _DAY), d.hold),
+    )
 
 
 def _nftables(ctx: Context, path: str, value: object) -> NftablesConfig:

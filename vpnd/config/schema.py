@@ -222,6 +222,18 @@ class ReconnectConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DuplicateHolddownConfig:
+    """Under ``duplicate: replace``: hold down a certificate that keeps taking itself over."""
+
+    takeovers: int = 5
+    """Takeovers of one connected certificate allowed within ``window``; 0 disables."""
+    window: float = 60.0
+    """Seconds."""
+    hold: float = 600.0
+    """Seconds newcomers with that certificate are refused after the last attempt."""
+
+
+@dataclass(frozen=True, slots=True)
 class NftablesConfig:
     anti_spoofing: bool = False
     """Also drop spoofed sources in nftables on the gateway TUN (defence in depth)."""
@@ -254,6 +266,7 @@ class GatewayConfig(CommonConfig):
     forwarding: bool = True
     """Enable IPv4 forwarding at start and restore the previous value at stop."""
     duplicate: DuplicatePolicy = DuplicatePolicy.REPLACE
+    duplicate_holddown: DuplicateHolddownConfig = field(default_factory=DuplicateHolddownConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     nftables: NftablesConfig = field(default_factory=NftablesConfig)
 
