@@ -27,7 +27,15 @@ from cryptography.hazmat.primitives import hashes
 
 from vpnd import sdnotify
 from vpnd.client import Client, ClientSettings
-from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
+from vpnd.config import (
+    ClientConfig,
+    ConfigError,
+    CrlRollback,
+    CrlStale,
+    GatewayConfig,
+    NatMode,
+    load_config,
+)
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
 from vpnd.control_handler import ClientControl, GatewayControl, crl_summary
@@ -155,7 +163,16 @@ def _gateway_settings(
 
 
 # Keys a running gateway cannot change: they need a restart (reload reports them).
-_RESTART_KEYS = ("listen", "tun", "nat", "forwarding", "nftables", "control_socket", "metrics")
+_RESTART_KEYS = (
+    "listen",
+    "tun",
+    "nat",
+    "forwarding",
+    "nftables",
+    "control_socket",
+    "metrics",
+    "state_dir",
+)
 
 
 async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event) -> None:
@@ -199,6 +216,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         make_context=make_context,
         on_trust=on_trust,
         on_broken=on_broken,
+        state_dir=cfg.state_dir,
+        allow_rollback=cfg.pki.crl_rollback == CrlRollback.ALLOW,
     )
     try:
         trust = watcher.load()
@@ -266,6 +285,7 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         before = watcher.crl_state
         watcher.ca, watcher.crl = new.pki.ca, new.pki.crl
         watcher.allow_stale = new.pki.crl_stale == CrlStale.ALLOW
+        watcher.allow_rollback = new.pki.crl_rollback == CrlRollback.ALLOW
         report.closed.extend(watcher.reload())
         after = watcher.crl_state
         if before != after and after is not None:

@@ -15,6 +15,7 @@ from vpnd.config.schema import (
     MIN_MAX_FRAME,
     ClientConfig,
     Config,
+    CrlRollback,
     CrlStale,
     DuplicateHolddownConfig,
     DuplicatePolicy,
@@ -71,11 +72,21 @@ GATEWAY_KEYS = (
     "forwarding",
     "duplicate",
     "duplicate_holddown",
+    "state_dir",
     "policy",
     "nftables",
 )
 CLIENT_KEYS = ("server", "server_name", "reconnect")
-PKI_KEYS = ("ca", "cert", "key", "key_passphrase_file", "crl", "crl_stale", "expiry_warning_days")
+PKI_KEYS = (
+    "ca",
+    "cert",
+    "key",
+    "key_passphrase_file",
+    "crl",
+    "crl_stale",
+    "crl_rollback",
+    "expiry_warning_days",
+)
 
 _TUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
@@ -143,6 +154,7 @@ def parse_config(data: object, *, source: str, base_dir: Path, check_files: bool
             duplicate_holddown=top.section(
                 "duplicate_holddown", _duplicate_holddown, DuplicateHolddownConfig()
             ),
+            state_dir=top.get("state_dir", file_path, defaults.state_dir),
             policy=top.section("policy", read_policy, PolicyConfig()),
             nftables=top.section("nftables", _nftables, NftablesConfig()),
         )
@@ -188,8 +200,14 @@ def _pki(ctx: Context, path: str, value: object, mode: Mode) -> PkiConfig:
         key_passphrase_file=s.get("key_passphrase_file", nullable(secret), None),
         crl=crl,
         crl_stale=s.get("crl_stale", choice(CrlStale), CrlStale.DENY),
+        crl_rollback=s.get("crl_rollback", choice(CrlRollback), CrlRollback.DENY),
         expiry_warning_days=s.get("expiry_warning_days", integer(0, 3650), 14),
     )
+    if pki.crl_rollback is CrlRollback.ALLOW:
+        ctx.warn(
+            s.at("crl_rollback"),
+            "allow: a CRL older than one already seen will be used at start",
+        )
     if pki.crl_stale is CrlStale.ALLOW:
         ctx.warn(s.at("crl_stale"), "allow: a CRL past its nextUpdate will still be trusted")
     return pki
