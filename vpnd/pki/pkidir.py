@@ -327,15 +327,24 @@ class PkiDir:
         routes: Sequence[IPNetwork] = (),
         dns_names: Sequence[str] = (),
         days: int | None = None,
+        name: str | None = None,
+        replace: bool = False,
     ) -> Issued:
         """Sign a CSR: its signature is checked, its CN canonicalised, and everything
         else it requests is ignored (the admin decides addresses and groups).
+
+        The name is ``name`` if given, else the CSR's CN, canonicalised either way. A
+        name that already has a valid certificate is refused unless ``replace``: else a
+        CSR named "Bob" or " bob " would silently become bob, take bob's address and
+        evict bob's session. A peer name never equals a gateway's (nor the reverse).
 
         With ``out_path`` the certificate is written there atomically (0644) before the
         record commits. With ``out_path=None`` (provisioning) nothing is written: the
         caller delivers ``Issued.certificate`` and then calls :meth:`mark_delivered`.
         """
         cn, public_key = verify_csr(csr)
+        if name is not None:
+            cn = canonical_name(name)
         target: Path | None = None
         if out_path is not None:
             target = Path(out_path)
@@ -360,6 +369,7 @@ class PkiDir:
             dns_names=dns_names,
             days=days,
             write=write,
+            taken_over=None if replace else "sign",
         )
 
     def mark_delivered(self, serial: int, delivered: bool = True) -> None:
@@ -378,7 +388,10 @@ class PkiDir:
         dns_names: Sequence[str],
         days: int | None,
         write: Callable[[x509.Certificate], tuple[Path, ...]],
+        taken_over: str | None = None,
     ) -> Issued:
+        """``taken_over``: the command name; refuse a name that has a valid certificate
+        of the same role (None: allowed, as a renewal or a deliberate replacement)."""
         role = Role(role)
         dns = tuple(dict.fromkeys(canonical_dns_name(d) for d in dns_names))
         if role is Role.GATEWAY and not dns:
@@ -418,6 +431,7 @@ class PkiDir:
         ca_key = self._ca_key()
 
         with self._inventory() as inv, inv.transaction():
+            _refuse_name_collision(inv, cn, role, now, command=taken_over)
             chosen = self._addresses_for(
                 inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
             )
@@ -648,6 +662,38 @@ def _check_in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> None:
             return
     shown = ", ".join(str(n) for n in nets)
     raise PkiError(f"{addr} is outside the CA's overlay network(s) {shown}")
+
+
+def _refuse_name_collision(
+    inv: Inventory, cn: str, role: Role, now: dt.datetime, *, command: str | None
+) -> None:
+    """A peer and a gateway never share a name (``revoke NAME`` would revoke both);
+    with ``command``, a valid certificate of the name refuses it (no silent takeover)."""
+    records = inv.by_name(cn)
+    if role is Role.PEER:
+        gateways = [r for r in records if r.role is Role.GATEWAY]
+        if gateways:
+            raise PkiError(
+                f"{cn!r} is the name of a gateway (serial {gateways[-1].serial_hex}): a peer "
+                "can never take a gateway's name; pick another one (--name)"
+            )
+    else:
+        peers = [r for r in records if r.role is Role.PEER and r.is_valid(now)]
+        if peers:
+            raise PkiError(
+                f"{cn!r} is the name of a peer (serial {peers[-1].serial_hex}): a gateway "
+                "can never take a peer's name; pick another one"
+            )
+    if command is None:
+        return
+    valid = [r for r in records if r.role is role and r.is_valid(now)]
+    if valid:
+        h = valid[-1]
+        raise PkiError(
+            f"{cn!r} already has a valid certificate (serial {h.serial_hex}, valid until "
+            f"{_day(h.not_after)}); a new one takes over its address and ends its session: "
+            f"pass --replace if that is intended, or --name to pick another name"
+        )
 
 
 def _refuse_if_held(
