@@ -301,6 +301,16 @@ class Gateway:
         if outside:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
             return
+        reserved = self._reserved_address(ident.addresses)
+        if reserved is not None:
+            audit.warning(
+                "refused %s: %s",
+                ident.name,
+                reserved,
+                extra={"event": "auth_refused", "reason": "reserved_address", **_audit(peer)},
+            )
+            peer.driver.close(CloseCode.POLICY, reserved)
+            return
         bad_route = self._bad_route(ident.routes)
         if bad_route is not None:
             peer.driver.close(CloseCode.POLICY, bad_route)
@@ -463,12 +473,35 @@ class Gateway:
         subnet equal to a pushed route is the normal site-to-site case.
         """
         for net in routes:
+            if net.prefixlen == 0:
+                return (
+                    f"routed subnet {net} is a default route: full tunnel is a client "
+                    "mode, not a certificate route"
+                )
             for o in self.settings.overlay_networks:
                 if net.version == o.version and net.overlaps(o):
                     return f"routed subnet {net} overlaps the overlay {o}"
             for p in self.settings.push_routes:
                 if p.version == net.version and p != net and p.subnet_of(net):  # type: ignore[arg-type]
                     return f"routed subnet {net} would capture the pushed route {p}"
+        return None
+
+    def _reserved_address(
+        self, addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    ) -> str | None:
+        """Why a peer may not hold one of ``addresses`` (the gateway's own, or an
+        overlay's network or broadcast address), or None."""
+        own = {a.ip for a in self.settings.gateway_addresses}
+        for addr in addresses:
+            if addr in own:
+                return f"address {addr} is the gateway's own"
+            for o in self.settings.overlay_networks:
+                if addr not in o or o.num_addresses <= 2:
+                    continue
+                if addr == o.network_address:
+                    return f"address {addr} is the network address of {o}"
+                if o.version == 4 and addr == o.broadcast_address:
+                    return f"address {addr} is the broadcast address of {o}"
         return None
 
     def _in_overlay(self, net: IPNetwork) -> bool:

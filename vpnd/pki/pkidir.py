@@ -400,6 +400,12 @@ class PkiDir:
             raise PkiError("DNS names are for gateway certificates only (add --gateway)")
         grps = tuple(dict.fromkeys(canonical_group(g) for g in groups))
         nets = tuple(dict.fromkeys(routes))
+        for net in nets:
+            if net.prefixlen == 0:
+                raise PkiError(
+                    f"route {net} is a default route: full tunnel is a client mode, not a "
+                    "certificate route; give the site's own subnets"
+                )
         wanted = tuple(dict.fromkeys(addresses))
         if days is None:
             days = DEFAULT_GATEWAY_DAYS if role is Role.GATEWAY else DEFAULT_PEER_DAYS
@@ -463,8 +469,10 @@ class PkiDir:
         networks: tuple[IPNetwork, ...],
         now: dt.datetime,
     ) -> tuple[IPAddress, ...]:
+        reserved = _gateway_addresses(inv, networks) if role is Role.PEER else {}
         if wanted:
             for addr in wanted:
+                _refuse_reserved(addr, reserved)
                 _refuse_if_held(inv, addr, cn, now)
             return wanted
         # Renewal: keep the overlay address(es) the name already has.
@@ -473,6 +481,7 @@ class PkiDir:
             kept = tuple(a for a in current[-1].addresses if any(a in net for net in networks))
             if kept:
                 for addr in kept:
+                    _refuse_reserved(addr, reserved)
                     _refuse_if_held(inv, addr, cn, now)
                 return kept
         network = networks[0]
@@ -488,7 +497,7 @@ class PkiDir:
         # network size and stops at the first address not held.
         for addr in hosts:
             holders = [r for r in held.get(addr, []) if r.name != cn]
-            if not holders:
+            if not holders and addr not in reserved:
                 return (addr,)
         raise PkiError(
             f"network {network} has no free address left; revoke unused certificates or pass --ip"
@@ -694,6 +703,27 @@ def _refuse_name_collision(
             f"{_day(h.not_after)}); a new one takes over its address and ends its session: "
             f"pass --replace if that is intended, or --name to pick another name"
         )
+
+
+def _gateway_addresses(inv: Inventory, networks: Sequence[IPNetwork]) -> dict[IPAddress, str]:
+    """Addresses no peer may hold: each network's first usable one (the gateway's by
+    default) and any address a gateway certificate ever carried, revoked or not."""
+    reserved: dict[IPAddress, str] = {}
+    for net in networks:
+        hosts: Iterator[IPAddress] = iter(net.hosts())
+        first = next(hosts, None)
+        if first is not None:
+            reserved[first] = f"the first address of {net}, reserved for the gateway"
+    for rec in inv.all_certificates():
+        if rec.role is Role.GATEWAY:
+            for addr in rec.addresses:
+                reserved[addr] = f"the address of gateway {rec.name} (serial {rec.serial_hex})"
+    return reserved
+
+
+def _refuse_reserved(addr: IPAddress, reserved: dict[IPAddress, str]) -> None:
+    if addr in reserved:
+        raise PkiError(f"{addr} is {reserved[addr]}: a peer cannot hold it; pick another --ip")
 
 
 def _refuse_if_held(
