@@ -85,12 +85,14 @@ def test_putting_the_previous_crl_back_does_not_unrevoke(
     assert w.crl_state is not None and w.crl_state.number == 2
     assert w.broken is None  # the newer CRL is still good: no reason to fail closed
     assert any("number 1, lower than number 2" in r.getMessage() for r in caplog.records)
+    assert w.rollback_refused is not None and "lower than number 2" in w.rollback_refused
     # a newer one still goes through
     _write_crl(
         ca, tmp_path / "crl.pem", number=3, next_update=REAL_NOW + 7 * DAY, revoked=(REVOKED, 7)
     )
     w.check()
     assert _revoked(w) == {REVOKED, 7} and w.crl_state.number == 3
+    assert w.rollback_refused is None
 
 
 def test_the_highest_number_survives_a_restart(tmp_path: Path, ca: TestCA) -> None:  # noqa: F811

@@ -287,6 +287,8 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         watcher.allow_stale = new.pki.crl_stale == CrlStale.ALLOW
         watcher.allow_rollback = new.pki.crl_rollback == CrlRollback.ALLOW
         report.closed.extend(watcher.reload())
+        if watcher.rollback_refused is not None:
+            report.errors.append(f"{watcher.rollback_refused}; the newer CRL stays in use")
         after = watcher.crl_state
         if before != after and after is not None:
             report.changed.append(

@@ -146,6 +146,8 @@ class TrustWatcher:
         self._clock = clock
         self.numbers = CrlNumberStore(None if state_dir is None else state_dir / CRL_NUMBERS_FILE)
         self.allow_rollback = allow_rollback
+        self.rollback_refused: str | None = None
+        """Why the CRL on disk was last refused as older than the one in use, or None."""
         self._seen: tuple[Fingerprint, Fingerprint] = (None, None)
         self.trust: TrustStore | None = None
         self.context: ssl.SSLContext | None = None
@@ -258,6 +260,7 @@ class TrustWatcher:
         rollbacks = self._rollbacks(trust)
         if rollbacks and not self.allow_rollback:
             # Keep the newer CRL we hold: an older one would un-revoke peers.
+            self.rollback_refused = f"{self.crl}: refused: {rollbacks[0]}"
             log.error(
                 "%s: refused: %s; keeping the newer CRL (number %d)",
                 self.crl,
@@ -267,6 +270,7 @@ class TrustWatcher:
             )
             return []
         self._warn_rollbacks(rollbacks)
+        self.rollback_refused = None
         try:
             self.numbers.record(crl_numbers(trust.roots, trust.crls))
         except PkiError as err:  # the newer CRL is still used; only its memory is at risk
