@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -107,7 +108,10 @@ def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
         await w.start_gateway()
         assert w.gateway is not None
         gw = w.gateway
-        gw._takeovers = TakeoverGuard(takeovers=2, window=3600, hold=3600)
+        # as a reload would: the gateway picks the new limits up at the next takeover
+        gw.settings = dataclasses.replace(
+            gw.settings, holddown_takeovers=2, holddown_window=3600, holddown_hold=3600
+        )
         try:
             leaf = _leaf(w, "alice", "10.8.0.2")
             first = w.start_client("alice", leaf=leaf, label="alice1")

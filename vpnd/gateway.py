@@ -338,7 +338,13 @@ class Gateway:
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
             return
         else:
-            verdict = self._takeovers.takeover((ident.issuer, ident.serial), self._monotonic())
+            guard, s = self._takeovers, self.settings  # a reload may have changed them
+            guard.takeovers, guard.window, guard.hold = (
+                s.holddown_takeovers,
+                s.holddown_window,
+                s.holddown_hold,
+            )
+            verdict = guard.takeover((ident.issuer, ident.serial), self._monotonic())
             if verdict is not Verdict.ALLOW:
                 self.handshakes["refused_clone_holddown"] += 1
                 if verdict is Verdict.HOLD_START:
