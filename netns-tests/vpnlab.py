@@ -193,6 +193,8 @@ class Lab:
             "push_routes": [LAN],
             "keepalive": {"interval": 2, "timeout": 6},
             "control_socket": str(self.workdir / "gw.sock"),
+            # What survives a restart (CRL numbers) stays in the test's own directory.
+            "state_dir": str(self.workdir / "gw-state"),
             "log": {"level": "info"},
             # Defence in depth is off by default in the product, on in the tests.
             "nftables": {"anti_spoofing": True},

@@ -94,6 +94,7 @@ def test_scrape_exposes_every_metric() -> None:
         ): 31536000,
         ("vpnd_certificate_expiry_seconds", frozenset({("kind", "peer"), ("name", "alice")})): -5,
         ("vpnd_crl_next_update_seconds", frozenset()): 3600,
+        ("vpnd_clone_holddowns_total", frozenset()): 0,
     }
     assert got == expected
 

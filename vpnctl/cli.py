@@ -246,6 +246,8 @@ def _cmd_sign(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         routes=args.routes,
         dns_names=args.dns_names,
         days=args.days,
+        name=args.name,
+        replace=args.replace,
     )
     _report_issued(issued, out, err)
     return 0
@@ -371,6 +373,17 @@ def build_parser() -> CliParser:
     )
     p.add_argument("csr", metavar="CSR_FILE")
     _add_cert_options(p)
+    p.add_argument(
+        "--name",
+        type=types.peer_name,
+        help="the certificate's name (default: the CSR's CN, canonicalised)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow a name that already has a valid certificate: the new one takes over "
+        "its address and ends its session (never a gateway's name)",
+    )
     p.add_argument("--out", required=True, metavar="CERT", help="certificate file to write")
     _add_passphrase_option(p)
 

@@ -526,6 +526,8 @@ async def _sign(
             groups=request.groups,
             routes=request.routes,
             days=request.days,
+            # The admin named this host in the request: re-enrolling it is a renewal.
+            replace=True,
         )
 
     # The inventory serialises writers itself; the lock just keeps threads few.

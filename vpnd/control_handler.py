@@ -250,6 +250,7 @@ class GatewayControl:
             drops=self._drops(peers),
             cert_expiry=tuple(expiry),
             crl_next_update_seconds=None if crl is None else crl.seconds_left,
+            clone_holddowns=totals.get("clone_holddowns", 0),
         )
 
 

@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives import hashes
 from vpnd import preflight, sdnotify
 from vpnd.cleanup import safe_undo
 from vpnd.client import Client, ClientSettings, LocalError, settings_changes
-from vpnd.config import ClientConfig, ConfigError, CrlStale, GatewayConfig, NatMode, load_config
+from vpnd.config import (
+    ClientConfig,
+    ConfigError,
+    CrlRollback,
+    CrlStale,
+    GatewayConfig,
+    NatMode,
+    load_config,
+)
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
 from vpnd.control_handler import ClientControl, GatewayControl, crl_summary
@@ -217,11 +225,23 @@ def _gateway_settings(
         max_unadmitted=cfg.limits.max_pending_handshakes,
         duplicate=cfg.duplicate.value,
         peer_turn_packets=cfg.limits.peer_turn_packets,
+        holddown_takeovers=cfg.duplicate_holddown.takeovers,
+        holddown_window=cfg.duplicate_holddown.window,
+        holddown_hold=cfg.duplicate_holddown.hold,
     )
 
 
 # Keys a running gateway cannot change: they need a restart (reload reports them).
-_RESTART_KEYS = ("listen", "tun", "nat", "forwarding", "nftables", "control_socket", "metrics")
+_RESTART_KEYS = (
+    "listen",
+    "tun",
+    "nat",
+    "forwarding",
+    "nftables",
+    "control_socket",
+    "metrics",
+    "state_dir",
+)
 
 
 async def _run_gateway(
@@ -267,6 +287,8 @@ async def _run_gateway(
         make_context=make_context,
         on_trust=on_trust,
         on_broken=on_broken,
+        state_dir=cfg.state_dir,
+        allow_rollback=cfg.pki.crl_rollback == CrlRollback.ALLOW,
     )
     try:
         trust = watcher.load()
@@ -334,7 +356,10 @@ async def _run_gateway(
         before = watcher.crl_state
         watcher.ca, watcher.crl = new.pki.ca, new.pki.crl
         watcher.allow_stale = new.pki.crl_stale == CrlStale.ALLOW
+        watcher.allow_rollback = new.pki.crl_rollback == CrlRollback.ALLOW
         report.closed.extend(watcher.reload())
+        if watcher.rollback_refused is not None:
+            report.errors.append(f"{watcher.rollback_refused}; the newer CRL stays in use")
         after = watcher.crl_state
         if before != after and after is not None:
             report.changed.append(

@@ -40,6 +40,7 @@ from vpnd.pki.identity import IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.pki.profile import describe_certificate
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.policy.firewall import Firewall, PeerView
+from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
 from vpnd.proto import (
     CloseCode,
     ConfigReceived,
@@ -84,6 +85,11 @@ class GatewaySettings:
     peer_turn_packets: int = 32
     """Packets (GSO segments counted one by one) from one peer per event-loop turn; then
     its connection yields so other peers and the TUN are served (fair sharing)."""
+    holddown_takeovers: int = 5
+    """Takeovers of one certificate within ``holddown_window`` before newcomers are held
+    down (0: never); see ``vpnd.policy.takeover``."""
+    holddown_window: float = 60.0
+    holddown_hold: float = 600.0
 
 
 @dataclass(eq=False)
@@ -96,7 +102,7 @@ class Peer:
     remote: str
     log: PeerLogger
     connected_at: float
-    chain: tuple[bytes, ...] = ()
+    chain: tuple[bytes, ...] = field(default=(), repr=False)
     """The DER chain the peer presented, to re-verify when the trusted CAs change."""
     view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
     """What the firewall sees of this peer: its name and groups."""
@@ -168,9 +174,13 @@ class Gateway:
         self._kernel_tasks: set[asyncio.Task[None]] = set()
         self._by_cert: dict[tuple[str, int], Peer] = {}
         self._by_name: dict[tuple[str, str], Peer] = {}
+        self._takeovers = TakeoverGuard(
+            settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
+        )
+        self._monotonic: Callable[[], float] = time.monotonic
         self.totals: Counter[str] = Counter()
         """bytes/packets in/out of peers that have left (live peers hold their own), so
-        that exported counters only ever grow."""
+        that exported counters only ever grow; ``clone_holddowns`` counts hold-downs started."""
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._stopping = False
@@ -330,6 +340,16 @@ class Gateway:
         if outside:
             peer.driver.close(CloseCode.POLICY, f"address {outside[0]} is outside the overlay")
             return
+        reserved = self._reserved_address(ident.addresses)
+        if reserved is not None:
+            audit.warning(
+                "refused %s: %s",
+                ident.name,
+                reserved,
+                extra={"event": "auth_refused", "reason": "reserved_address", **_audit(peer)},
+            )
+            peer.driver.close(CloseCode.POLICY, reserved)
+            return
         bad_route = self._bad_route(ident.routes)
         if bad_route is not None:
             peer.driver.close(CloseCode.POLICY, bad_route)
@@ -356,19 +376,58 @@ class Gateway:
         elif self.settings.duplicate == "reject":
             peer.driver.close(CloseCode.REPLACED, "this certificate is already connected")
             return
+        else:
+            guard, s = self._takeovers, self.settings  # a reload may have changed them
+            guard.takeovers, guard.window, guard.hold = (
+                s.holddown_takeovers,
+                s.holddown_window,
+                s.holddown_hold,
+            )
+            verdict = guard.takeover((ident.issuer, ident.serial), self._monotonic())
+            if verdict is not Verdict.ALLOW:
+                self.handshakes["refused_clone_holddown"] += 1
+                if verdict is Verdict.HOLD_START:
+                    self.totals["clone_holddowns"] += 1
+                    audit.warning(
+                        "holding down %s from %s: %s (the session from %s stays)",
+                        ident.name,
+                        peer.remote,
+                        CLONE_REASON,
+                        old.remote,
+                        extra={
+                            "event": "clone_holddown",
+                            "reason": "possible_copy",
+                            "holder_remote": old.remote,
+                            **_audit(peer),
+                        },
+                    )
+                peer.driver.close(CloseCode.POLICY, CLONE_REASON)
+                return
         if old is None and len(self.table) >= self.settings.max_sessions:
             peer.driver.close(CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")
             return
         try:
             self.table.conflicts(networks, ignore=old)
         except AddressConflict as err:
-            peer.log.warning("refused: %s", err)
+            # Our own log may name both peers; the refused peer learns only the address
+            # (its certificate claims it), never who holds it.
+            holder = err.owner.identity if isinstance(err.owner, Peer) else None
+            held_by = f"{holder.name} (serial {holder.serial_hex})" if holder else "another peer"
+            peer.log.warning("refused: %s is already owned by %s", err.network, held_by)
             audit.warning(
-                "refused %s: address conflict",
+                "refused %s: address conflict with %s",
                 ident.name,
-                extra={"event": "auth_refused", "reason": "address_conflict", **_audit(peer)},
+                held_by,
+                extra={
+                    "event": "auth_refused",
+                    "reason": "address_conflict",
+                    "network": str(err.network),
+                    "holder": holder.name if holder else "?",
+                    "holder_serial": holder.serial_hex if holder else "?",
+                    **_audit(peer),
+                },
             )
-            peer.driver.close(CloseCode.ADDRESS_CONFLICT, str(err))
+            peer.driver.close(CloseCode.ADDRESS_CONFLICT, f"{err.network} is held by another peer")
             return
         if old is not None:
             # Atomic takeover: nothing awaits between these lines, so no packet sees a
@@ -459,12 +518,35 @@ class Gateway:
         subnet equal to a pushed route is the normal site-to-site case.
         """
         for net in routes:
+            if net.prefixlen == 0:
+                return (
+                    f"routed subnet {net} is a default route: full tunnel is a client "
+                    "mode, not a certificate route"
+                )
             for o in self.settings.overlay_networks:
                 if net.version == o.version and net.overlaps(o):
                     return f"routed subnet {net} overlaps the overlay {o}"
             for p in self.settings.push_routes:
                 if p.version == net.version and p != net and p.subnet_of(net):  # type: ignore[arg-type]
                     return f"routed subnet {net} would capture the pushed route {p}"
+        return None
+
+    def _reserved_address(
+        self, addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    ) -> str | None:
+        """Why a peer may not hold one of ``addresses`` (the gateway's own, or an
+        overlay's network or broadcast address), or None."""
+        own = {a.ip for a in self.settings.gateway_addresses}
+        for addr in addresses:
+            if addr in own:
+                return f"address {addr} is the gateway's own"
+            for o in self.settings.overlay_networks:
+                if addr not in o or o.num_addresses <= 2:
+                    continue
+                if addr == o.network_address:
+                    return f"address {addr} is the network address of {o}"
+                if o.version == 4 and addr == o.broadcast_address:
+                    return f"address {addr} is the broadcast address of {o}"
         return None
 
     def _in_overlay(self, net: IPNetwork) -> bool:

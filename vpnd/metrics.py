@@ -48,6 +48,8 @@ class MetricsSnapshot:
     cert_expiry: tuple[CertExpiry, ...] = ()
     crl_next_update_seconds: float | None = None
     """None: no CRL loaded."""
+    clone_holddowns: int = 0
+    """Hold-downs started: one certificate kept taking its own session over (a copy)."""
 
 
 class SnapshotCollector:
@@ -103,6 +105,12 @@ class SnapshotCollector:
         for cert in snap.cert_expiry:
             expiry.add_metric([cert.kind, cert.name], cert.seconds_left)
         yield expiry
+
+        yield CounterMetricFamily(
+            "vpnd_clone_holddowns",
+            "certificates held down for taking their own session over repeatedly (copies)",
+            value=snap.clone_holddowns,
+        )
 
         if snap.crl_next_update_seconds is not None:
             yield GaugeMetricFamily(

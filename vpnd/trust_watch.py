@@ -7,7 +7,12 @@ while costing one syscall per tick. A changed file is loaded and checked, and th
 - new handshakes use a fresh OpenSSL context carrying the new CRL;
 - every live session is re-checked, and the revoked ones are closed at once;
 - a missing, unreadable or badly signed CRL makes the gateway refuse every new peer
-  (fail closed) until it is fixed; live sessions keep the last good verdict.
+  (fail closed) until it is fixed; live sessions keep the last good verdict;
+- a CRL whose CRLNumber is lower than the highest already seen for its CA (an older
+  crl.pem put back, which would un-revoke peers) is refused and the newer one kept.
+  The highest number per CA is persisted in ``<state_dir>/crl-numbers.json``, so a
+  restart does not forget it: at start an older CRL on disk stops the gateway with one
+  line, unless ``pki.crl_rollback: allow`` (then it warns loudly and uses it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import ssl
@@ -23,8 +29,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vpnd.atomicfile import atomic_write
 from vpnd.pki import TrustStore, load_trust_store
-from vpnd.pki.crl import crl_number
+from vpnd.pki.crl import CrlRollback, crl_number, crl_numbers, crl_rollbacks
 from vpnd.pki.identity import PkiError
 
 log = logging.getLogger("vpnd.trust")
@@ -54,6 +61,66 @@ class CrlState:
         return self.next_update is not None and self.next_update < now
 
 
+CRL_NUMBERS_FILE = "crl-numbers.json"
+_MAX_STATE_BYTES = 1 << 20
+
+
+class CrlNumberStore:
+    """The highest CRL number seen per CA (keyed by ``vpnd.pki.crl.ca_key``), on disk.
+
+    ``path`` None keeps it in memory only (tests, tools). Written atomically, so a crash
+    leaves the old or the new file, never a torn one.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.highest: dict[str, int] = {}
+
+    def load(self) -> None:
+        """Raises PkiError with one line if the file exists but cannot be used."""
+        if self.path is None:
+            return
+        try:
+            raw = self.path.read_bytes()[:_MAX_STATE_BYTES]
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise PkiError(
+                f"{self.path}: cannot read the CRL numbers seen: {err.strerror}; check state_dir"
+            ) from None
+        try:
+            data = json.loads(raw)
+            numbers = data["highest_crl_number"]
+            if not isinstance(numbers, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in numbers.items()
+            ):
+                raise ValueError("not a mapping of CA key to number")
+        except (ValueError, KeyError, TypeError) as err:
+            raise PkiError(
+                f"{self.path}: corrupt CRL-number state ({err}); restore it, or remove it "
+                "to forget which CRLs were seen"
+            ) from None
+        self.highest = dict(numbers)
+
+    def record(self, numbers: dict[str, tuple[str, int]]) -> None:
+        """Raise the remembered numbers to ``numbers`` (never lower one); save if changed."""
+        changed = False
+        for key, (_subject, number) in numbers.items():
+            if number > self.highest.get(key, -1):
+                self.highest[key] = number
+                changed = True
+        if changed and self.path is not None:
+            doc = {"highest_crl_number": dict(sorted(self.highest.items()))}
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                atomic_write(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+            except OSError as err:
+                raise PkiError(
+                    f"{self.path}: cannot save the CRL numbers seen: {err.strerror or err}; "
+                    "make state_dir writable by vpnd"
+                ) from None
+
+
 class TrustWatcher:
     """Owns the current TrustStore and server SSLContext; tells the gateway of changes."""
 
@@ -67,6 +134,8 @@ class TrustWatcher:
         on_trust: Callable[[TrustStore], list[str]],
         on_broken: Callable[[str], None],
         clock: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
+        allow_rollback: bool = False,
     ) -> None:
         self.ca = ca
         self.crl = crl
@@ -75,6 +144,10 @@ class TrustWatcher:
         self._on_trust = on_trust
         self._on_broken = on_broken
         self._clock = clock
+        self.numbers = CrlNumberStore(None if state_dir is None else state_dir / CRL_NUMBERS_FILE)
+        self.allow_rollback = allow_rollback
+        self.rollback_refused: str | None = None
+        """Why the CRL on disk was last refused as older than the one in use, or None."""
         self._seen: tuple[Fingerprint, Fingerprint] = (None, None)
         self.trust: TrustStore | None = None
         self.context: ssl.SSLContext | None = None
@@ -87,8 +160,31 @@ class TrustWatcher:
         """First load at start-up: raises PkiError (the daemon refuses to start)."""
         self._seen = (_stat(self.ca), _stat(self.crl))
         trust = load_trust_store(self.ca, self.crl, allow_stale_crl=self.allow_stale)
+        self.numbers.load()
+        rollbacks = self._rollbacks(trust)
+        if rollbacks and not self.allow_rollback:
+            where = self.numbers.path or "memory"
+            raise PkiError(
+                f"{self.crl}: {rollbacks[0]} (recorded in {where}); deploy the newest "
+                "crl.pem (`vpnctl crl`), or set pki.crl_rollback: allow to start with it"
+            )
+        self._warn_rollbacks(rollbacks)
+        self.numbers.record(crl_numbers(trust.roots, trust.crls))  # PkiError: no start
         self._adopt(trust)
         return trust
+
+    def _rollbacks(self, trust: TrustStore) -> list[CrlRollback]:
+        return crl_rollbacks(crl_numbers(trust.roots, trust.crls), self.numbers.highest)
+
+    def _warn_rollbacks(self, rollbacks: list[CrlRollback]) -> None:
+        for rb in rollbacks:
+            log.warning(
+                "%s: %s; pki.crl_rollback is 'allow', so it is USED: certificates revoked "
+                "since may be accepted again",
+                self.crl,
+                rb,
+                extra={"event": "crl_rollback", "ca": rb.ca, "number": rb.number},
+            )
 
     def server_context(self) -> ssl.SSLContext:
         assert self.context is not None
@@ -161,6 +257,24 @@ class TrustWatcher:
             log.error("revocation data unusable (%s): refusing new peers until fixed", err)
             self._on_broken(str(err))
             return []
+        rollbacks = self._rollbacks(trust)
+        if rollbacks and not self.allow_rollback:
+            # Keep the newer CRL we hold: an older one would un-revoke peers.
+            self.rollback_refused = f"{self.crl}: refused: {rollbacks[0]}"
+            log.error(
+                "%s: refused: %s; keeping the newer CRL (number %d)",
+                self.crl,
+                rollbacks[0],
+                rollbacks[0].highest,
+                extra={"event": "crl_rollback_refused", "ca": rollbacks[0].ca},
+            )
+            return []
+        self._warn_rollbacks(rollbacks)
+        self.rollback_refused = None
+        try:
+            self.numbers.record(crl_numbers(trust.roots, trust.crls))
+        except PkiError as err:  # the newer CRL is still used; only its memory is at risk
+            log.error("%s: a restart may accept an older CRL again", err)
         before = self.crl_state
         # Revoked sessions are cut first: nothing below may stand in the way of that.
         closed = self._on_trust(trust)

@@ -15,7 +15,9 @@ from vpnd.config.schema import (
     MIN_MAX_FRAME,
     ClientConfig,
     Config,
+    CrlRollback,
     CrlStale,
+    DuplicateHolddownConfig,
     DuplicatePolicy,
     GatewayConfig,
     IPNetwork,
@@ -63,9 +65,28 @@ COMMON_KEYS = (
     "log",
     "limits",
 )
-GATEWAY_KEYS = ("listen", "push_routes", "nat", "forwarding", "duplicate", "policy", "nftables")
+GATEWAY_KEYS = (
+    "listen",
+    "push_routes",
+    "nat",
+    "forwarding",
+    "duplicate",
+    "duplicate_holddown",
+    "state_dir",
+    "policy",
+    "nftables",
+)
 CLIENT_KEYS = ("server", "server_name", "reconnect")
-PKI_KEYS = ("ca", "cert", "key", "key_passphrase_file", "crl", "crl_stale", "expiry_warning_days")
+PKI_KEYS = (
+    "ca",
+    "cert",
+    "key",
+    "key_passphrase_file",
+    "crl",
+    "crl_stale",
+    "crl_rollback",
+    "expiry_warning_days",
+)
 
 _TUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
@@ -130,6 +151,10 @@ def parse_config(data: object, *, source: str, base_dir: Path, check_files: bool
             nat=top.get("nat", choice(NatMode), defaults.nat),
             forwarding=top.get("forwarding", boolean, defaults.forwarding),
             duplicate=top.get("duplicate", choice(DuplicatePolicy), defaults.duplicate),
+            duplicate_holddown=top.section(
+                "duplicate_holddown", _duplicate_holddown, DuplicateHolddownConfig()
+            ),
+            state_dir=top.get("state_dir", file_path, defaults.state_dir),
             policy=top.section("policy", read_policy, PolicyConfig()),
             nftables=top.section("nftables", _nftables, NftablesConfig()),
         )
@@ -175,8 +200,14 @@ def _pki(ctx: Context, path: str, value: object, mode: Mode) -> PkiConfig:
         key_passphrase_file=s.get("key_passphrase_file", nullable(secret), None),
         crl=crl,
         crl_stale=s.get("crl_stale", choice(CrlStale), CrlStale.DENY),
+        crl_rollback=s.get("crl_rollback", choice(CrlRollback), CrlRollback.DENY),
         expiry_warning_days=s.get("expiry_warning_days", integer(0, 3650), 14),
     )
+    if pki.crl_rollback is CrlRollback.ALLOW:
+        ctx.warn(
+            s.at("crl_rollback"),
+            "allow: a CRL older than one already seen will be used at start",
+        )
     if pki.crl_stale is CrlStale.ALLOW:
         ctx.warn(s.at("crl_stale"), "allow: a CRL past its nextUpdate will still be trusted")
     return pki
@@ -287,6 +318,16 @@ def _push_routes(ctx: Context, path: str, value: object) -> tuple[IPNetwork, ...
         if route in routes[:i]:
             raise ctx.error(f"{path}[{i}]", f"{route} is listed twice")
     return routes
+
+
+def _duplicate_holddown(ctx: Context, path: str, value: object) -> DuplicateHolddownConfig:
+    s = Section(ctx, path, value, ("takeovers", "window", "hold"), what="clone hold-down settings")
+    d = DuplicateHolddownConfig()
+    return DuplicateHolddownConfig(
+        takeovers=s.get("takeovers", integer(0, 1000), d.takeovers),
+        window=s.get("window", seconds(0, _DAY), d.window),
+        hold=s.get("hold", seconds(0, 7 * _DAY), d.hold),
+    )
 
 
 def _nftables(ctx: Context, path: str, value: object) -> NftablesConfig:

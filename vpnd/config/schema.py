@@ -44,6 +44,14 @@ class CrlStale(enum.StrEnum):
     """Accept it, and warn at every check."""
 
 
+class CrlRollback(enum.StrEnum):
+    """What to do at start with a CRL older than the newest one already seen for its CA."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+    """Start with it anyway, and warn loudly."""
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -165,6 +173,7 @@ class PkiConfig:
     crl: Path | None = None
     """Required on a gateway; optional on a client."""
     crl_stale: CrlStale = CrlStale.DENY
+    crl_rollback: CrlRollback = CrlRollback.DENY
     expiry_warning_days: int = 14
 
 
@@ -228,6 +237,18 @@ class ReconnectConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DuplicateHolddownConfig:
+    """Under ``duplicate: replace``: hold down a certificate that keeps taking itself over."""
+
+    takeovers: int = 5
+    """Takeovers of one connected certificate allowed within ``window``; 0 disables."""
+    window: float = 60.0
+    """Seconds."""
+    hold: float = 600.0
+    """Seconds newcomers with that certificate are refused after the last attempt."""
+
+
+@dataclass(frozen=True, slots=True)
 class NftablesConfig:
     anti_spoofing: bool = False
     """Also drop spoofed sources in nftables on the gateway TUN (defence in depth)."""
@@ -260,6 +281,9 @@ class GatewayConfig(CommonConfig):
     forwarding: bool = True
     """Enable IPv4 forwarding at start and restore the previous value at stop."""
     duplicate: DuplicatePolicy = DuplicatePolicy.REPLACE
+    duplicate_holddown: DuplicateHolddownConfig = field(default_factory=DuplicateHolddownConfig)
+    state_dir: Path = Path("/var/lib/vpnd")
+    """Where the gateway keeps what must survive a restart (the CRL numbers seen)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     nftables: NftablesConfig = field(default_factory=NftablesConfig)
 

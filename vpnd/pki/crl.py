@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID
 
@@ -194,3 +194,61 @@ def crl_number(crl: x509.CertificateRevocationList) -> int:
     """The CRL's number, or -1 when it has none (it is then unusable anyway)."""
     number = get_extension_or_none(crl, x509.CRLNumber)
     return -1 if number is None else int(number.crl_number)
+
+
+def ca_key(ca: x509.Certificate) -> str:
+    """A stable key for a CA across re-issues of its certificate: its key identifier.
+
+    ``ski:<hex>`` from the Subject Key Identifier, else ``sha256:<hex>`` of the
+    certificate. Used to remember the highest CRL number seen per CA.
+    """
+    ski = get_extension_or_none(ca, x509.SubjectKeyIdentifier)
+    if ski is not None:
+        return f"ski:{ski.digest.hex()}"
+    return f"sha256:{ca.fingerprint(hashes.SHA256()).hex()}"
+
+
+@dataclass(frozen=True)
+class CrlRollback:
+    """A CRL older than one already seen for its CA (a replay of a previous crl.pem)."""
+
+    ca: str
+    """The CA's subject, for the operator."""
+    key: str
+    number: int
+    highest: int
+
+    def __str__(self) -> str:
+        return (
+            f"the CRL of {self.ca!r} has number {self.number}, lower than number "
+            f"{self.highest} already seen: an older crl.pem was put back"
+        )
+
+
+def crl_numbers(
+    roots: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList]
+) -> dict[str, tuple[str, int]]:
+    """For each CA that signed one of ``crls``: key -> (CA subject, highest CRL number)."""
+    out: dict[str, tuple[str, int]] = {}
+    for crl in crls:
+        issuer = next(
+            (r for r in roots if r.subject == crl.issuer and crl_problem(crl, r) is None), None
+        )
+        if issuer is None:
+            continue
+        key = ca_key(issuer)
+        number = crl_number(crl)
+        if key not in out or out[key][1] < number:
+            out[key] = (issuer.subject.rfc4514_string(), number)
+    return out
+
+
+def crl_rollbacks(
+    current: dict[str, tuple[str, int]], highest: dict[str, int]
+) -> list[CrlRollback]:
+    """The CAs whose CRL number in ``current`` is below the ``highest`` one seen."""
+    return [
+        CrlRollback(subject, key, number, highest[key])
+        for key, (subject, number) in current.items()
+        if key in highest and number < highest[key]
+    ]

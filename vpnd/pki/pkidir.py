@@ -327,15 +327,24 @@ class PkiDir:
         routes: Sequence[IPNetwork] = (),
         dns_names: Sequence[str] = (),
         days: int | None = None,
+        name: str | None = None,
+        replace: bool = False,
     ) -> Issued:
         """Sign a CSR: its signature is checked, its CN canonicalised, and everything
         else it requests is ignored (the admin decides addresses and groups).
+
+        The name is ``name`` if given, else the CSR's CN, canonicalised either way. A
+        name that already has a valid certificate is refused unless ``replace``: else a
+        CSR named "Bob" or " bob " would silently become bob, take bob's address and
+        evict bob's session. A peer name never equals a gateway's (nor the reverse).
 
         With ``out_path`` the certificate is written there atomically (0644) before the
         record commits. With ``out_path=None`` (provisioning) nothing is written: the
         caller delivers ``Issued.certificate`` and then calls :meth:`mark_delivered`.
         """
         cn, public_key = verify_csr(csr)
+        if name is not None:
+            cn = canonical_name(name)
         target: Path | None = None
         if out_path is not None:
             target = Path(out_path)
@@ -360,6 +369,7 @@ class PkiDir:
             dns_names=dns_names,
             days=days,
             write=write,
+            taken_over=None if replace else "sign",
         )
 
     def mark_delivered(self, serial: int, delivered: bool = True) -> None:
@@ -378,7 +388,10 @@ class PkiDir:
         dns_names: Sequence[str],
         days: int | None,
         write: Callable[[x509.Certificate], tuple[Path, ...]],
+        taken_over: str | None = None,
     ) -> Issued:
+        """``taken_over``: the command name; refuse a name that has a valid certificate
+        of the same role (None: allowed, as a renewal or a deliberate replacement)."""
         role = Role(role)
         dns = tuple(dict.fromkeys(canonical_dns_name(d) for d in dns_names))
         if role is Role.GATEWAY and not dns:
@@ -387,6 +400,12 @@ class PkiDir:
             raise PkiError("DNS names are for gateway certificates only (add --gateway)")
         grps = tuple(dict.fromkeys(canonical_group(g) for g in groups))
         nets = tuple(dict.fromkeys(routes))
+        for net in nets:
+            if net.prefixlen == 0:
+                raise PkiError(
+                    f"route {net} is a default route: full tunnel is a client mode, not a "
+                    "certificate route; give the site's own subnets"
+                )
         wanted = tuple(dict.fromkeys(addresses))
         if days is None:
             days = DEFAULT_GATEWAY_DAYS if role is Role.GATEWAY else DEFAULT_PEER_DAYS
@@ -418,6 +437,7 @@ class PkiDir:
         ca_key = self._ca_key()
 
         with self._inventory() as inv, inv.transaction():
+            _refuse_name_collision(inv, cn, role, now, command=taken_over)
             chosen = self._addresses_for(
                 inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
             )
@@ -449,8 +469,10 @@ class PkiDir:
         networks: tuple[IPNetwork, ...],
         now: dt.datetime,
     ) -> tuple[IPAddress, ...]:
+        reserved = _gateway_addresses(inv, networks) if role is Role.PEER else {}
         if wanted:
             for addr in wanted:
+                _refuse_reserved(addr, reserved)
                 _refuse_if_held(inv, addr, cn, now)
             return wanted
         # Renewal: keep the overlay address(es) the name already has.
@@ -459,6 +481,7 @@ class PkiDir:
             kept = tuple(a for a in current[-1].addresses if any(a in net for net in networks))
             if kept:
                 for addr in kept:
+                    _refuse_reserved(addr, reserved)
                     _refuse_if_held(inv, addr, cn, now)
                 return kept
         network = networks[0]
@@ -474,7 +497,7 @@ class PkiDir:
         # network size and stops at the first address not held.
         for addr in hosts:
             holders = [r for r in held.get(addr, []) if r.name != cn]
-            if not holders:
+            if not holders and addr not in reserved:
                 return (addr,)
         raise PkiError(
             f"network {network} has no free address left; revoke unused certificates or pass --ip"
@@ -648,6 +671,59 @@ def _check_in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> None:
             return
     shown = ", ".join(str(n) for n in nets)
     raise PkiError(f"{addr} is outside the CA's overlay network(s) {shown}")
+
+
+def _refuse_name_collision(
+    inv: Inventory, cn: str, role: Role, now: dt.datetime, *, command: str | None
+) -> None:
+    """A peer and a gateway never share a name (``revoke NAME`` would revoke both);
+    with ``command``, a valid certificate of the name refuses it (no silent takeover)."""
+    records = inv.by_name(cn)
+    if role is Role.PEER:
+        gateways = [r for r in records if r.role is Role.GATEWAY]
+        if gateways:
+            raise PkiError(
+                f"{cn!r} is the name of a gateway (serial {gateways[-1].serial_hex}): a peer "
+                "can never take a gateway's name; pick another one (--name)"
+            )
+    else:
+        peers = [r for r in records if r.role is Role.PEER and r.is_valid(now)]
+        if peers:
+            raise PkiError(
+                f"{cn!r} is the name of a peer (serial {peers[-1].serial_hex}): a gateway "
+                "can never take a peer's name; pick another one"
+            )
+    if command is None:
+        return
+    valid = [r for r in records if r.role is role and r.is_valid(now)]
+    if valid:
+        h = valid[-1]
+        raise PkiError(
+            f"{cn!r} already has a valid certificate (serial {h.serial_hex}, valid until "
+            f"{_day(h.not_after)}); a new one takes over its address and ends its session: "
+            f"pass --replace if that is intended, or --name to pick another name"
+        )
+
+
+def _gateway_addresses(inv: Inventory, networks: Sequence[IPNetwork]) -> dict[IPAddress, str]:
+    """Addresses no peer may hold: each network's first usable one (the gateway's by
+    default) and any address a gateway certificate ever carried, revoked or not."""
+    reserved: dict[IPAddress, str] = {}
+    for net in networks:
+        hosts: Iterator[IPAddress] = iter(net.hosts())
+        first = next(hosts, None)
+        if first is not None:
+            reserved[first] = f"the first address of {net}, reserved for the gateway"
+    for rec in inv.all_certificates():
+        if rec.role is Role.GATEWAY:
+            for addr in rec.addresses:
+                reserved[addr] = f"the address of gateway {rec.name} (serial {rec.serial_hex})"
+    return reserved
+
+
+def _refuse_reserved(addr: IPAddress, reserved: dict[IPAddress, str]) -> None:
+    if addr in reserved:
+        raise PkiError(f"{addr} is {reserved[addr]}: a peer cannot hold it; pick another --ip")
 
 
 def _refuse_if_held(
