@@ -173,6 +173,7 @@ def start_gateway(ns: Netns, workdir: Path, pki: PkiDir) -> Gateway:
         "forwarding": False,
         "policy": {"rules": [{"from": "any", "to": "any", "proto": "any"}]},
         "control_socket": str(workdir / "gw.sock"),
+        "state_dir": str(workdir / "gw-state"),
         "log": {"level": "warning"},  # 5,000 "authenticated" lines would skew CPU and RSS
         "limits": {
             "max_sessions": 10000,

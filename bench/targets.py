@@ -121,6 +121,7 @@ class Vpnd(Target):
             # Everything allowed: the bench measures the data path, not the policy.
             "policy": {"rules": [{"from": "any", "to": "any", "proto": "any"}]},
             "control_socket": str(pair.workdir / "vpnd-gw.sock"),
+            "state_dir": str(pair.workdir / "vpnd-gw-state"),
             "log": {"level": "info"},
         }
         self.client_cfg = {
