@@ -36,7 +36,7 @@ from vpnd.logsetup import setup_logging
 from vpnd.metrics import MetricsError, MetricsExporter
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator
-from vpnd.net.nftables import NftablesRuleset
+from vpnd.net.nftables import NftablesRuleset, policy_hosts
 from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
@@ -248,6 +248,11 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         report = ReloadReport()
         if new.policy != old.policy:
             cut = gateway.apply_policy(new.policy)
+            if nft is not None and new.nftables.forward_filter == old.nftables.forward_filter:
+                try:
+                    await nft.set_hosts(policy_hosts(new.policy))
+                except NetError as err:
+                    report.errors.append(f"nftables: host addresses not updated: {err}")
             report.changed.append(
                 f"policy: {len(old.policy.rules)} rules -> {len(new.policy.rules)} rules, "
                 f"{cut} tracked flow(s) cut"
@@ -309,7 +314,14 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
         writer = ThreadedTunWriter(tun)
         undo.callback(writer.close)  # runs before tun.close (LIFO)
         nft: NftablesRuleset | None = None
-        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
+        guard = cfg.nftables.forward_filter
+        if not guard:
+            log.warning(
+                "nftables.forward_filter is OFF: this gateway is an OPEN ROUTER (anyone on "
+                "the underlay can route into the LAN and the overlay) and policy rules naming "
+                "a LAN subnet also reach this host's own services; turn it back on"
+            )
+        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing or guard:
             nft = NftablesRuleset(cfg.tun.name)
             # Installed before the TUN carries traffic; removed last, after the sessions.
             await _guard(
@@ -318,6 +330,11 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
                         overlays=overlays,
                         masquerade=cfg.nat == NatMode.MASQUERADE,
                         anti_spoof=cfg.nftables.anti_spoofing,
+                        forward_filter=guard and cfg.forwarding,
+                        input_filter=guard,
+                        pushed=cfg.push_routes,
+                        gateway_addresses=[i.ip for i in gw_ifaces],
+                        hosts=policy_hosts(cfg.policy),
                     )
                 )
             )

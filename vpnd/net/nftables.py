@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from vpnd.config.schema import NetworkMatch, PolicyConfig
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.tun import validate_ifname
 
@@ -53,8 +54,8 @@ _MISSING = ("element does not exist", "No such file or directory")
 __all__ = [
     "Firewall",
     "NftablesRuleset",
-    "exact_hosts",
     "parse_counters",
+    "policy_hosts",
     "render_anti_spoof",
     "render_forward_filter",
     "render_host_sets",
@@ -150,6 +151,7 @@ def render_masquerade(tun: str, overlays: Sequence[IPNetwork]) -> str:
 
 def _family_sets(nets: Iterable[Source]) -> tuple[str, str]:
     """``{ a, b }`` literals for the IPv4 and IPv6 members (empty string when none)."""
+
     def text(n: IPNetwork) -> str:
         return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
 
@@ -226,9 +228,20 @@ def render_host_sets(hosts: Iterable[Source] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def exact_hosts(networks: Iterable[IPNetwork]) -> list[IPAddress]:
-    """The single-address networks among ``networks`` (a rule's ``to`` naming one host)."""
-    return [n.network_address for n in networks if n.prefixlen == n.max_prefixlen]
+def policy_hosts(policy: PolicyConfig) -> list[IPAddress]:
+    """The addresses policy rules name exactly (``to`` a /32 or /128), for the input filter.
+
+    Only those may reach the gateway host itself from the TUN (besides its overlay
+    addresses): a rule naming a LAN subnet does not grant the gateway's address in it.
+    """
+    found: list[IPAddress] = []
+    for rule in policy.rules:
+        t = rule.to
+        if not isinstance(t, NetworkMatch) or t.network.prefixlen != t.network.max_prefixlen:
+            continue
+        if t.network.network_address not in found:
+            found.append(t.network.network_address)
+    return found
 
 
 class NftablesRuleset:
