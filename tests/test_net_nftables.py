@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import stat
 from pathlib import Path
@@ -23,6 +24,7 @@ from vpnd.net.nftables import (
     NftablesRuleset,
     parse_counters,
     policy_hosts,
+    poll_counters,
     render_anti_spoof,
     render_forward_filter,
     render_input_filter,
@@ -289,3 +291,32 @@ def test_counters_parsed_from_nft_json(tmp_path: Path) -> None:
     out.write_text(doc)
     fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, f'cat "{out}"'))
     assert asyncio.run(fw.counters()) == {"forward_dropped": 17, "input_dropped": 2}
+
+
+def test_poll_counters_feeds_sink_and_survives_a_failed_read(tmp_path: Path) -> None:
+    # First read fails (nft not there for a moment), the next ones succeed.
+    flag = tmp_path / "failed-once"
+    nft = fake_nft(
+        tmp_path,
+        f'if [ ! -e "{flag}" ]; then touch "{flag}"; echo "Error: boom" >&2; exit 1; fi\n'
+        'echo \'{"nftables": [{"counter": {"name": "forward_dropped", "packets": 4}}]}\'',
+    )
+    fw = NftablesRuleset("vpn0", nft=nft)
+    seen: list[dict[str, int]] = []
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+
+        def sink(c: dict[str, int]) -> None:
+            seen.append(c)
+            if len(seen) == 2:
+                done.set()
+
+        task = asyncio.create_task(poll_counters(fw, sink, interval=0))
+        await asyncio.wait_for(done.wait(), 20)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert seen == [{"forward_dropped": 4}, {"forward_dropped": 4}]

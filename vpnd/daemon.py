@@ -36,7 +36,7 @@ from vpnd.logsetup import setup_logging
 from vpnd.metrics import MetricsError, MetricsExporter
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator
-from vpnd.net.nftables import NftablesRuleset, policy_hosts
+from vpnd.net.nftables import NftablesRuleset, policy_hosts, poll_counters
 from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
@@ -376,6 +376,10 @@ async def _run_gateway(cfg: GatewayConfig, config_path: str, stop: asyncio.Event
             crl_info=crl_info,
             policy_rules=lambda: len(current.policy.rules),
         )
+        if nft is not None and guard:
+            # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.
+            poll = asyncio.create_task(poll_counters(nft, control.kernel_drops.update))
+            undo.callback(poll.cancel)
         server_ctl = ControlServer(cfg.control_socket, control)
         try:
             await server_ctl.start()

@@ -29,8 +29,9 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from vpnd.config.schema import NetworkMatch, PolicyConfig
@@ -42,6 +43,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Source = IPNetwork | IPAddress
 
 NFT_TIMEOUT = 10.0
+COUNTER_POLL = 5.0
+log = logging.getLogger("vpnd.nftables")
 SET_V4 = "allowed4"
 SET_V6 = "allowed6"
 HOSTS_V4 = "hosts4"
@@ -56,6 +59,7 @@ __all__ = [
     "NftablesRuleset",
     "parse_counters",
     "policy_hosts",
+    "poll_counters",
     "render_anti_spoof",
     "render_forward_filter",
     "render_host_sets",
@@ -369,6 +373,28 @@ class NftablesRuleset:
             msg = errors[0] if errors else " ".join(text.split()) or f"exit {proc.returncode}"
             raise NetError(f"{what}: nft failed: {msg}")
         return out.decode(errors="replace")
+
+
+async def poll_counters(
+    fw: NftablesRuleset,
+    sink: Callable[[dict[str, int]], None],
+    interval: float = COUNTER_POLL,
+) -> None:
+    """Read the drop counters every ``interval`` seconds into ``sink`` until cancelled.
+
+    A failed read (nft briefly unavailable) is logged once and retried; the last good
+    values stay in place.
+    """
+    failed = False
+    while True:
+        try:
+            sink(await fw.counters())
+            failed = False
+        except NetError as err:
+            if not failed:
+                log.warning("nftables counters unavailable: %s", err)
+            failed = True
+        await asyncio.sleep(interval)
 
 
 def parse_counters(text: str) -> dict[str, int]:
