@@ -68,7 +68,7 @@ def test_a_foreign_interface_named_like_the_tun_is_refused_and_kept(lab: Lab) ->
     lab.start_gateway()
     assert _exited(lab, "gw") != 0
     text = lab.hosts["gw"].log_text()
-    assert "vpnd did not create it" in text, text
+    assert "was not created by vpnd" in text, text
     assert "Traceback" not in text, text
     assert lab.has_link("gw", "vpn0"), "vpnd deleted an interface it did not create"
     gw.run(["ip", "link", "del", "vpn0"])

@@ -124,6 +124,7 @@ def test_minimal_gateway_gets_every_default(pki_dir: Path) -> None:
     assert cfg.duplicate is DuplicatePolicy.REPLACE
     assert cfg.policy.rules == ()
     assert cfg.nftables.anti_spoofing is False
+    assert cfg.nftables.forward_filter is True
     assert cfg.pki.ca == pki_dir / "ca.pem"
     assert cfg.pki.crl == pki_dir / "crl.pem"
     assert cfg.pki.key_passphrase_file is None
@@ -196,6 +197,8 @@ VALID: list[tuple[str, str, object, str, object]] = [
     ("gateway", "duplicate", "reject", "duplicate", DuplicatePolicy.REJECT),
     ("gateway", "nftables", {"anti_spoofing": True}, "nftables.anti_spoofing", True),
     ("gateway", "nftables", {}, "nftables.anti_spoofing", False),
+    ("gateway", "nftables", {}, "nftables.forward_filter", True),
+    ("gateway", "nftables", {"forward_filter": False}, "nftables.forward_filter", False),
     ("client", "server", "192.0.2.1:4443", "server", HostPort("192.0.2.1", 4443)),
     ("client", "server", "[2001:db8::1]:443", "server", HostPort("2001:db8::1", 443)),
     ("client", "server", "GW.Example.NET:4443", "server", HostPort("gw.example.net", 4443)),
@@ -277,6 +280,7 @@ INVALID: list[tuple[str, str, object, str, str]] = [
     ("gateway", "nftables", {"anti_spoof": True}, "nftables.anti_spoof", "'anti_spoofing'"),
     ("gateway", "nftables", {"anti_spoofing": "no"}, "nftables.anti_spoofing", "true or false"),
     ("gateway", "nftables", [], "nftables", "expected a mapping"),
+    ("gateway", "nftables", {"forward_filter": "off"}, "nftables.forward_filter", "true or false"),
     ("client", "server", "gw.example.net", "server", "no :port"),
     ("client", "server", "gw..example.net:4443", "server", "is not a valid DNS name"),
     ("client", "server", "-gw.example.net:4443", "server", "is not a valid DNS name"),
@@ -697,7 +701,14 @@ DATA = st.recursive(
 
 DOTTED = [
     *("mode", "listen", "push_routes", "nat", "forwarding", "duplicate", "policy", "nftables"),
-    *("nftables.anti_spoofing", "server", "server_name", "reconnect", "reconnect.initial_delay"),
+    *(
+        "nftables.anti_spoofing",
+        "nftables.forward_filter",
+        "server",
+        "server_name",
+        "reconnect",
+        "reconnect.initial_delay",
+    ),
     *("reconnect.max_delay", "pki", "pki.ca", "pki.cert", "pki.key", "pki.key_passphrase_file"),
     *("pki.crl", "pki.crl_stale", "pki.expiry_warning_days", "tun", "tun.name", "tun.mtu"),
     *("tun.offload", "keepalive", "keepalive.interval", "keepalive.timeout"),

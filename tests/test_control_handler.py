@@ -256,3 +256,12 @@ def test_counters_of_departed_peers_keep_the_totals_growing(gateway: FakeGateway
         before.packets_in + 10,
         before.packets_out + 20,
     )
+
+
+def test_nftables_drop_counters_show_in_metrics(gateway: FakeGateway) -> None:
+    ctl = control(gateway)
+    assert not any(k.startswith("nft_") for k in ctl.metrics_snapshot().drops)
+    ctl.kernel_drops.update({"forward_dropped": 15, "input_dropped": 3})
+    drops = ctl.metrics_snapshot().drops
+    assert drops["nft_forward_dropped"] == 15 and drops["nft_input_dropped"] == 3
+    assert drops["no_route"] == 4  # the userspace reasons are still there

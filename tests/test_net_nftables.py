@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import stat
 from pathlib import Path
 
 import pytest
 
+from vpnd.config.schema import (
+    AnyMatch,
+    GroupMatch,
+    NetworkMatch,
+    PolicyConfig,
+    Proto,
+    RuleConfig,
+    Target,
+)
 from vpnd.net.errors import NetError
 from vpnd.net.nftables import (
     NftablesRuleset,
+    parse_counters,
+    policy_hosts,
+    poll_counters,
     render_anti_spoof,
+    render_forward_filter,
+    render_input_filter,
     render_masquerade,
     render_sets,
     table_name,
 )
 
 N = ipaddress.ip_network
+A = ipaddress.ip_address
 
 
 @pytest.mark.parametrize(
@@ -163,3 +179,144 @@ def test_hung_nft_is_bounded(tmp_path: Path) -> None:
     fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, "exec sleep 30"), timeout=0.2)
     with pytest.raises(NetError, match=r"did not finish within 0\.2s"):
         asyncio.run(fw.remove())
+
+
+def _chain(text: str) -> list[str]:
+    """A chain's rule lines, in order, without the hook line and braces."""
+    return [ln.strip() for ln in text.splitlines()[2:-1]]
+
+
+def test_forward_filter_only_tun_traffic_and_tracked_replies() -> None:
+    rules = _chain(
+        render_forward_filter(
+            "vpn0", [N("10.8.0.0/24"), N("fd00:8::/64")], [N("192.168.50.0/24"), N("fd00:50::/64")]
+        )
+    )
+    drop = 'counter name "forward_dropped" drop'
+    # Order is the spec: the TUN's traffic first (userspace anti-spoofing + policy judged
+    # it), then only tracked replies into the TUN, then the drops.
+    assert rules == [
+        'iifname "vpn0" accept',
+        'oifname "vpn0" ct state established,related accept',
+        f'oifname "vpn0" {drop}',
+        f"ip saddr {{ 10.8.0.0/24 }} {drop}",
+        f"ip6 saddr {{ fd00:8::/64 }} {drop}",
+        "ip daddr { 192.168.50.0/24 } ct state established,related accept",
+        f"ip daddr {{ 192.168.50.0/24 }} {drop}",
+        "ip6 daddr { fd00:50::/64 } ct state established,related accept",
+        f"ip6 daddr {{ fd00:50::/64 }} {drop}",
+    ]
+    head = render_forward_filter("vpn0", [], [])
+    # A base chain of our own with policy accept: other forwarding is not ours to judge.
+    assert "type filter hook forward priority filter; policy accept;" in head
+    assert _chain(head) == rules[:3]
+
+
+def test_input_filter_reaches_only_overlay_and_exact_hosts() -> None:
+    rules = _chain(render_input_filter("vpn0", [A("10.8.0.1"), A("fd00:8::1")]))
+    assert rules == [
+        'iifname != "vpn0" accept',  # the underlay (TLS, keepalives, ssh) is untouched
+        "ct state established,related accept",
+        "ip daddr { 10.8.0.1 } accept",
+        "ip6 daddr { fd00:8::1 } accept",
+        "ip daddr @hosts4 accept",
+        "ip6 daddr @hosts6 accept",
+        'counter name "input_dropped" drop',
+    ]
+    with pytest.raises(NetError, match="interface name invalid"):
+        render_input_filter('x"; flush ruleset', [])
+    with pytest.raises(NetError, match="interface name invalid"):
+        render_forward_filter('x"; flush ruleset', [], [])
+
+
+def _rule(to: Target) -> RuleConfig:
+    return RuleConfig(from_=AnyMatch(), to=to, proto=Proto.TCP)
+
+
+def test_policy_hosts_are_only_exact_host_rules() -> None:
+    policy = PolicyConfig(
+        rules=(
+            _rule(NetworkMatch(N("192.168.50.0/24"))),  # a subnet grants no gateway address
+            _rule(NetworkMatch(N("192.168.50.1/32"))),
+            _rule(NetworkMatch(N("192.168.50.1/32"))),  # listed once
+            _rule(NetworkMatch(N("fd00:50::1/128"))),
+            _rule(NetworkMatch(N("fd00:50::/64"))),
+            _rule(AnyMatch()),
+            _rule(GroupMatch(frozenset({"eng"}))),
+        )
+    )
+    assert policy_hosts(policy) == [A("192.168.50.1"), A("fd00:50::1")]
+    assert policy_hosts(PolicyConfig()) == []
+
+
+def test_render_gateway_filter_and_host_sets() -> None:
+    fw = NftablesRuleset("vpn0")
+    plain = fw.render(overlays=[N("10.8.0.0/24")])
+    assert "chain forward" not in plain and "chain input" not in plain
+    body = fw.render(
+        overlays=[N("10.8.0.0/24")],
+        forward_filter=True,
+        input_filter=True,
+        pushed=[N("192.168.50.0/24")],
+        gateway_addresses=[A("10.8.0.1")],
+        hosts=[A("192.168.50.1"), A("fd00::1")],
+    )
+    assert "set hosts4 { type ipv4_addr; elements = { 192.168.50.1 }; }" in body
+    assert "set hosts6 { type ipv6_addr; elements = { fd00::1 }; }" in body
+    assert "counter forward_dropped { }" in body and "counter input_dropped { }" in body
+    assert "chain forward {" in body and "chain input {" in body
+    # Input filter without forwarding (forwarding: false still guards the host itself).
+    only_input = fw.render(overlays=[N("10.8.0.0/24")], input_filter=True)
+    assert "chain input {" in only_input and "chain forward" not in only_input
+    assert fw.hosts_transaction([A("192.168.50.2"), N("fd00::2/128")]) == (
+        "flush set inet vpnd_vpn0 hosts4\n"
+        "flush set inet vpnd_vpn0 hosts6\n"
+        "add element inet vpnd_vpn0 hosts4 { 192.168.50.2 }\n"
+        "add element inet vpnd_vpn0 hosts6 { fd00::2 }\n"
+    )
+
+
+def test_counters_parsed_from_nft_json(tmp_path: Path) -> None:
+    doc = (
+        '{"nftables": [{"metainfo": {"version": "1.0.6"}}, '
+        '{"counter": {"family": "inet", "name": "forward_dropped", "table": "vpnd_vpn0", '
+        '"handle": 5, "packets": 17, "bytes": 680}}, '
+        '{"counter": {"name": "input_dropped", "packets": 2, "bytes": 80}}]}'
+    )
+    assert parse_counters(doc) == {"forward_dropped": 17, "input_dropped": 2}
+    assert parse_counters("not json") == {}
+    assert parse_counters('{"nftables": 3}') == {}
+    assert parse_counters("[1]") == {}
+    out = tmp_path / "out.json"
+    out.write_text(doc)
+    fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, f'cat "{out}"'))
+    assert asyncio.run(fw.counters()) == {"forward_dropped": 17, "input_dropped": 2}
+
+
+def test_poll_counters_feeds_sink_and_survives_a_failed_read(tmp_path: Path) -> None:
+    # First read fails (nft not there for a moment), the next ones succeed.
+    flag = tmp_path / "failed-once"
+    nft = fake_nft(
+        tmp_path,
+        f'if [ ! -e "{flag}" ]; then touch "{flag}"; echo "Error: boom" >&2; exit 1; fi\n'
+        'echo \'{"nftables": [{"counter": {"name": "forward_dropped", "packets": 4}}]}\'',
+    )
+    fw = NftablesRuleset("vpn0", nft=nft)
+    seen: list[dict[str, int]] = []
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+
+        def sink(c: dict[str, int]) -> None:
+            seen.append(c)
+            if len(seen) == 2:
+                done.set()
+
+        task = asyncio.create_task(poll_counters(fw, sink, interval=0))
+        await asyncio.wait_for(done.wait(), 20)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert seen == [{"forward_dropped": 4}, {"forward_dropped": 4}]

@@ -158,6 +158,9 @@ class GatewayControl:
         self._crl_info = crl_info
         self._policy_rules = policy_rules
         self._clock = clock
+        self.kernel_drops: dict[str, int] = {}
+        """vpnd's nftables drop counters by name (``forward_dropped``...), kept fresh by the
+        daemon; shown as ``vpnd_drops{reason="nft_<name>"}``."""
 
     def _admitted(self) -> list[PeerView]:
         # A copy: the caller may yield to the loop while the gateway changes the dict.
@@ -170,6 +173,8 @@ class GatewayControl:
             for reason, count in peer.drops.items():
                 if count:
                     total[reason] = total.get(reason, 0) + count
+        for name, count in self.kernel_drops.items():
+            total[f"nft_{name}"] = count
         return total
 
     async def status(self) -> StatusInfo:

@@ -45,7 +45,7 @@ from vpnd.logsetup import setup_logging
 from vpnd.metrics import MetricsError, MetricsExporter
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator, forwarding_key
-from vpnd.net.nftables import NftablesRuleset
+from vpnd.net.nftables import NftablesRuleset, policy_hosts, poll_counters
 from vpnd.net.ownership import LinkOwner, classify_link, format_alias
 from vpnd.net.tun import LinuxTun, probe_offload
 from vpnd.net.tun_writer import ThreadedTunWriter
@@ -75,6 +75,10 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
 
+class _Refused(Exception):
+    """Start-up refused; every reason was already logged, one line each."""
+
+
 def run(config_path: str) -> int:
     try:
         cfg = load_config(config_path)
@@ -84,17 +88,10 @@ def run(config_path: str) -> int:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
     for warning in cfg.warnings:
         log.warning("%s", warning)
-    # The same checks as `vpnd --check`, before anything touches the kernel.
-    report = preflight.check(cfg, now=dt.datetime.now(dt.UTC), privileged=True)
-    for warning in report.warnings:
-        if warning not in cfg.warnings:
-            log.warning("%s", warning)
-    for problem in report.problems:
-        log.error("cannot start: %s", problem)
-    if report.problems:
-        return 1
     try:
         return asyncio.run(_main(cfg, config_path))
+    except _Refused:
+        return 1
     except StartupError as err:
         log.error("cannot start: %s", err)
         return 1
@@ -123,6 +120,16 @@ async def _main(cfg: GatewayConfig | ClientConfig, config_path: str) -> int:
                 f"control_socket {cfg.control_socket}: another vpnd is listening there; "
                 "stop it first or set another control_socket"
             )
+        # The same checks as `vpnd --check`, once we know we are the only instance (a
+        # second one must hear "another vpnd", not "port in use"), before any kernel work.
+        report = preflight.check(cfg, now=dt.datetime.now(dt.UTC), privileged=True)
+        for warning in report.warnings:
+            if warning not in cfg.warnings:
+                log.warning("%s", warning)
+        for problem in report.problems:
+            log.error("cannot start: %s", problem)
+        if report.problems:
+            raise _Refused
         if isinstance(cfg, GatewayConfig):
             return await _run_gateway(cfg, config_path, stop, lock)
         return await _run_client(cfg, stop, lock, config_path)
@@ -341,6 +348,11 @@ async def _run_gateway(
         report = ReloadReport()
         if new.policy != old.policy:
             cut = gateway.apply_policy(new.policy)
+            if nft is not None and new.nftables.forward_filter == old.nftables.forward_filter:
+                try:
+                    await nft.set_hosts(policy_hosts(new.policy))
+                except NetError as err:
+                    report.errors.append(f"nftables: host addresses not updated: {err}")
             report.changed.append(
                 f"policy: {len(old.policy.rules)} rules -> {len(new.policy.rules)} rules, "
                 f"{cut} tracked flow(s) cut"
@@ -408,7 +420,14 @@ async def _run_gateway(
         writer = ThreadedTunWriter(tun)
         undo.callback(writer.close)  # runs before tun.close (LIFO)
         nft: NftablesRuleset | None = None
-        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing:
+        guard = cfg.nftables.forward_filter
+        if not guard:
+            log.warning(
+                "nftables.forward_filter is OFF: this gateway is an OPEN ROUTER (anyone on "
+                "the underlay can route into the LAN and the overlay) and policy rules naming "
+                "a LAN subnet also reach this host's own services; turn it back on"
+            )
+        if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing or guard:
             nft = NftablesRuleset(cfg.tun.name)
             state.nft_tables.append(nft.table)
             state.save(lock.state_path)
@@ -419,6 +438,11 @@ async def _run_gateway(
                         overlays=overlays,
                         masquerade=cfg.nat == NatMode.MASQUERADE,
                         anti_spoof=cfg.nftables.anti_spoofing,
+                        forward_filter=guard and cfg.forwarding,
+                        input_filter=guard,
+                        pushed=cfg.push_routes,
+                        gateway_addresses=[i.ip for i in gw_ifaces],
+                        hosts=policy_hosts(cfg.policy),
                     )
                 )
             )
@@ -468,6 +492,10 @@ async def _run_gateway(
             crl_info=crl_info,
             policy_rules=lambda: len(current.policy.rules),
         )
+        if nft is not None and guard:
+            # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.
+            poll = asyncio.create_task(poll_counters(nft, control.kernel_drops.update))
+            undo.callback(poll.cancel)
         server_ctl = ControlServer(cfg.control_socket, control)
         try:
             await server_ctl.start()

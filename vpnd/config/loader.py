@@ -331,8 +331,11 @@ def _duplicate_holddown(ctx: Context, path: str, value: object) -> DuplicateHold
 
 
 def _nftables(ctx: Context, path: str, value: object) -> NftablesConfig:
-    s = Section(ctx, path, value, ("anti_spoofing",), what="nftables settings")
-    return NftablesConfig(anti_spoofing=s.get("anti_spoofing", boolean, False))
+    s = Section(ctx, path, value, ("anti_spoofing", "forward_filter"), what="nftables settings")
+    return NftablesConfig(
+        anti_spoofing=s.get("anti_spoofing", boolean, False),
+        forward_filter=s.get("forward_filter", boolean, True),
+    )
 
 
 def _reconnect(ctx: Context, path: str, value: object) -> ReconnectConfig:

@@ -252,6 +252,11 @@ class DuplicateHolddownConfig:
 class NftablesConfig:
     anti_spoofing: bool = False
     """Also drop spoofed sources in nftables on the gateway TUN (defence in depth)."""
+    forward_filter: bool = True
+    """vpnd's nftables forward and input filter: the gateway is no open router (only the
+    TUN's traffic and its tracked replies are forwarded to/from the overlay and pushed
+    networks), and the TUN reaches the gateway host only at its overlay addresses or at
+    addresses a policy rule names exactly. Off only for debugging: warned loudly."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
