@@ -358,11 +358,13 @@ def test_gateway_start_refuses_with_one_line_before_touching_anything(
         _break(site, how)
     started: list[str] = []
 
-    async def fake_main(cfg: object, path: str) -> int:  # stands in for all kernel work
+    async def fake_gateway(cfg: object, path: str, *_: object) -> int:  # all kernel work
         started.append(path)
         return 0
 
-    monkeypatch.setattr(daemon, "_main", fake_main)
+    # The instance lock (taken before the checks) lives in the test's own runtime dir.
+    monkeypatch.setenv("VPND_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(daemon, "_run_gateway", fake_gateway)
     monkeypatch.setattr(daemon, "setup_logging", lambda *a: None)  # keep caplog's handler
     with caplog.at_level(logging.INFO, logger="vpnd"):
         code = daemon.run(str(site.gateway(tun="vpnchk1")))

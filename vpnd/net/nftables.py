@@ -26,6 +26,7 @@ being an open router and keeps policy rules from leaking the gateway host's serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -353,7 +354,9 @@ class NftablesRuleset:
             proc = await asyncio.create_subprocess_exec(
                 self._nft,
                 *args,
-                stdin=asyncio.subprocess.PIPE,
+                # No stdin unless there is a script: a child cancelled mid-spawn (the
+                # counter poller at stop) must not sit on an open pipe forever.
+                stdin=asyncio.subprocess.PIPE if script else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
@@ -362,11 +365,18 @@ class NftablesRuleset:
         except OSError as e:
             raise NetError(f"{what}: cannot run {self._nft}: {e.strerror}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(script.encode()), self._timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that lands as nft finishes, and the counter poller then never stops.
+            async with asyncio.timeout(self._timeout):
+                out, err = await proc.communicate(script.encode() if script else None)
         except TimeoutError:
             proc.kill()
             await proc.wait()
             raise NetError(f"{what}: nft did not finish within {self._timeout:g}s") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # never leave an nft child behind
+            raise
         if proc.returncode != 0:
             text = err.decode(errors="replace")
             errors = [ln.strip() for ln in text.splitlines() if "Error:" in ln]
