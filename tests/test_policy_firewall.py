@@ -307,3 +307,115 @@ def test_tcp_without_syn_may_start_a_flow() -> None:
     pkt = ipv4(ADDR["bob"], LAN, TCP, tcp(40000, 22, ACK))
     assert fw.check_packet(pkt, src=BOB, dst=None, now=0) is None
     assert fw.stats["allowed_new"] == 1
+
+
+# --- the gateway host's own addresses: exact-host rules only ---------------------------
+
+OPS = peer("dave", "ops")
+GW_LAN = "192.168.50.1"  # the gateway host's own LAN address (sshd listens here)
+GW_LAN6 = "fd00:50::1"
+GW_OVERLAY = "10.8.0.1"  # the gateway's overlay address: not in local_addresses
+LOCAL = frozenset(ipaddress.ip_address(a).packed for a in (GW_LAN, GW_LAN6))
+HOST_RULES = PolicyConfig(
+    rules=(
+        # A: only ops may ssh to the gateway host itself, by its exact address.
+        RuleConfig(
+            GroupMatch(frozenset({"ops"})),
+            NetworkMatch(ipaddress.ip_network(f"{GW_LAN}/32")),
+            Proto.TCP,
+            ((22, 22),),
+        ),
+        # B: eng may reach the whole LAN, the gateway's LAN address inside it.
+        RuleConfig(
+            GroupMatch(frozenset({"eng"})),
+            NetworkMatch(ipaddress.ip_network("192.168.50.0/24")),
+            Proto.ANY,
+        ),
+        RuleConfig(
+            GroupMatch(frozenset({"eng"})),
+            NetworkMatch(ipaddress.ip_network("fd00:50::/64")),
+            Proto.ANY,
+        ),
+        RuleConfig(
+            GroupMatch(frozenset({"eng"})),
+            NetworkMatch(ipaddress.ip_network("10.8.0.0/24")),
+            Proto.ANY,
+        ),
+        RuleConfig(PeerMatch("monitor"), AnyMatch(), Proto.TCP, ((22, 22),)),
+        RuleConfig(
+            PeerMatch("monitor"),
+            NetworkMatch(ipaddress.ip_network(f"{GW_LAN6}/128")),
+            Proto.TCP,
+            ((22, 22),),
+        ),
+    )
+)
+ADDR["dave"] = "10.8.0.70"
+
+HOST_MATRIX: list[tuple[str, PeerView | None, bytes, str | None]] = [
+    ("eng via the LAN rule to the gateway's sshd", ALICE, t4(ALICE, GW_LAN, 22),
+     "gateway_host_needs_exact_rule"),
+    ("eng via the LAN rule, any port of the gateway", ALICE, t4(ALICE, GW_LAN, 8080),
+     "gateway_host_needs_exact_rule"),
+    ("eng pings the gateway's LAN address", ALICE, ping4(ALICE, GW_LAN),
+     "gateway_host_needs_exact_rule"),
+    ("ops via the exact rule", OPS, t4(OPS, GW_LAN, 22), None),
+    ("ops, a port the exact rule omits", OPS, t4(OPS, GW_LAN, 23), "policy"),
+    ("eng to a normal LAN host", ALICE, t4(ALICE, "192.168.50.10", 22), None),
+    ("ops to a normal LAN host: no rule", OPS, t4(OPS, "192.168.50.10", 22), "policy"),
+    ("eng to the gateway's overlay address", ALICE, t4(ALICE, GW_OVERLAY, 53), None),
+    ("to: any does not reach the gateway host", MONITOR, t4(MONITOR, GW_LAN, 22),
+     "gateway_host_needs_exact_rule"),
+    ("to: any still reaches a LAN host", MONITOR, t4(MONITOR, "192.168.50.10", 22), None),
+    ("v6 eng via the /64 to the gateway", ALICE, t6("alice", GW_LAN6, 22),
+     "gateway_host_needs_exact_rule"),
+    ("v6 eng to a normal LAN host", ALICE, t6("alice", "fd00:50::10", 22), None),
+    ("v6 monitor via the exact /128", MONITOR, ipv6("fd00::20", GW_LAN6, TCP, tcp(1, 22, SYN)),
+     None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("src", "pkt", "verdict"),
+    [case[1:] for case in HOST_MATRIX],
+    ids=[case[0] for case in HOST_MATRIX],
+)
+def test_gateway_host_needs_an_exact_rule(
+    src: PeerView | None, pkt: bytes, verdict: str | None
+) -> None:
+    fw = Firewall(HOST_RULES, local_addresses=LOCAL)
+    assert fw.check_packet(pkt, src=src, dst=None, now=0.0) == verdict
+    if verdict is not None:
+        assert fw.stats[f"dropped_{verdict}"] == 1 and fw.stats["entries"] == 0
+
+
+def test_without_local_addresses_the_subnet_rule_matches_as_before() -> None:
+    # What the gap was: the userspace firewall alone let eng through to the gateway host.
+    fw = Firewall(HOST_RULES)
+    assert fw.check_packet(t4(ALICE, GW_LAN, 22), src=ALICE, dst=None, now=0.0) is None
+
+
+def test_reload_cuts_a_flow_to_the_gateway_host_without_an_exact_rule() -> None:
+    fw = Firewall(HOST_RULES, local_addresses=LOCAL)
+    assert fw.check_packet(t4(OPS, GW_LAN, 22), src=OPS, dst=None, now=0.0) is None
+    # The exact rule is gone; the ops peer is now also in eng, whose /24 rule remains.
+    both = peer("dave", "ops", "eng")
+    cut = fw.replace_policy(
+        PolicyConfig(rules=HOST_RULES.rules[1:]),
+        now=1.0,
+        peers=lambda a: both if a == ipaddress.ip_address(ADDR["dave"]).packed else None,
+    )
+    assert cut == 1 and fw.stats["entries"] == 0
+
+
+def test_an_address_that_becomes_the_gateways_own_cuts_subnet_flows() -> None:
+    fw = Firewall(HOST_RULES)
+    assert fw.check_packet(t4(ALICE, GW_LAN, 22), src=ALICE, dst=None, now=0.0) is None
+    assert fw.check_packet(t4(OPS, GW_LAN, 22), src=OPS, dst=None, now=0.0) is None
+    owners = {ipaddress.ip_address(ADDR[p.name]).packed: p for p in (ALICE, OPS)}
+    assert fw.set_local_addresses(LOCAL, peers=owners.get) == 1  # alice's flow only
+    assert fw.local_addresses == LOCAL and fw.stats["entries"] == 1
+    assert fw.set_local_addresses(LOCAL, peers=owners.get) == 0
+    assert fw.check_packet(t4(ALICE, GW_LAN, 22), src=ALICE, dst=None, now=1.0) == (
+        "gateway_host_needs_exact_rule"
+    )

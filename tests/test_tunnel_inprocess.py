@@ -601,6 +601,47 @@ def test_policy_denies_by_default_and_tracks_replies(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_subnet_rules_do_not_reach_the_gateway_hosts_own_addresses(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path)
+        w.gw_net.host_extra = [ipaddress.ip_address("192.168.50.1")]  # the host's LAN address
+        subnets = PolicyConfig(
+            rules=(
+                RuleConfig(from_=AnyMatch(), to=NetworkMatch(LAN), proto=Proto.UDP),
+                RuleConfig(from_=AnyMatch(), to=NetworkMatch(OVERLAY), proto=Proto.UDP),
+            )
+        )
+        await w.start_gateway(policy=subnets)
+        try:
+            alice = w.start_client("alice", addr="10.8.0.2")
+            await asyncio.wait_for(alice.client.connected.wait(), 5)
+            assert w.gateway is not None
+            peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            alice.tun[0].inject(ipv4_packet("10.8.0.2", "192.168.50.1"))
+            await until(
+                lambda: peer.drops["gateway_host_needs_exact_rule"] == 1, "gateway host denied"
+            )
+            # A LAN host and the gateway's overlay address follow the subnet rules.
+            lan_host = ipv4_packet("10.8.0.2", "192.168.50.10")
+            overlay_gw = ipv4_packet("10.8.0.2", "10.8.0.1")
+            alice.tun[0].inject(lan_host)
+            alice.tun[0].inject(overlay_gw)
+            await until(lambda: overlay_gw in w.gw_tun.written, "overlay address reached")
+            assert lan_host in w.gw_tun.written
+            # An address the host gains later is protected once it is read again.
+            w.gw_net.host_extra.append(ipaddress.ip_address("192.168.50.10"))
+            assert await w.gateway.refresh_host_addresses() == 1  # the tracked flow is cut
+            alice.tun[0].inject(lan_host)
+            await until(
+                lambda: peer.drops["gateway_host_needs_exact_rule"] == 2, "new address denied"
+            )
+            assert w.gw_tun.written.count(lan_host) == 1
+        finally:
+            await w.close()
+
+    run(scenario())
+
+
 def ipv6_packet(src: str, dst: str, payload: bytes = b"ping6") -> bytes:
     udp = struct.pack("!HHHH", 40000, 7, 8 + len(payload), 0) + payload
     return (

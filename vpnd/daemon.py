@@ -347,6 +347,7 @@ async def _run_gateway(
         old = current
         report = ReloadReport()
         if new.policy != old.policy:
+            await gateway.refresh_host_addresses()
             cut = gateway.apply_policy(new.policy)
             if nft is not None and new.nftables.forward_filter == old.nftables.forward_filter:
                 try:
@@ -424,8 +425,7 @@ async def _run_gateway(
         if not guard:
             log.warning(
                 "nftables.forward_filter is OFF: this gateway is an OPEN ROUTER (anyone on "
-                "the underlay can route into the LAN and the overlay) and policy rules naming "
-                "a LAN subnet also reach this host's own services; turn it back on"
+                "the underlay can route into the LAN and the overlay); turn it back on"
             )
         if cfg.nat == NatMode.MASQUERADE or cfg.nftables.anti_spoofing or guard:
             nft = NftablesRuleset(cfg.tun.name)

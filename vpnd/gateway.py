@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 
 from vpnd.config import PolicyConfig
 from vpnd.logsetup import PeerLogger
-from vpnd.net.errors import TunError
+from vpnd.net.errors import NetError, TunError
 from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
@@ -159,6 +159,7 @@ class Gateway:
         self.nft = nft
         self.policy = policy or PolicyConfig()
         self.firewall = Firewall(self.policy)
+        self._host_addr_error = False
         self._denied_log = _LogBudget(per_minute=20)
         self._refusal_log = _LogBudget(per_minute=10)
         self.trust_error: str | None = None
@@ -195,6 +196,8 @@ class Gateway:
             if not any(a.network == net for a in s.gateway_addresses):
                 await self.net.add_route(net, s.tun_name)
                 self._routes_added.append(net)
+        # Before the first packet: the host's own addresses need exact-host rules.
+        await self.refresh_host_addresses()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         self._reader_installed = True
@@ -656,10 +659,38 @@ class Gateway:
 
         return self.firewall.replace_policy(policy, now=self._mono(), peers=view)
 
+    async def refresh_host_addresses(self) -> int:
+        """Tell the firewall this host's own non-overlay addresses; returns flows cut.
+
+        Read at start, at each reload and every 5 s (``_expire_flows``), so an address
+        added to the host later is protected within seconds. A netlink failure keeps the
+        last set and is logged once.
+        """
+        try:
+            found = await self.net.host_addresses()
+        except NetError as err:
+            if not self._host_addr_error:
+                log.warning("cannot read this host's addresses (keeping the last set): %s", err)
+            self._host_addr_error = True
+            return 0
+        self._host_addr_error = False
+        overlay = {a.ip for a in self.settings.gateway_addresses}
+        local = frozenset(a.packed for a in found if a not in overlay)
+        if local == self.firewall.local_addresses:
+            return 0
+        lookup = self.table.lookup_raw
+
+        def view(addr: bytes) -> PeerView | None:
+            owner = lookup(addr)
+            return owner.view if owner is not None else None
+
+        return self.firewall.set_local_addresses(local, peers=view)
+
     async def _expire_flows(self) -> None:
         while True:
             await asyncio.sleep(5)
             self.firewall.expire(self._mono())
+            await self.refresh_host_addresses()
 
     def refuse_new_peers(self, reason: str) -> None:
         """Revocation data became unusable: fail closed for new peers until fixed."""

@@ -138,6 +138,8 @@ class FakeNetConfigurator:
         """The two namespace-wide forwarding sysctls (also readable via ``read_sysctl``)."""
         self.closed = False
         self.calls: list[str] = []
+        self.host_extra: list[IPAddress] = []
+        """Addresses of the host's other links (its LAN...), for ``host_addresses``."""
 
     # Test-side helpers: what opening / closing a TUN does to the kernel.
     def create_link(self, ifname: str, *, mtu: int = 1500) -> FakeLink:
@@ -215,6 +217,12 @@ class FakeNetConfigurator:
     async def list_routes(self, ifname: str) -> list[IPNetwork]:
         link = self._link(ifname, f"list routes via {ifname}")
         return [r for r in link.routes if is_listed_route(r)]
+
+    async def host_addresses(self) -> list[IPAddress]:
+        if self.closed:
+            raise NetError("list host addresses: configurator is closed")
+        found = [i.ip for link in self.links.values() for i in link.addresses]
+        return list(dict.fromkeys([*found, *self.host_extra]))
 
     async def link_exists(self, ifname: str) -> bool:
         try:

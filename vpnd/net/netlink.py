@@ -69,6 +69,10 @@ class NetConfigurator(Protocol):
         """Unicast main-table routes out of ``ifname`` (IPv6 link-local excluded)."""
         ...
 
+    async def host_addresses(self) -> list[IPAddress]:
+        """Every address on every link of this namespace (read-only; IPv6 scope dropped)."""
+        ...
+
     async def link_exists(self, ifname: str) -> bool: ...
 
     async def delete_link(self, ifname: str) -> None:
@@ -266,6 +270,23 @@ class PyRoute2Configurator:
                     if is_listed_route(net) and net not in out:
                         out.append(net)
             return out
+
+    async def host_addresses(self) -> list[IPAddress]:
+        what = "list host addresses"
+        async with self._lock:
+            msgs = await self._call(what, "addr", "dump")
+        out: list[IPAddress] = []
+        for m in msgs:
+            raw = m.get("local") or m.get("address")
+            if not raw:
+                continue
+            try:
+                addr = ipaddress.ip_address(str(raw).split("%", 1)[0])
+            except ValueError:
+                continue
+            if addr not in out:
+                out.append(addr)
+        return out
 
     async def link_exists(self, ifname: str) -> bool:
         async with self._lock:

@@ -37,6 +37,13 @@ Semantics:
    the destination port is in one of the ranges (tcp/udp only). The first matching
    rule allows the packet and creates a tracked flow (ICMP types other than queries
    and errors are allowed per packet and not tracked).
+   **The gateway host's own addresses** (``local_addresses``: its LAN and other
+   non-overlay addresses, supplied by the daemon) are stricter: only a rule whose ``to``
+   is exactly that host (a /32 or /128) may allow a new flow to one. A rule naming a
+   subnet that contains it, or ``any``, does not, so a LAN rule never opens the
+   gateway's own services (sshd on its LAN address...); such a packet is dropped as
+   ``gateway_host_needs_exact_rule`` (``policy`` if no rule would have matched at all).
+   The overlay addresses of the gateway are not in the set and follow the plain rules.
 6. **Default deny**: anything else from a peer is dropped as ``policy``.
 7. **Fragments.** A first fragment is checked like a whole packet (its L4 header must be
    complete). A later fragment carries no ports: it passes only if a first fragment
@@ -51,7 +58,8 @@ Semantics:
    lookup, amortised on insertion, and ``expire(now)`` sweeps the rest.
 9. **Reload.** ``replace_policy`` re-checks every tracked flow against the new rules with
    the peers that now own its addresses, and drops those no longer allowed: a tightened
-   policy cuts an allowed flow at once.
+   policy cuts an allowed flow at once. ``set_local_addresses`` likewise cuts tracked
+   flows to an address that just became the gateway host's own without an exact rule.
 10. **Disconnects.** ``forget_address`` (and ``forget_peer``) purge a peer's flows, so a
     re-leased address starts clean.
 
@@ -122,9 +130,20 @@ class _Rule:
     to_groups: frozenset[str] | None
     to_net: tuple[int, int] | None
     """(network, mask) as ints of the version's width."""
+    to_host: bool
+    """``to`` is one exact address (a /32 or /128): it may reach the gateway host."""
     ports: tuple[tuple[int, int], ...]
 
-    def matches(self, src: PeerView, dst: PeerView | None, dst_addr: bytes, dport: int) -> bool:
+    def matches(
+        self,
+        src: PeerView,
+        dst: PeerView | None,
+        dst_addr: bytes,
+        dport: int,
+        host_only: bool = False,
+    ) -> bool:
+        if host_only and not self.to_host:
+            return False
         if self.from_peer is not None and src.name != self.from_peer:
             return False
         if not self.from_groups <= src.groups:
@@ -152,10 +171,12 @@ def _compile(rule: RuleConfig, version: int) -> _Rule | None:
     src = rule.from_
     dst = rule.to
     to_net: tuple[int, int] | None = None
+    to_host = False
     if isinstance(dst, NetworkMatch):
         if dst.network.version != version:
             return None
         to_net = (int(dst.network.network_address), int(dst.network.netmask))
+        to_host = dst.network.prefixlen == dst.network.max_prefixlen
     return _Rule(
         from_peer=src.name if isinstance(src, PeerMatch) else None,
         from_groups=src.groups if isinstance(src, GroupMatch) else frozenset(),
@@ -163,6 +184,7 @@ def _compile(rule: RuleConfig, version: int) -> _Rule | None:
         to_peer=dst.name if isinstance(dst, PeerMatch) else None,
         to_groups=dst.groups if isinstance(dst, GroupMatch) else None,
         to_net=to_net,
+        to_host=to_host,
         ports=rule.ports,
     )
 
@@ -194,13 +216,23 @@ class _RuleSet:
             self.other[version] = tuple(other)
 
     def allows(
-        self, kind: tuple[int, int], src: PeerView, dst: PeerView | None, addr: bytes, dport: int
+        self,
+        kind: tuple[int, int],
+        src: PeerView,
+        dst: PeerView | None,
+        addr: bytes,
+        dport: int,
+        *,
+        host_only: bool = False,
     ) -> bool:
-        """Does a rule for ``kind`` = (IP version, protocol) allow this new flow?"""
+        """Does a rule for ``kind`` = (IP version, protocol) allow this new flow?
+
+        ``host_only``: ``addr`` is the gateway host's own; only exact-host rules count.
+        """
         rules = self.by_proto.get(kind)
         if rules is None:
             rules = self.other[kind[0]]
-        return any(rule.matches(src, dst, addr, dport) for rule in rules)
+        return any(rule.matches(src, dst, addr, dport, host_only) for rule in rules)
 
 
 def _timeouts(ct: ConntrackConfig) -> dict[str, float]:
@@ -221,8 +253,16 @@ def _key(flow: Flow) -> Key:
 class Firewall:
     """Stateful, default-deny packet filter between peers and the TUN side."""
 
-    def __init__(self, policy: PolicyConfig, *, max_conntrack: int = 65536) -> None:
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        *,
+        max_conntrack: int = 65536,
+        local_addresses: frozenset[bytes] = frozenset(),
+    ) -> None:
         self._rules = _RuleSet(policy)
+        self._local = local_addresses
+        """The gateway host's own non-overlay addresses (raw 4/16 bytes)."""
         self._timeout = _timeouts(policy.conntrack)
         self.policy = policy
         self._ct = ConntrackTable(max_conntrack, policy.conntrack.max_flows_per_peer)
@@ -319,7 +359,13 @@ class Firewall:
         version = flow.version
         if icmp_type is not None and icmp_type in ICMP_REPLIES[version]:
             return self._drop("not_tracked")
-        if not self._rules.allows((version, flow.proto), src, dst, flow.dst, flow.dport):
+        kind_key = (version, flow.proto)
+        if dst is None and flow.dst in self._local:
+            if not self._rules.allows(kind_key, src, dst, flow.dst, flow.dport, host_only=True):
+                if self._rules.allows(kind_key, src, dst, flow.dst, flow.dport):
+                    return self._drop("gateway_host_needs_exact_rule")
+                return self._drop("policy")
+        elif not self._rules.allows(kind_key, src, dst, flow.dst, flow.dport):
             return self._drop("policy")
         self._counts["allowed_new"] += 1
         if icmp_type is not None:
@@ -407,7 +453,14 @@ class Firewall:
                 src is not None
                 and src.name == entry.a_name
                 and (dst.name if dst is not None else None) == entry.b_name
-                and rules.allows((entry.version, entry.proto), src, dst, entry.dst, entry.dport)
+                and rules.allows(
+                    (entry.version, entry.proto),
+                    src,
+                    dst,
+                    entry.dst,
+                    entry.dport,
+                    host_only=dst is None and entry.dst in self._local,
+                )
             )
             if not keep:
                 self._ct.remove(entry)
@@ -421,6 +474,40 @@ class Firewall:
             if now - entry.last >= timeout:  # idle past a shortened timeout
                 self._ct.remove(entry)
                 self._ct.expired += 1
+        return dropped
+
+    @property
+    def local_addresses(self) -> frozenset[bytes]:
+        """The gateway host's own non-overlay addresses (raw 4/16 bytes)."""
+        return self._local
+
+    def set_local_addresses(
+        self, addrs: frozenset[bytes], *, peers: Callable[[bytes], PeerView | None]
+    ) -> int:
+        """Adopt the gateway host's current addresses; returns how many flows were cut.
+
+        A tracked flow to an address that just became the host's own survives only if an
+        exact-host rule allows it (``peers`` as for ``replace_policy``).
+        """
+        added = addrs - self._local
+        self._local = addrs
+        if not added:
+            return 0
+        self._frags.clear()
+        dropped = 0
+        for entry in self._ct.entries():
+            if entry.dst not in added or peers(entry.dst) is not None:
+                continue
+            src = peers(entry.src)
+            if (
+                src is None
+                or src.name != entry.a_name
+                or not self._rules.allows(
+                    (entry.version, entry.proto), src, None, entry.dst, entry.dport, host_only=True
+                )
+            ):
+                self._ct.remove(entry)
+                dropped += 1
         return dropped
 
     def forget_address(self, addr: bytes) -> int:
