@@ -18,7 +18,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -532,28 +532,7 @@ async def _run_gateway(
         expiry = asyncio.create_task(_expiry_warnings(cfg))
         undo.callback(expiry.cancel)
 
-        async def on_sighup() -> None:
-            sdnotify.reloading()
-            try:
-                report = await control.reload()
-                log.info("SIGHUP reload: %s", "; ".join(report.changed) or "no change")
-                for line in report.errors:
-                    log.warning("SIGHUP reload: %s", line)
-            except ControlError as err:
-                log.error("SIGHUP reload refused: %s", err.message)
-            finally:
-                sdnotify.ready()
-
-        hup_tasks: set[asyncio.Task[None]] = set()
-
-        def sighup() -> None:
-            task = asyncio.create_task(on_sighup())
-            hup_tasks.add(task)
-            task.add_done_callback(hup_tasks.discard)
-
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, sighup)
-        undo.callback(loop.remove_signal_handler, signal.SIGHUP)
+        _reload_on_sighup(control.reload, undo)
         log.info("listening on %s (TLS 1.3, ALPN vpnd/1)", cfg.listen)
         sdnotify.ready(f"listening on {cfg.listen}")
         try:
@@ -798,28 +777,7 @@ async def _run_client(
         undo.push_async_callback(server_ctl.close)
         task = asyncio.create_task(client.run())
 
-        async def on_sighup() -> None:
-            sdnotify.reloading()
-            try:
-                report = await control.reload()
-                log.info("SIGHUP reload: %s", "; ".join(report.changed) or "no change")
-                for line in report.errors:
-                    log.warning("SIGHUP reload: %s", line)
-            except ControlError as err:
-                log.error("SIGHUP reload refused: %s", err.message)
-            finally:
-                sdnotify.ready()
-
-        hup_tasks: set[asyncio.Task[None]] = set()
-
-        def sighup() -> None:
-            hup = asyncio.create_task(on_sighup())
-            hup_tasks.add(hup)
-            hup.add_done_callback(hup_tasks.discard)
-
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, sighup)
-        undo.callback(loop.remove_signal_handler, signal.SIGHUP)
+        _reload_on_sighup(control.reload, undo)
         expiry = asyncio.create_task(_expiry_warnings(cfg))
         renewals = asyncio.create_task(watch_certificate(client))
         # Ready once running, not once connected: a gateway that is down must not hold
@@ -856,6 +814,34 @@ def _validity_problem(path: Path, cert: x509.Certificate) -> str | None:
             f"{cert.not_valid_before_utc.isoformat()}; check the clock"
         )
     return None
+
+
+def _reload_on_sighup(
+    reload: Callable[[], Awaitable[ReloadReport]], undo: contextlib.AsyncExitStack
+) -> None:
+    """SIGHUP (``systemctl reload``) runs the same reload as ``vpnctl reload``, logged."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_sighup() -> None:
+        sdnotify.reloading()
+        try:
+            report = await reload()
+            log.info("SIGHUP reload: %s", "; ".join(report.changed) or "no change")
+            for line in report.errors:
+                log.warning("SIGHUP reload: %s", line)
+        except ControlError as err:
+            log.error("SIGHUP reload refused: %s", err.message)
+        finally:
+            sdnotify.ready()
+
+    def sighup() -> None:
+        task = asyncio.create_task(on_sighup())
+        tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(tasks.discard)
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, sighup)
+    undo.callback(loop.remove_signal_handler, signal.SIGHUP)
 
 
 def _open_tun(name: str, offload: bool = False) -> LinuxTun:
