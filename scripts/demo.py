@@ -101,7 +101,10 @@ def main() -> int:
         demo.show(lab.vpnctl("list"))
         other = lab.other_ca()
         mallory_certs = lab.issue("mallory", pki=other)
-        (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes())
+        # She trusts our gateway's CA, and her bundle holds her own CA too (vpnd's start-up
+        # check refuses a certificate that chains to nothing she trusts).
+        evil_ca = (mallory_certs / "ca.pem").read_bytes()
+        (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes() + evil_ca)
         print("  mallory holds a certificate from a different CA ('evil-ca') for the same overlay")
 
         demo.section("3. Gateway (default-deny policy) and verified peers")
