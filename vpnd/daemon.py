@@ -399,11 +399,7 @@ async def _run_gateway(
                 "handshake_timeout: the TLS part takes effect after a restart "
                 "(the tunnel-setup part applies to new sessions now)"
             )
-        if new.log.level != old.log.level:
-            logging.getLogger().setLevel(new.log.level.value.upper())
-            report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
-        if new.log.format != old.log.format:
-            report.errors.append("log.format: changed, takes effect after a restart")
+        _reload_log(old, new, report)
         return report
 
     fatal: list[str] = []
@@ -741,11 +737,7 @@ async def _run_client(
         for key in _CLIENT_RESTART_KEYS:
             if getattr(new, key) != getattr(old, key):
                 report.errors.append(f"{key}: changed, takes effect after a restart")
-        if new.log.level != old.log.level:
-            logging.getLogger().setLevel(new.log.level.value.upper())
-            report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
-        if new.log.format != old.log.format:
-            report.errors.append("log.format: changed, takes effect after a restart")
+        _reload_log(old, new, report)
         return report
 
     own = [load_certificate(cfg.pki.cert)]
@@ -814,6 +806,17 @@ def _validity_problem(path: Path, cert: x509.Certificate) -> str | None:
             f"{cert.not_valid_before_utc.isoformat()}; check the clock"
         )
     return None
+
+
+def _reload_log(
+    old: GatewayConfig | ClientConfig, new: GatewayConfig | ClientConfig, report: ReloadReport
+) -> None:
+    """The log level changes live; the log format needs a restart (both modes)."""
+    if new.log.level != old.log.level:
+        logging.getLogger().setLevel(new.log.level.value.upper())
+        report.changed.append(f"log level: {old.log.level.value} -> {new.log.level.value}")
+    if new.log.format != old.log.format:
+        report.errors.append("log.format: changed, takes effect after a restart")
 
 
 def _reload_on_sighup(
