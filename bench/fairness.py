@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vpnd.config import AnyMatch, PolicyConfig, Proto, RuleConfig
-from vpnd.gateway import Gateway, GatewaySettings
-from vpnd.logsetup import setup_logging
+from vpnd.gateway.shell import Gateway, GatewaySettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
 from vpnd.pki.authority import create_ca, issue_certificate
@@ -39,6 +38,7 @@ from vpnd.pki.crl import build_crl, crl_pem
 from vpnd.pki.identity import Role
 from vpnd.pki.keys import certificate_pem, generate_key, private_key_pem
 from vpnd.proto import ConfigReceived, Event, PacketsReceived, Session, SessionConfig
+from vpnd.telemetry.logsetup import setup_logging
 from vpnd.transport.connection import connect, serve
 from vpnd.transport.driver import SessionDriver
 from vpnd.transport.tlsctx import client_context, server_context

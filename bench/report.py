@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnd.atomicfile import PUBLIC, atomic_write
+from vpnd.files.atomic import PUBLIC, atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,9 +23,9 @@ from test_tunnel_inprocess import DAY, REAL_NOW, World, run
 from vpnctl import cli as vpnctl
 from vpnd import cli as vpnd_cli
 from vpnd.config import ConfigError, parse_config
-from vpnd.logsetup import PeerLogger, TextFormatter, setup_logging
 from vpnd.proto.close import describe_close
 from vpnd.proto.frames import decode_close, encode_close
+from vpnd.telemetry.logsetup import PeerLogger, TextFormatter, setup_logging
 
 HOSTILE_NAMES = [
     "/",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_tunnel_inprocess import DAY, REAL_NOW, World, run, until
 
-from vpnd.client import Client, ClientSettings
+from vpnd.client.runner import Client, ClientSettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
 from vpnd.transport.connection import TlsConnection, connect

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from test_tunnel_inprocess import DAY, REAL_NOW, World, until
 
-from vpnd.client import Client, ClientSettings, LocalError
+from vpnd.client.runner import Client, ClientSettings, LocalError
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
 from vpnd.pki.crl import crl_pem

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_tunnel_inprocess import DAY, REAL_NOW, World, ipv4_packet, run, until
 
-from vpnd.client import ClientSettings, settings_changes
+from vpnd.client.runner import ClientSettings, settings_changes
 
 SITE_LAN = ipaddress.ip_network("172.20.0.0/24")
 

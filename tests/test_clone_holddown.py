@@ -13,8 +13,8 @@ from test_config import SOURCE, gateway, parse, parse_error, pki_dir, with_value
 from test_tunnel_inprocess import World, _leaf, run, until
 
 from vpnd.config import GatewayConfig
-from vpnd.metrics import MetricsSnapshot, SnapshotCollector
 from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
+from vpnd.telemetry.metrics import MetricsSnapshot, SnapshotCollector
 
 A, B = "cert-a", "cert-b"
 ALLOW, START, HELD = Verdict.ALLOW, Verdict.HOLD_START, Verdict.HELD

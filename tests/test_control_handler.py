@@ -16,11 +16,12 @@ from pki_fixtures import DAY, NOW, make_ca
 from vpnd.config import ConfigError
 from vpnd.control.messages import ControlError, CrlSummary, ErrorCode, ReloadReport
 from vpnd.control.server import ControlHandler
-from vpnd.control_handler import GatewayControl, GatewayView, cert_summary, crl_summary
-from vpnd.gateway import Gateway
-from vpnd.metrics import CertExpiry
+from vpnd.control.summaries import cert_summary, crl_summary
+from vpnd.gateway.control import GatewayControl, GatewayView
+from vpnd.gateway.shell import Gateway
 from vpnd.pki.identity import PeerIdentity, PkiError, Role
 from vpnd.pki.keys import fingerprint
+from vpnd.telemetry.metrics import CertExpiry
 
 T = TypeVar("T")
 CA = make_ca()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vpnd import sdnotify
+from vpnd.service import sdnotify
 
 
 @pytest.fixture

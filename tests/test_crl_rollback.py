@@ -13,10 +13,10 @@ from test_config import gateway, parse, parse_error, pki_dir, with_value  # noqa
 from test_trust_watch import DAY, REAL_NOW, Recorder, _write_crl, ca  # noqa: F401
 
 from vpnd.config import CrlRollback, GatewayConfig
+from vpnd.gateway.trust_watch import CRL_NUMBERS_FILE, TrustWatcher
 from vpnd.pki.crl import ca_key
 from vpnd.pki.identity import PkiError
 from vpnd.pki.keys import certificate_pem
-from vpnd.trust_watch import CRL_NUMBERS_FILE, TrustWatcher
 
 REVOKED = 42
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from test_tunnel_inprocess import World, ipv4_packet, run, tso_packet, until
 
-from vpnd.gateway import Peer
+from vpnd.gateway.shell import Peer
 
 
 def _peer(w: World, name: str) -> Peer:

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import make_ca
 from test_tunnel_inprocess import REAL_NOW, World, _leaf, _owners, run, until
 
-from vpnd.logsetup import JsonFormatter, TextFormatter
 from vpnd.pki.profile import describe_certificate
+from vpnd.telemetry.logsetup import JsonFormatter, TextFormatter
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from vpnd.logsetup import JsonFormatter
+from vpnd.telemetry.logsetup import JsonFormatter
 
 HOSTILE = [
     "alice\u2028forged",

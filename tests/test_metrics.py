@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vpnd.metrics import CertExpiry, MetricsError, MetricsExporter, MetricsSnapshot
+from vpnd.telemetry.metrics import CertExpiry, MetricsError, MetricsExporter, MetricsSnapshot
 
 SNAP = MetricsSnapshot(
     sessions=3,

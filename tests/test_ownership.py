@@ -11,7 +11,7 @@ import pytest
 
 from vpnd.net.fakes import FakeNetConfigurator
 from vpnd.net.ownership import LinkOwner, alias_owner, classify_link, format_alias, pid_alive
-from vpnd.runstate import AlreadyRunning, InstanceLock, InstanceState, SysctlLedger
+from vpnd.service.runstate import AlreadyRunning, InstanceLock, InstanceState, SysctlLedger
 
 IP4 = "net/ipv4/ip_forward"
 

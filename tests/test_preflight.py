@@ -21,7 +21,7 @@ from pki_fixtures import DAY, NOW, Leaf, make_ca
 from vpnd import cli
 from vpnd.config import load_config
 from vpnd.pki import Role, crl_pem, private_key_pem
-from vpnd.preflight import Report, check, has_cap_net_admin, link_owner
+from vpnd.service.preflight import Report, check, has_cap_net_admin, link_owner
 
 GW_YAML = """\
 mode: gateway
@@ -351,7 +351,7 @@ def test_gateway_start_refuses_with_one_line_before_touching_anything(
     how: str | None,
     needle: str | None,
 ) -> None:
-    from vpnd import daemon
+    from vpnd.service import daemon
 
     site = _dated_site(tmp_path)
     if how is not None:

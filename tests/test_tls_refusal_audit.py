@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from test_tls_support import GATEWAY_NAME, World, build_world
 
-from vpnd.gateway import Gateway, GatewaySettings
+from vpnd.gateway.shell import Gateway, GatewaySettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
 from vpnd.pki.keys import load_certificate

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pki_fixtures import TestCA, make_ca
 
+from vpnd.gateway.trust_watch import TrustWatcher
 from vpnd.pki import TrustStore
 from vpnd.pki.crl import RevokedEntry, build_crl, crl_pem
 from vpnd.pki.keys import certificate_pem
-from vpnd.trust_watch import TrustWatcher
 
 REAL_NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

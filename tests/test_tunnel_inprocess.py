@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import Leaf, TestCA, make_ca
 
-from vpnd.client import Client, ClientSettings
+from vpnd.client.runner import Client, ClientSettings
 from vpnd.config import AnyMatch, NetworkMatch, PolicyConfig, Proto, RuleConfig
-from vpnd.gateway import Gateway, GatewaySettings
+from vpnd.gateway.shell import Gateway, GatewaySettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.pki import load_trust_store
 from vpnd.pki.crl import RevokedEntry, build_crl, crl_pem

@@ -9,7 +9,7 @@ import pytest
 from vpnctl_fixtures import assert_one_error_line, run
 
 from vpnctl import cli
-from vpnd import atomicfile
+from vpnd.files import atomic as atomicfile
 from vpnd.pki.crl import load_crls
 from vpnd.pki.keys import load_certificate
 from vpnd.pki.pkidir import PkiDir

@@ -14,7 +14,7 @@ import pytest
 from vpnctl_fixtures import assert_one_error_line, run
 
 from vpnctl import cli
-from vpnd import atomicfile
+from vpnd.files import atomic as atomicfile
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.pkidir import PkiDir

@@ -124,11 +124,11 @@ def test_daemon_missing_config_file(tmp_path: Path) -> None:
 def test_daemon_module_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "gw.yaml"
     config.write_text("{}\n")
-    monkeypatch.setitem(sys.modules, "vpnd.daemon", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "vpnd.service.daemon", None)  # makes the import fail
     code, _, err = run("--config", str(config))
     assert code == 1
     assert_one_error_line(err)
-    assert "vpnd.daemon" in err
+    assert "vpnd.service.daemon" in err
 
 
 def test_daemon_is_called_with_the_config_path(
@@ -137,14 +137,14 @@ def test_daemon_is_called_with_the_config_path(
     config = tmp_path / "gw.yaml"
     config.write_text("{}\n")
     calls: list[str] = []
-    fake = types.ModuleType("vpnd.daemon")
+    fake = types.ModuleType("vpnd.service.daemon")
 
     def fake_run(config_path: str) -> int:
         calls.append(config_path)
         return 3
 
     fake.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vpnd.daemon", fake)
+    monkeypatch.setitem(sys.modules, "vpnd.service.daemon", fake)
     assert run("--config", str(config))[0] == 3
     assert calls == [str(config)]
 

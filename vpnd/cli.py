@@ -131,10 +131,10 @@ def _daemon(config: str, err: TextIO) -> int:
     # Imported lazily: keygen and --version must work without the daemon's
     # kernel-facing dependencies.
     try:
-        daemon = importlib.import_module("vpnd.daemon")
+        daemon = importlib.import_module("vpnd.service.daemon")
     except ModuleNotFoundError as exc:
-        if exc.name == "vpnd.daemon":
-            err.write("vpnd: error: the daemon is not part of this build (vpnd.daemon missing)\n")
+        if exc.name == "vpnd.service.daemon":
+            err.write("vpnd: error: the daemon is not part of this build (vpnd.service.daemon missing)\n")
         else:
             err.write(f"vpnd: error: cannot load the daemon: {exc}\n")
         return 1
@@ -144,7 +144,7 @@ def _daemon(config: str, err: TextIO) -> int:
 
 def _cleanup(config: str | None, out: TextIO, err: TextIO) -> int:
     # Lazy, like the daemon: keygen and --version need no kernel-facing dependencies.
-    cleanup = importlib.import_module("vpnd.cleanup")
+    cleanup = importlib.import_module("vpnd.service.cleanup")
     code = cleanup.run_cleanup(config, out, err)
     return int(code)
 
@@ -157,7 +157,7 @@ def _check(config: str, out: TextIO, err: TextIO) -> int:
     import datetime as dt  # noqa: PLC0415
 
     from vpnd.config import ConfigError, load_config  # noqa: PLC0415
-    from vpnd.preflight import check  # noqa: PLC0415
+    from vpnd.service.preflight import check  # noqa: PLC0415
 
     try:
         cfg = load_config(config)

@@ -1,7 +1,7 @@
 """The control socket: a unix stream server speaking ``vpnd.control.messages``.
 
 Plumbing only: reading lines, peer credentials, limits. What a command means lives in
-the ``ControlHandler`` (``vpnd.control_handler`` for a gateway).
+the ``ControlHandler`` (``vpnd.gateway.control`` for a gateway).
 """
 
 from __future__ import annotations

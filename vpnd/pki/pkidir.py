@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from vpnd.atomicfile import PRIVATE, PUBLIC, atomic_write
+from vpnd.files.atomic import PRIVATE, PUBLIC, atomic_write
 from vpnd.pki.authority import ca_networks, create_ca, issue_certificate, verify_csr
 from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_pem
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vpnd.atomicfile import atomic_write
+from vpnd.files.atomic import atomic_write
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.crl import CrlRollback, crl_number, crl_numbers, crl_rollbacks
 from vpnd.pki.identity import PkiError

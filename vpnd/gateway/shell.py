@@ -22,7 +22,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd.config import PolicyConfig
-from vpnd.logsetup import PeerLogger
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.gso import GsoError, to_plain
 from vpnd.net.netlink import NetConfigurator
@@ -52,6 +51,7 @@ from vpnd.proto import (
     SessionConfig,
     TunnelConfig,
 )
+from vpnd.telemetry.logsetup import PeerLogger
 from vpnd.transport.alerts import describe_client_abort
 from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver

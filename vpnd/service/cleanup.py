@@ -17,7 +17,7 @@ from vpnd.net.errors import NetError
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import NftablesRuleset, table_name
 from vpnd.net.ownership import LinkOwner, classify_link
-from vpnd.runstate import (
+from vpnd.service.runstate import (
     AlreadyRunning,
     InstanceLock,
     InstanceState,

@@ -25,9 +25,8 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from vpnd import preflight, sdnotify
-from vpnd.cleanup import safe_undo
-from vpnd.client import Client, ClientSettings, LocalError, settings_changes
+from vpnd.client.control import ClientControl
+from vpnd.client.runner import Client, ClientSettings, LocalError, settings_changes
 from vpnd.config import (
     ClientConfig,
     ConfigError,
@@ -39,10 +38,10 @@ from vpnd.config import (
 )
 from vpnd.control.messages import ControlError, CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
-from vpnd.control_handler import ClientControl, GatewayControl, crl_summary
-from vpnd.gateway import Gateway, GatewaySettings, IPInterface
-from vpnd.logsetup import setup_logging
-from vpnd.metrics import MetricsError, MetricsExporter
+from vpnd.control.summaries import crl_summary
+from vpnd.gateway.control import GatewayControl
+from vpnd.gateway.shell import Gateway, GatewaySettings, IPInterface
+from vpnd.gateway.trust_watch import TrustWatcher
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import PyRoute2Configurator, forwarding_key
 from vpnd.net.nftables import NftablesRuleset, policy_hosts, poll_counters
@@ -55,7 +54,9 @@ from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import fingerprint, load_certificate
 from vpnd.pki.profile import peer_attributes_of
-from vpnd.runstate import (
+from vpnd.service import preflight, sdnotify
+from vpnd.service.cleanup import safe_undo
+from vpnd.service.runstate import (
     InstanceLock,
     InstanceState,
     RuntimeDirError,
@@ -63,9 +64,10 @@ from vpnd.runstate import (
     control_socket_in_use,
     resolve_runtime_dir,
 )
+from vpnd.telemetry.logsetup import setup_logging
+from vpnd.telemetry.metrics import MetricsError, MetricsExporter
 from vpnd.transport.connection import TlsConnection, connect, serve
 from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
-from vpnd.trust_watch import TrustWatcher
 
 log = logging.getLogger("vpnd")
 T = TypeVar("T")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vpnd.atomicfile import PRIVATE, atomic_write
+from vpnd.files.atomic import PRIVATE, atomic_write
 from vpnd.net.ownership import pid_alive
 
 DEFAULT_RUNTIME_DIR = Path("/run/vpnd")

@@ -1,0 +1,1 @@
+"""The client (a laptop or a site router): dials the gateway, brings the TUN up."""

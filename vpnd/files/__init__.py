@@ -1,0 +1,1 @@
+"""Filesystem helpers shared by vpnd and vpnctl: atomic writes, file watches, secrets."""
