@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vpnd.transport.slots import HandshakeSlots
+from vpnd.transport.stream import Stream
 from vpnd.transport.tlsengine import (
     TlsAlertReceived,
     TlsClosed,
@@ -142,6 +143,15 @@ class TlsConnection(asyncio.Protocol):
         if self._transport is None or self._lost:
             return 0
         return self._transport.get_write_buffer_size()
+
+    @property
+    def backlog_bytes(self) -> int:
+        """``Stream.backlog_bytes``: the same as ``write_buffer_size``."""
+        return self.write_buffer_size
+
+    def peer_chain(self) -> tuple[bytes, ...]:
+        """``Stream.peer_chain``: the DER chain the peer presented, leaf first."""
+        return tuple(self.engine.peer_chain_der())
 
     def pause_reading(self) -> None:
         self._user_paused = True
@@ -572,3 +582,7 @@ def _as_refusal(err: Exception) -> TlsHandshakeError:
             err.alert, f"the client aborted the handshake: {err}", sent_alert=False, by_peer=True
         )
     return TlsHandshakeError("connection_lost", str(err) or repr(err), sent_alert=False)
+
+
+def _implements_stream(conn: TlsConnection) -> Stream:
+    return conn  # mypy checks that TlsConnection satisfies the Stream protocol
