@@ -134,7 +134,9 @@ def _daemon(config: str, err: TextIO) -> int:
         daemon = importlib.import_module("vpnd.service.daemon")
     except ModuleNotFoundError as exc:
         if exc.name == "vpnd.service.daemon":
-            err.write("vpnd: error: the daemon is not part of this build (vpnd.service.daemon missing)\n")
+            err.write(
+                "vpnd: error: the daemon is not part of this build (vpnd.service.daemon missing)\n"
+            )
         else:
             err.write(f"vpnd: error: cannot load the daemon: {exc}\n")
         return 1

@@ -840,7 +840,7 @@ class Gateway:
         """Queue packets (in the TUN's form) to one peer, in the form that peer takes."""
         if not peer.admitted:
             return
-        if peer.driver.conn.write_buffer_size > self.settings.peer_queue_bytes:
+        if peer.driver.conn.backlog_bytes > self.settings.peer_queue_bytes:
             # One slow peer must not stall the others or grow memory: drop, like a router.
             peer.drops["queue_full"] += len(packets)
             return

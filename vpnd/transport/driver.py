@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from vpnd.proto import CloseCode, Event, Session, SessionClosed
-from vpnd.transport.connection import TlsConnection
+from vpnd.transport.stream import Stream
 
 Clock = Callable[[], float]
 
@@ -26,7 +26,7 @@ class SessionDriver:
 
     def __init__(
         self,
-        conn: TlsConnection,
+        conn: Stream,
         session: Session,
         *,
         on_event: Callable[[Event], None],
