@@ -14,7 +14,7 @@ import pytest
 from vpnctl_fixtures import assert_one_error_line, run
 
 from vpnctl import cli
-from vpnd.files import atomic as atomicfile
+from vpnd.pki import file_set
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.pkidir import PkiDir
@@ -269,14 +269,14 @@ def test_failed_write_changes_nothing(
 ) -> None:
     assert issue("alice", out)[0] == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    real = atomicfile.atomic_write
+    real = file_set.stage_file
 
-    def failing(path: object, data: bytes, mode: int = 0o644) -> None:
-        if "alice.pem" in str(path):
+    def failing(path: Path, data: bytes, mode: int) -> Path:
+        if path.name == "alice.pem":
             raise OSError(28, "No space left on device", str(path))
-        real(path, data, mode)  # type: ignore[arg-type]
+        return real(path, data, mode)
 
-    monkeypatch.setattr("vpnd.pki.pkidir.atomic_write", failing)
+    monkeypatch.setattr(file_set, "stage_file", failing)
     code, _, err = issue("alice", out)  # a renewal that cannot be written
     assert code == 1
     assert_one_error_line(err)

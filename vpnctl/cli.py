@@ -30,10 +30,10 @@ from vpnd.pki.pkidir import (
     DEFAULT_CRL_DAYS,
     DEFAULT_GATEWAY_DAYS,
     DEFAULT_PEER_DAYS,
-    Issued,
     PkiDir,
 )
 from vpnd.pki.profile import describe_certificate
+from vpnd.pki.results import Issued
 
 ENV_PKI = "VPNCTL_PKI"
 ENV_PASSPHRASE_FILE = "VPNCTL_CA_PASSPHRASE_FILE"  # noqa: S105 - an env var name

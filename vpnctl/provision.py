@@ -50,7 +50,8 @@ from vpnd.pki.authority import verify_csr
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
 from vpnd.pki.inventory import CertRecord
 from vpnd.pki.keys import certificate_pem, fingerprint
-from vpnd.pki.pkidir import Issued, PkiDir
+from vpnd.pki.pkidir import PkiDir
+from vpnd.pki.results import Issued
 
 CONNECT_TIMEOUT_S = 20.0
 COMMAND_TIMEOUT_S = 120.0

@@ -1,17 +1,7 @@
 """A PKI directory and the admin operations on it: the engine behind ``vpnctl``.
 
-Layout of the directory (created 0700)::
-
-    ca.pem            CA certificate (0644)
-    ca.key            CA private key (0600, encrypted when a passphrase is given)
-    inventory.sqlite  issued certificates, address leases, revocations, CRL counter
-    crl.pem           the current signed CRL (0644)
-
-Address convention: in each overlay network the network and broadcast addresses are
-never handed out, and the *first usable* address (10.8.0.1 in 10.8.0.0/24) is
-reserved for the gateway. A peer issued without explicit addresses gets the next free
-address of the CA's first network; a gateway gets the first usable one. Renewing a
-name without explicit addresses keeps the addresses of its current valid certificate.
+The files it keeps are in ``vpnd.pki.layout``, the results it returns in
+``vpnd.pki.results``, and the address rules in ``vpnd.pki.leases``.
 
 Atomicity: address allocation, signing, writing the files and recording happen inside
 one ``BEGIN IMMEDIATE`` inventory transaction. Files are written before the commit, so
@@ -23,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import ipaddress
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -34,6 +22,7 @@ from cryptography import x509
 from vpnd.files.atomic import PRIVATE, PUBLIC, atomic_write
 from vpnd.pki.authority import ca_networks, create_ca, issue_certificate, verify_csr
 from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_pem
+from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
 from vpnd.pki.inventory import CertRecord, Inventory, serial_hex
 from vpnd.pki.keys import (
@@ -48,14 +37,11 @@ from vpnd.pki.keys import (
     load_private_key,
     private_key_pem,
 )
+from vpnd.pki.layout import CA_CERT, CA_KEY, PkiLayout
+from vpnd.pki.leases import check_in_networks, choose_addresses
 from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
 from vpnd.pki.profile import describe_certificate
-
-CA_CERT = "ca.pem"
-CA_KEY = "ca.key"
-INVENTORY = "inventory.sqlite"
-CRL = "crl.pem"
-PKI_FILES = (CA_CERT, CA_KEY, INVENTORY, CRL)
+from vpnd.pki.results import CaCreated, CrlSigned, Issued, ListedCertificate, Revocation
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_PEER_DAYS = 90
@@ -70,71 +56,6 @@ Clock = Callable[[], dt.datetime]
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class CaCreated:
-    """Result of :meth:`PkiDir.init_ca`."""
-
-    name: str
-    fingerprint: str
-    networks: tuple[IPNetwork, ...]
-    not_after: dt.datetime
-    key_type: str
-    encrypted: bool
-    """Whether ca.key was written encrypted."""
-    files: tuple[Path, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Issued:
-    """Result of :meth:`PkiDir.issue` and :meth:`PkiDir.sign_csr`."""
-
-    record: CertRecord
-    """What the inventory now holds for the new certificate."""
-    certificate: x509.Certificate
-    files: tuple[Path, ...]
-    """Files written (empty when sign_csr was asked not to write one)."""
-    warnings: tuple[str, ...] = ()
-    """Things the admin should know, e.g. the lifetime was capped to the CA's expiry."""
-
-    @property
-    def certificate_pem(self) -> bytes:
-        return certificate_pem(self.certificate)
-
-
-@dataclass(frozen=True, slots=True)
-class CrlSigned:
-    """A freshly signed CRL."""
-
-    number: int
-    this_update: dt.datetime
-    next_update: dt.datetime
-    revoked_count: int
-    path: Path
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """Result of :meth:`PkiDir.revoke`."""
-
-    revoked: tuple[CertRecord, ...]
-    """Certificates revoked by this call (records updated)."""
-    already_revoked: tuple[CertRecord, ...]
-    """Certificates asked for that were revoked before; nothing changed for them."""
-    crl: CrlSigned | None
-    """The re-signed CRL, or None when nothing new was revoked."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListedCertificate:
-    """An inventory record with its status at listing time."""
-
-    record: CertRecord
-    status: str
-    """``valid``, ``expired`` or ``revoked``."""
-    days_left: int
-    """Whole days until not_after (negative once expired)."""
 
 
 class PkiDir:
@@ -155,6 +76,7 @@ class PkiDir:
         if passphrase is not None and not passphrase:
             raise PkiError("the CA passphrase is empty")
         self.path = Path(path)
+        self.layout = PkiLayout(self.path)
         self._passphrase = passphrase
         self._clock = clock
 
@@ -162,19 +84,19 @@ class PkiDir:
 
     @property
     def ca_cert_path(self) -> Path:
-        return self.path / CA_CERT
+        return self.layout.ca_cert
 
     @property
     def ca_key_path(self) -> Path:
-        return self.path / CA_KEY
+        return self.layout.ca_key
 
     @property
     def inventory_path(self) -> Path:
-        return self.path / INVENTORY
+        return self.layout.inventory
 
     @property
     def crl_path(self) -> Path:
-        return self.path / CRL
+        return self.layout.crl
 
     def now(self) -> dt.datetime:
         """The current time, truncated to seconds (X.509 precision)."""
@@ -220,7 +142,7 @@ class PkiDir:
         nets = tuple(dict.fromkeys(networks))
         if not nets:
             raise PkiError("a CA needs at least one overlay network (--network CIDR)")
-        present = [f for f in PKI_FILES if (self.path / f).exists()]
+        present = self.layout.present()
         if present:
             raise PkiError(
                 f"{self.path} already holds a CA ({', '.join(present)}); refusing to overwrite"
@@ -263,7 +185,7 @@ class PkiDir:
             not_after=ca_cert.not_valid_after_utc,
             key_type=key_type,
             encrypted=self._passphrase is not None,
-            files=tuple(self.path / f for f in PKI_FILES),
+            files=self.layout.files(),
         )
 
     # --- issuing -------------------------------------------------------------------------
@@ -424,7 +346,7 @@ class PkiDir:
             )
         networks = ca_networks(ca_cert)
         for addr in wanted:
-            _check_in_networks(addr, networks)
+            check_in_networks(addr, networks)
 
         warnings: list[str] = []
         not_after = now + dt.timedelta(days=days)
@@ -438,7 +360,7 @@ class PkiDir:
 
         with self._inventory() as inv, inv.transaction():
             _refuse_name_collision(inv, cn, role, now, command=taken_over)
-            chosen = self._addresses_for(
+            chosen = choose_addresses(
                 inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
             )
             cert = issue_certificate(
@@ -458,50 +380,6 @@ class PkiDir:
             inv.add(record)
             files = write(cert)
         return Issued(record=record, certificate=cert, files=files, warnings=tuple(warnings))
-
-    def _addresses_for(
-        self,
-        inv: Inventory,
-        *,
-        cn: str,
-        role: Role,
-        wanted: tuple[IPAddress, ...],
-        networks: tuple[IPNetwork, ...],
-        now: dt.datetime,
-    ) -> tuple[IPAddress, ...]:
-        reserved = _gateway_addresses(inv, networks) if role is Role.PEER else {}
-        if wanted:
-            for addr in wanted:
-                _refuse_reserved(addr, reserved)
-                _refuse_if_held(inv, addr, cn, now)
-            return wanted
-        # Renewal: keep the overlay address(es) the name already has.
-        current = [r for r in inv.by_name(cn) if r.is_valid(now) and r.role is role]
-        if current:
-            kept = tuple(a for a in current[-1].addresses if any(a in net for net in networks))
-            if kept:
-                for addr in kept:
-                    _refuse_reserved(addr, reserved)
-                    _refuse_if_held(inv, addr, cn, now)
-                return kept
-        network = networks[0]
-        hosts: Iterator[IPAddress] = iter(network.hosts())
-        first = next(hosts, None)
-        if first is None:
-            raise PkiError(f"network {network} has no usable address")
-        if role is Role.GATEWAY:
-            _refuse_if_held(inv, first, cn, now, hint=" (reserved for the gateway; pass --ip)")
-            return (first,)
-        held = inv.leased_addresses(now)
-        # `hosts` already yielded the gateway's address; the loop is bounded by the
-        # network size and stops at the first address not held.
-        for addr in hosts:
-            holders = [r for r in held.get(addr, []) if r.name != cn]
-            if not holders and addr not in reserved:
-                return (addr,)
-        raise PkiError(
-            f"network {network} has no free address left; revoke unused certificates or pass --ip"
-        )
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -656,23 +534,6 @@ def _day(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%d")
 
 
-def _check_in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> None:
-    nets = tuple(networks)
-    for net in nets:
-        if addr in net:
-            if addr == net.network_address and net.num_addresses > 2:
-                raise PkiError(f"{addr} is the network address of {net}")
-            if (
-                isinstance(net, ipaddress.IPv4Network)
-                and net.prefixlen < 31
-                and addr == net.broadcast_address
-            ):
-                raise PkiError(f"{addr} is the broadcast address of {net}")
-            return
-    shown = ", ".join(str(n) for n in nets)
-    raise PkiError(f"{addr} is outside the CA's overlay network(s) {shown}")
-
-
 def _refuse_name_collision(
     inv: Inventory, cn: str, role: Role, now: dt.datetime, *, command: str | None
 ) -> None:
@@ -705,39 +566,6 @@ def _refuse_name_collision(
         )
 
 
-def _gateway_addresses(inv: Inventory, networks: Sequence[IPNetwork]) -> dict[IPAddress, str]:
-    """Addresses no peer may hold: each network's first usable one (the gateway's by
-    default) and any address a gateway certificate ever carried, revoked or not."""
-    reserved: dict[IPAddress, str] = {}
-    for net in networks:
-        hosts: Iterator[IPAddress] = iter(net.hosts())
-        first = next(hosts, None)
-        if first is not None:
-            reserved[first] = f"the first address of {net}, reserved for the gateway"
-    for rec in inv.all_certificates():
-        if rec.role is Role.GATEWAY:
-            for addr in rec.addresses:
-                reserved[addr] = f"the address of gateway {rec.name} (serial {rec.serial_hex})"
-    return reserved
-
-
-def _refuse_reserved(addr: IPAddress, reserved: dict[IPAddress, str]) -> None:
-    if addr in reserved:
-        raise PkiError(f"{addr} is {reserved[addr]}: a peer cannot hold it; pick another --ip")
-
-
-def _refuse_if_held(
-    inv: Inventory, addr: IPAddress, cn: str, now: dt.datetime, hint: str = ""
-) -> None:
-    others = [r for r in inv.holders(addr, now) if r.name != cn]
-    if others:
-        h = others[0]
-        raise PkiError(
-            f"{addr} is already held by {h.name} (serial {h.serial_hex}, "
-            f"valid until {_day(h.not_after)}){hint}"
-        )
-
-
 def _record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
     info = describe_certificate(cert)
     return CertRecord(
@@ -760,43 +588,3 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         atomic_write(path, data, mode)
     except OSError as exc:
         raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def write_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write a set of files so that either all are replaced or none is.
-
-    Each file is first written completely (atomic_write: fsynced, final mode) under a
-    hidden staging name next to its target; only when all are staged are they renamed
-    into place. A failure removes the staged files and leaves the old set untouched.
-    """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, data, mode in files:
-            tmp = path.with_name(f".{path.name}.staged")
-            staged.append((tmp, path))
-            atomic_write(tmp, data, mode)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except OSError as exc:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise PkiError(
-            f"cannot write {exc.filename or 'output files'}: {exc.strerror or exc}"
-        ) from None
-    _fsync_dirs({path.parent for _, path in staged})
-
-
-def _fsync_dirs(dirs: Iterable[Path]) -> None:
-    # The renames are durable only once the directory entries are on disk.
-    for directory in dirs:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
