@@ -16,7 +16,8 @@ from control_fixtures import STATUS, ServerThread, peer
 from vpnctl import cli
 from vpnctl.control_commands import duration, human_bytes
 from vpnd.control.client import ENV_SOCKET
-from vpnd.control.messages import ControlError, ErrorCode, ReloadReport
+from vpnd.control.protocol import ControlError, ErrorCode
+from vpnd.control.results import ReloadReport
 
 
 def run(*argv: str) -> tuple[int, str, str]:
