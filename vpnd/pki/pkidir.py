@@ -1,7 +1,9 @@
 """A PKI directory and the admin operations on it: the engine behind ``vpnctl``.
 
-The files it keeps are in ``vpnd.pki.layout``, the results it returns in
-``vpnd.pki.results``, and the address rules in ``vpnd.pki.leases``.
+It orchestrates; the rules live by job: the files it keeps in ``vpnd.pki.layout``,
+what a certificate may carry in ``vpnd.pki.issue_terms``, the address leases in
+``vpnd.pki.leases``, all-or-nothing file sets in ``vpnd.pki.file_set``, and what it
+returns in ``vpnd.pki.results``.
 
 Atomicity: address allocation, signing, writing the files and recording happen inside
 one ``BEGIN IMMEDIATE`` inventory transaction. Files are written before the commit, so
@@ -24,7 +26,17 @@ from vpnd.pki.authority import ca_networks, create_ca, issue_certificate, verify
 from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_pem
 from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
-from vpnd.pki.inventory import CertRecord, Inventory, serial_hex
+from vpnd.pki.inventory import Inventory, serial_hex
+from vpnd.pki.issue_terms import (
+    BACKDATE,
+    DEFAULT_CA_DAYS,
+    DEFAULT_CRL_DAYS,
+    certificate_terms,
+    positive_days,
+    record_of,
+    refuse_name_collision,
+    validity,
+)
 from vpnd.pki.keys import (
     KEY_TYPES_CA,
     KEY_TYPES_LEAF,
@@ -39,17 +51,9 @@ from vpnd.pki.keys import (
 )
 from vpnd.pki.layout import CA_CERT, CA_KEY, PkiLayout
 from vpnd.pki.leases import check_in_networks, choose_addresses
-from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
+from vpnd.pki.names import canonical_name
 from vpnd.pki.profile import describe_certificate
 from vpnd.pki.results import CaCreated, CrlSigned, Issued, ListedCertificate, Revocation
-
-DEFAULT_CA_DAYS = 3650
-DEFAULT_PEER_DAYS = 90
-DEFAULT_GATEWAY_DAYS = 365
-DEFAULT_CRL_DAYS = 7
-# Certificates start a little in the past so a gateway whose clock lags the admin's
-# does not see them as not-yet-valid.
-BACKDATE = dt.timedelta(minutes=5)
 
 Clock = Callable[[], dt.datetime]
 
@@ -135,8 +139,8 @@ class PkiDir:
         Refuses if any PKI file is already present. On failure, whatever this call
         created is removed again, so it can simply be retried.
         """
-        _positive_days(days, "CA lifetime")
-        _positive_days(crl_days, "CRL validity")
+        positive_days(days, "CA lifetime")
+        positive_days(crl_days, "CRL validity")
         if key_type not in KEY_TYPES_CA:
             raise PkiError(f"CA key type {key_type!r} is not one of {', '.join(KEY_TYPES_CA)}")
         nets = tuple(dict.fromkeys(networks))
@@ -314,72 +318,44 @@ class PkiDir:
     ) -> Issued:
         """``taken_over``: the command name; refuse a name that has a valid certificate
         of the same role (None: allowed, as a renewal or a deliberate replacement)."""
-        role = Role(role)
-        dns = tuple(dict.fromkeys(canonical_dns_name(d) for d in dns_names))
-        if role is Role.GATEWAY and not dns:
-            raise PkiError("a gateway certificate needs at least one DNS name (--dns NAME)")
-        if role is Role.PEER and dns:
-            raise PkiError("DNS names are for gateway certificates only (add --gateway)")
-        grps = tuple(dict.fromkeys(canonical_group(g) for g in groups))
-        nets = tuple(dict.fromkeys(routes))
-        for net in nets:
-            if net.prefixlen == 0:
-                raise PkiError(
-                    f"route {net} is a default route: full tunnel is a client mode, not a "
-                    "certificate route; give the site's own subnets"
-                )
-        wanted = tuple(dict.fromkeys(addresses))
-        if days is None:
-            days = DEFAULT_GATEWAY_DAYS if role is Role.GATEWAY else DEFAULT_PEER_DAYS
-        _positive_days(days, "certificate lifetime")
-
+        terms = certificate_terms(
+            role=role,
+            addresses=addresses,
+            groups=groups,
+            routes=routes,
+            dns_names=dns_names,
+            days=days,
+        )
         now = self.now()
         ca_cert = self.ca_certificate()
-        ca_not_after = ca_cert.not_valid_after_utc
-        if now >= ca_not_after:
-            raise PkiError(
-                f"the CA expired on {_day(ca_not_after)}; it cannot issue (create a new CA)"
-            )
-        if now < ca_cert.not_valid_before_utc:
-            raise PkiError(
-                f"the CA is not valid before {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
-            )
+        window = validity(ca_cert, now, terms.days)
         networks = ca_networks(ca_cert)
-        for addr in wanted:
+        for addr in terms.wanted:
             check_in_networks(addr, networks)
-
-        warnings: list[str] = []
-        not_after = now + dt.timedelta(days=days)
-        if not_after > ca_not_after:
-            not_after = ca_not_after
-            warnings.append(
-                f"capped to the CA's expiry {_day(ca_not_after)} (asked for {days} days)"
-            )
-        not_before = max(now - BACKDATE, ca_cert.not_valid_before_utc)
         ca_key = self._ca_key()
 
         with self._inventory() as inv, inv.transaction():
-            _refuse_name_collision(inv, cn, role, now, command=taken_over)
+            refuse_name_collision(inv, cn, terms.role, now, command=taken_over)
             chosen = choose_addresses(
-                inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
+                inv, cn=cn, role=terms.role, wanted=terms.wanted, networks=networks, now=now
             )
             cert = issue_certificate(
                 ca_cert=ca_cert,
                 ca_key=ca_key,
                 name=cn,
                 public_key=public_key,
-                role=role,
+                role=terms.role,
                 addresses=chosen,
-                groups=grps,
-                routes=nets,
-                dns_names=dns,
-                not_before=not_before,
-                not_after=not_after,
+                groups=terms.groups,
+                routes=terms.routes,
+                dns_names=terms.dns_names,
+                not_before=window.not_before,
+                not_after=window.not_after,
             )
-            record = _record_of(cert, issued_at=now)
+            record = record_of(cert, issued_at=now)
             inv.add(record)
             files = write(cert)
-        return Issued(record=record, certificate=cert, files=files, warnings=tuple(warnings))
+        return Issued(record=record, certificate=cert, files=files, warnings=window.warnings)
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -437,7 +413,7 @@ class PkiDir:
     def refresh_crl(self, *, days: int | None = None) -> CrlSigned:
         """Re-sign the CRL (a cron job runs this before nextUpdate); CRLNumber increments."""
         if days is not None:
-            _positive_days(days, "CRL validity")
+            positive_days(days, "CRL validity")
         ca_cert = self.ca_certificate()
         ca_key = self._ca_key()
         now = self.now()
@@ -523,64 +499,6 @@ class PkiDir:
                 f"refusing to write peer files into the PKI directory {out}; use another --out"
             )
         return out
-
-
-def _positive_days(days: int, what: str) -> None:
-    if days <= 0:
-        raise PkiError(f"{what} must be at least 1 day, not {days}")
-
-
-def _day(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%d")
-
-
-def _refuse_name_collision(
-    inv: Inventory, cn: str, role: Role, now: dt.datetime, *, command: str | None
-) -> None:
-    """A peer and a gateway never share a name (``revoke NAME`` would revoke both);
-    with ``command``, a valid certificate of the name refuses it (no silent takeover)."""
-    records = inv.by_name(cn)
-    if role is Role.PEER:
-        gateways = [r for r in records if r.role is Role.GATEWAY]
-        if gateways:
-            raise PkiError(
-                f"{cn!r} is the name of a gateway (serial {gateways[-1].serial_hex}): a peer "
-                "can never take a gateway's name; pick another one (--name)"
-            )
-    else:
-        peers = [r for r in records if r.role is Role.PEER and r.is_valid(now)]
-        if peers:
-            raise PkiError(
-                f"{cn!r} is the name of a peer (serial {peers[-1].serial_hex}): a gateway "
-                "can never take a peer's name; pick another one"
-            )
-    if command is None:
-        return
-    valid = [r for r in records if r.role is role and r.is_valid(now)]
-    if valid:
-        h = valid[-1]
-        raise PkiError(
-            f"{cn!r} already has a valid certificate (serial {h.serial_hex}, valid until "
-            f"{_day(h.not_after)}); a new one takes over its address and ends its session: "
-            f"pass --replace if that is intended, or --name to pick another name"
-        )
-
-
-def _record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
-    info = describe_certificate(cert)
-    return CertRecord(
-        serial=cert.serial_number,
-        name=info.name,
-        role=Role(info.role),
-        addresses=tuple(info.addresses),
-        groups=tuple(info.groups),
-        routes=tuple(info.routes),
-        dns_names=tuple(info.dns_names),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        fingerprint=fingerprint(cert),
-        issued_at=issued_at,
-    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
