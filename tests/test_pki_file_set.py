@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -136,3 +137,21 @@ def test_the_same_path_twice_is_a_bug(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="same path twice"):
         write_together([(tmp_path / "a", b"1", 0o600), (tmp_path / "a", b"2", 0o600)])
     assert snapshot(tmp_path) == {}
+
+
+def test_without_hard_links_the_backup_is_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_together(new_set(tmp_path, "old"))
+
+    def no_links(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    fail_on_call(monkeypatch, "replace", 3)
+    with pytest.raises(PkiError):
+        write_together(new_set(tmp_path, "new"))
+    assert snapshot(tmp_path) == expected("old")  # the key's copy came back 0600
+    monkeypatch.setattr(os, "replace", os.rename)
+    write_together(new_set(tmp_path, "new"))
+    assert snapshot(tmp_path) == expected("new")

@@ -4,8 +4,9 @@
 
 1. stage: every new file is written completely under a hidden temp name next to its
    target, with its final mode from the start, and fsynced;
-2. back up: every target that exists gets a hard link under a hidden backup name, so
-   the old file survives its replacement without ever being absent or copied;
+2. back up: every target that exists gets a hard link under a hidden backup name (a
+   copy with the same mode where the file system has no hard links), so the old file
+   survives its replacement without ever being absent;
 3. commit: the staged files are renamed over their targets one by one.
 
 A failure in step 1 or 2 has touched no target. A failure in step 3 undoes the
@@ -20,7 +21,10 @@ targets under ``.NAME.*.old``, fsynced, so the old set can still be put back by 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from vpnd.pki.identity import PkiError
 
 STAGED_SUFFIX = ".staged"
 BACKUP_SUFFIX = ".old"
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
 @dataclass(slots=True)
@@ -98,15 +103,19 @@ def stage_file(target: Path, data: bytes, mode: int) -> Path:
 
 
 def _back_up(target: Path) -> Path | None:
+    """Keep the old ``target`` under a hidden name; None when there is none."""
     if not target.exists():
         return None
-    directory = target.parent if str(target.parent) else Path(".")
-    # mkstemp reserves a unique name; link() needs it absent, so it is freed first.
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=BACKUP_SUFFIX, dir=directory)
-    os.close(fd)
-    os.unlink(name)
-    os.link(target, name)
-    return Path(name)
+    backup = target.with_name(f".{target.name}.{secrets.token_hex(6)}{BACKUP_SUFFIX}")
+    try:
+        os.link(target, backup)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # A file system without hard links: a copy with the same mode does as well.
+        copy = stage_file(target, target.read_bytes(), stat.S_IMODE(target.stat().st_mode))
+        os.rename(copy, backup)
+    return backup
 
 
 def _undo(entries: Iterable[_Entry]) -> list[str]:
