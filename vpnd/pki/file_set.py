@@ -42,7 +42,7 @@ class _Entry:
     target: Path
     staged: Path
     backup: Path | None = None
-    """Hard link to the old target; None when there was no old file."""
+    """The old target kept aside (a hard link or a copy); None when there was none."""
     committed: bool = False
 
 
