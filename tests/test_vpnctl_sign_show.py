@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import ipaddress
 import json
 import os
@@ -11,25 +10,18 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_error_line, run_vpnctl
+from cli_helpers import assert_one_error_line, run_vpnctl, run_vpnd
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vpnd import cli as vpnd_cli
 from vpnd.pki.identity import Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.profile import describe_certificate
 from vpnd.pki.verify import load_trust_store, verify_peer
 
 pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
-
-
-def vpnd(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = vpnd_cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def records(pki: Path) -> list[dict[str, object]]:
@@ -47,7 +39,7 @@ def write_csr(path: Path, csr: x509.CertificateSigningRequest) -> Path:
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519"])
 def test_keygen_then_sign_round_trip(pki: Path, out: Path, key_type: str) -> None:
     key_path, csr_path, cert_path = out / "carol.key", out / "carol.csr", out / "carol.pem"
-    code, _, err = vpnd(
+    code, _, err = run_vpnd(
         "keygen", "--name", "Carol", "--out-key", str(key_path), "--out-csr", str(csr_path),
         "--key-type", key_type,
     )  # fmt: skip
@@ -93,7 +85,9 @@ def test_sign_ignores_requested_extensions(pki: Path, out: Path) -> None:
 def test_sign_a_gateway_csr(pki: Path, out: Path) -> None:
     csr = out / "gw.csr"
     assert (
-        vpnd("keygen", "--name", "gw", "--out-key", str(out / "gw.key"), "--out-csr", str(csr))[0]
+        run_vpnd("keygen", "--name", "gw", "--out-key", str(out / "gw.key"), "--out-csr", str(csr))[
+            0
+        ]
         == 0
     )
     code, _, err = run_vpnctl(
@@ -168,7 +162,7 @@ def test_csr_with_bad_name(pki: Path, out: Path, cn: str) -> None:
 def test_sign_refusals_write_nothing(pki: Path, out: Path, tmp_path: Path) -> None:
     csr = out / "c.csr"
     assert (
-        vpnd("keygen", "--name", "c", "--out-key", str(out / "c.key"), "--out-csr", str(csr))[0]
+        run_vpnd("keygen", "--name", "c", "--out-key", str(out / "c.key"), "--out-csr", str(csr))[0]
         == 0
     )
     assert run_vpnctl("issue", "alice", "--out", str(out), "--ip", "10.8.0.7")[0] == 0
