@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_helpers import (
+    run_vpnctl,
+    vpnctl_clean_env,  # noqa: F401  (a fixture: importing registers it)
+)
 from hypothesis import HealthCheck, Phase, settings
-from vpnctl_fixtures import run
 
 from vpnctl import cli
 
@@ -89,17 +92,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def vpnctl_clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test inherits a PKI directory or a passphrase file from the shell."""
-    monkeypatch.delenv(cli.ENV_PKI, raising=False)
-    monkeypatch.delenv(cli.ENV_PASSPHRASE_FILE, raising=False)
-
-
-@pytest.fixture
 def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh CA (10.8.0.0/24) in tmp_path/pki, also set as $VPNCTL_PKI."""
     path = tmp_path / "pki"
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "--pki", str(path), "ca", "init", "--name", "test-ca", "--network", "10.8.0.0/24"
     )
     assert code == 0, err

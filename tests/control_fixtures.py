@@ -10,11 +10,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from vpnd.control.messages import (
+from vpnd.control.protocol import ControlError, ErrorCode
+from vpnd.control.results import (
     CertSummary,
-    ControlError,
     CrlSummary,
-    ErrorCode,
     KickResult,
     PeerInfo,
     ReloadReport,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -10,25 +11,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vpnd.control.messages import (
+from vpnd.control.protocol import (
     MAX_LINE,
-    CertSummary,
     Command,
     ControlError,
-    CrlSummary,
     ErrorCode,
-    KickResult,
-    PeerInfo,
     ProtocolError,
-    ReloadReport,
     Request,
     Response,
-    StatusInfo,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
     kick_args,
+)
+from vpnd.control.results import (
+    CertSummary,
+    CrlSummary,
+    KickResult,
+    PeerInfo,
+    ReloadReport,
+    StatusInfo,
     peers_from_json,
     peers_to_json,
 )
@@ -297,3 +300,159 @@ def test_peer_shape_errors() -> None:
     doc["addresses"] = "10.77.0.2"
     with pytest.raises(ProtocolError, match=r"peers\[0\].addresses is not a list of strings"):
         peers_from_json({"peers": [doc]})
+
+
+# --- the codec: wire bytes pinned, round trips, malformed fields ------------------------
+
+# The exact reply lines of the hand-written codec this one replaced: scripts parse them.
+GOLDEN = [
+    (
+        b'{"id":7,"ok":true,"result":{"role":"gateway","version":"0.1.0","pid":42,"uptime_s":3'
+        b'723.5,"listen":"0.0.0.0:4443","tun":"vpn0","sessions":2,"handshakes":{"accepted":5,"'
+        b'refused_revoked":1},"drops":{"spoofed_source":3},"cert":{"name":"gw1","serial":"1a2b'
+        b'","fingerprint":"abababababababababababababababababababababababababababababababab","'
+        b'not_after":"2027-06-01T12:00:00+00:00","days_left":365},"ca":{"name":"test-ca","seri'
+        b'al":"77","fingerprint":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd'
+        b'cdcd","not_after":"2030-01-01T00:00:00+00:00","days_left":1300},"crl":{"number":4,"n'
+        b'ext_update":"2026-06-08T12:00:00+00:00","seconds_left":604800.0,"stale":false},"poli'
+        b'cy_rules":3}}\n'
+    ),
+    (
+        b'{"id":7,"ok":true,"result":{"role":"gateway","version":"0.1.0","pid":42,"uptime_s":3'
+        b'723.5,"listen":"0.0.0.0:4443","tun":"vpn0","sessions":2,"handshakes":{"accepted":5,"'
+        b'refused_revoked":1},"drops":{"spoofed_source":3},"cert":{"name":"gw1","serial":"1a2b'
+        b'","fingerprint":"abababababababababababababababababababababababababababababababab","'
+        b'not_after":"2027-06-01T12:00:00+00:00","days_left":365},"ca":{"name":"test-ca","seri'
+        b'al":"77","fingerprint":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd'
+        b'cdcd","not_after":"2030-01-01T00:00:00+00:00","days_left":1300},"crl":null,"policy_r'
+        b'ules":3}}\n'
+    ),
+    (
+        b'{"id":7,"ok":true,"result":{"peers":[{"name":"alice","serial":"c0ffee","fingerprint"'
+        b':"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","addresses":["10'
+        b'.77.0.2"],"groups":["dev","ops"],"remote":"192.0.2.1:50000","connected_since":"2026-'
+        b'06-01T12:00:00+00:00","bytes_in":1000,"bytes_out":2000,"packets_in":10,"packets_out"'
+        b':20,"drops":{"spoofed_source":1},"cert_not_after":"2026-07-01T12:00:00+00:00","cert_'
+        b'days_left":30}]}}\n'
+    ),
+    (b'{"id":7,"ok":true,"result":{"name":"alice","closed":2}}\n'),
+    (b'{"id":7,"ok":true,"result":{"changed":["a"],"closed":["b"],"errors":[]}}\n'),
+]
+
+
+def test_reply_bytes_are_unchanged() -> None:
+    results = [
+        STATUS.to_json(),
+        dataclasses.replace(STATUS, crl=None).to_json(),
+        peers_to_json([PEER]),
+        KickResult("alice", 2).to_json(),
+        ReloadReport(["a"], ["b"], []).to_json(),
+    ]
+    assert [encode_response(Response.success(7, r)) for r in results] == GOLDEN
+
+
+texts = st.text(max_size=12)
+counts = st.dictionaries(texts, st.integers(-(2**63), 2**63))
+finite = st.floats(allow_nan=False, allow_infinity=False)
+certs = st.builds(CertSummary, texts, texts, texts, texts, st.integers())
+statuses = st.builds(
+    StatusInfo,
+    role=texts,
+    version=texts,
+    pid=st.integers(),
+    uptime_s=finite,
+    listen=texts,
+    tun=texts,
+    sessions=st.integers(),
+    handshakes=counts,
+    drops=counts,
+    cert=certs,
+    ca=certs,
+    crl=st.none() | st.builds(CrlSummary, st.integers(), texts, finite, st.booleans()),
+    policy_rules=st.integers(),
+)
+peers = st.builds(
+    PeerInfo,
+    name=texts,
+    serial=texts,
+    fingerprint=texts,
+    addresses=st.lists(texts, max_size=3),
+    groups=st.lists(texts, max_size=3),
+    remote=texts,
+    connected_since=texts,
+    bytes_in=st.integers(min_value=0),
+    bytes_out=st.integers(min_value=0),
+    packets_in=st.integers(min_value=0),
+    packets_out=st.integers(min_value=0),
+    drops=counts,
+    cert_not_after=texts,
+    cert_days_left=st.integers(),
+)
+
+
+def over_the_wire(result: dict[str, Any]) -> dict[str, Any]:
+    reply = decode_response(encode_response(Response.success(1, result)))
+    assert reply.ok and reply.result is not None
+    return reply.result
+
+
+@given(statuses)
+def test_status_round_trips_over_the_wire(status: StatusInfo) -> None:
+    assert StatusInfo.from_json(over_the_wire(status.to_json())) == status
+
+
+@given(st.lists(peers, max_size=3))
+def test_peers_round_trip_over_the_wire(listed: list[PeerInfo]) -> None:
+    assert peers_from_json(over_the_wire(peers_to_json(listed))) == listed
+
+
+@given(st.builds(KickResult, texts, st.integers()), st.lists(texts, max_size=3))
+def test_kick_and_reload_round_trip_over_the_wire(kick: KickResult, lines: list[str]) -> None:
+    assert KickResult.from_json(over_the_wire(kick.to_json())) == kick
+    report = ReloadReport(lines, lines[:1], lines[1:])
+    assert ReloadReport.from_json(over_the_wire(report.to_json())) == report
+
+
+@pytest.mark.parametrize(
+    ("shape", "key", "value", "message"),
+    [
+        (KickResult, "name", 7, r"^kick\.name is not a string$"),
+        (KickResult, "closed", 2.0, r"^kick\.closed is not an integer$"),
+        (KickResult, "closed", None, r"^kick\.closed is not an integer$"),
+        (ReloadReport, "changed", ["a", 1], r"^reload\.changed is not a list of strings$"),
+        (ReloadReport, "errors", "oops", r"^reload\.errors is not a list of strings$"),
+        (StatusInfo, "uptime_s", 1e400, r"^status\.uptime_s is not a finite number$"),
+        (StatusInfo, "drops", {"x": True}, r"^status\.drops is not an object of integer counts$"),
+        (StatusInfo, "crl", "none", r"^status\.crl is not an object$"),
+        (PeerInfo, "groups", {"dev": 1}, r"^peer\.groups is not a list of strings$"),
+    ],
+)
+def test_a_malformed_field_is_refused_by_name(
+    shape: Any, key: str, value: object, message: str
+) -> None:
+    sample = {KickResult: KickResult("alice", 1), ReloadReport: ReloadReport(), StatusInfo: STATUS}
+    doc = dict((sample.get(shape) or PEER).to_json())
+    doc[key] = value
+    with pytest.raises(ProtocolError, match=message):
+        shape.from_json(doc)
+
+
+def test_an_absent_optional_field_is_none_but_a_required_one_is_refused() -> None:
+    doc = STATUS.to_json()
+    del doc["crl"]
+    assert StatusInfo.from_json(doc) == dataclasses.replace(STATUS, crl=None)
+    with pytest.raises(ProtocolError, match=r"^reload lacks 'closed'$"):
+        ReloadReport.from_json({"changed": [], "errors": []})
+
+
+def test_keys_a_newer_daemon_adds_are_ignored() -> None:
+    assert KickResult.from_json({"name": "a", "closed": 0, "later": [1]}) == KickResult("a", 0)
+
+
+@given(json_values)
+def test_random_results_only_raise_protocol_error(doc: object) -> None:
+    for shape in (StatusInfo, PeerInfo, KickResult, ReloadReport):
+        with contextlib.suppress(ProtocolError):
+            shape.from_json(doc)
+    with contextlib.suppress(ProtocolError):
+        peers_from_json({"peers": doc})

@@ -18,7 +18,8 @@ import pytest
 from control_fixtures import STATUS, FakeHandler, LineSocket, ServerThread
 
 from vpnd.control.client import ControlClient, ControlClientError
-from vpnd.control.messages import MAX_LINE, ControlError, ErrorCode, ReloadReport
+from vpnd.control.protocol import MAX_LINE, ControlError, ErrorCode
+from vpnd.control.results import ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import socket
 import threading
@@ -11,23 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_vpnctl
 from control_fixtures import STATUS, ServerThread, peer
 
-from vpnctl import cli
 from vpnctl.control_commands import duration, human_bytes
 from vpnd.control.client import ENV_SOCKET
-from vpnd.control.messages import ControlError, ErrorCode, ReloadReport
+from vpnd.control.protocol import ControlError, ErrorCode
+from vpnd.control.results import ReloadReport
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_SOCKET, raising=False)
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 @pytest.fixture
@@ -44,7 +35,7 @@ def columns(header: str, line: str, names: list[str]) -> list[str]:
 
 
 def test_status_text(server: ServerThread) -> None:
-    code, out, err = run("--socket", str(server.path), "status")
+    code, out, err = run_vpnctl("--socket", str(server.path), "status")
     assert (code, err) == (0, "")
     lines = out.splitlines()
     values = dict(line.split(None, 1) for line in lines if not line.startswith("policy"))
@@ -66,16 +57,16 @@ def test_status_stale_crl_and_missing_crl(server: ServerThread) -> None:
     assert STATUS.crl is not None
     stale = dataclasses.replace(STATUS.crl, seconds_left=-7200.0, stale=True)
     handler.status_info = dataclasses.replace(STATUS, crl=stale)
-    code, out, _ = run("--socket", str(server.path), "status")
+    code, out, _ = run_vpnctl("--socket", str(server.path), "status")
     assert code == 0 and "(STALE since 2h00m)" in out
     handler.status_info = dataclasses.replace(STATUS, crl=None)
-    code, out, _ = run("status", "--socket", str(server.path))
+    code, out, _ = run_vpnctl("status", "--socket", str(server.path))
     assert code == 0 and "none loaded" in out
 
 
 def test_status_json_and_env_socket(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_SOCKET, str(server.path))
-    code, out, err = run("status", "--json")
+    code, out, err = run_vpnctl("status", "--json")
     assert (code, err) == (0, "")
     assert json.loads(out) == STATUS.to_json()
 
@@ -85,7 +76,7 @@ def test_peers_table(server: ServerThread) -> None:
         peer("bob", "10.77.0.3", groups=[], drops={"spoofed_source": 2, "hairpin": 1}),
         peer("alice", "10.77.0.2", groups=["dev", "ops"], bytes_in=512, remote="[2001:db8::1]:4"),
     ]
-    code, out, err = run("--socket", str(server.path), "peers")
+    code, out, err = run_vpnctl("--socket", str(server.path), "peers")
     assert (code, err) == (0, "")
     header, *rows = out.splitlines()
     names = ["NAME", "ADDRESS", "GROUPS", "REMOTE", "SINCE", "RX", "TX", "DROPS", "DAYS-LEFT"]
@@ -117,14 +108,14 @@ def test_peers_table(server: ServerThread) -> None:
 
 
 def test_peers_json(server: ServerThread) -> None:
-    code, out, _ = run("peers", "--json", "--socket", str(server.path))
+    code, out, _ = run_vpnctl("peers", "--json", "--socket", str(server.path))
     assert code == 0
     assert json.loads(out) == [p.to_json() for p in server.handler.peer_list]
 
 
 def test_peers_empty(server: ServerThread) -> None:
     server.handler.peer_list = []
-    code, out, _ = run("--socket", str(server.path), "peers")
+    code, out, _ = run_vpnctl("--socket", str(server.path), "peers")
     assert code == 0 and out.split() == [
         "NAME",
         "ADDRESS",
@@ -139,32 +130,34 @@ def test_peers_empty(server: ServerThread) -> None:
 
 
 def test_kick(server: ServerThread) -> None:
-    code, out, err = run("--socket", str(server.path), "kick", "alice", "--reason", "laptop lost")
+    code, out, err = run_vpnctl(
+        "--socket", str(server.path), "kick", "alice", "--reason", "laptop lost"
+    )
     assert (code, out, err) == (0, "kicked alice: 1 session closed\n", "")
     assert server.handler.kicked == [("alice", "laptop lost")]
-    code, out, _ = run("--socket", str(server.path), "kick", "bob", "--json")
+    code, out, _ = run_vpnctl("--socket", str(server.path), "kick", "bob", "--json")
     assert code == 0 and json.loads(out) == {"name": "bob", "closed": 1}
 
 
 def test_kick_unknown_peer_is_exit_1(server: ServerThread) -> None:
-    code, out, err = run("--socket", str(server.path), "kick", "mallory")
+    code, out, err = run_vpnctl("--socket", str(server.path), "kick", "mallory")
     assert (code, out) == (1, "")
     assert err == "vpnctl: error: not_found: no connected peer named 'mallory'\n"
 
 
 def test_kick_bad_name_is_usage(server: ServerThread) -> None:
-    code, _, err = run("--socket", str(server.path), "kick", "Not A Name!")
+    code, _, err = run_vpnctl("--socket", str(server.path), "kick", "Not A Name!")
     assert code == 2 and err.startswith("vpnctl: error: ")
     assert server.handler.kicked == []
 
 
 def test_reload(server: ServerThread) -> None:
-    code, out, err = run("--socket", str(server.path), "reload")
+    code, out, err = run_vpnctl("--socket", str(server.path), "reload")
     assert (code, err) == (0, "")
     assert out == "reloaded\n  policy: 3 rules -> 2 rules\n  closed bob (no longer allowed)\n"
     server.handler.reload_report = ReloadReport()
-    assert run("--socket", str(server.path), "reload")[1] == "reloaded: nothing changed\n"
-    code, out, _ = run("--socket", str(server.path), "reload", "--json")
+    assert run_vpnctl("--socket", str(server.path), "reload")[1] == "reloaded: nothing changed\n"
+    code, out, _ = run_vpnctl("--socket", str(server.path), "reload", "--json")
     assert code == 0 and json.loads(out) == {"changed": [], "closed": [], "errors": []}
 
 
@@ -172,14 +165,14 @@ def test_reload_refused_or_partial_is_exit_1(server: ServerThread) -> None:
     server.handler.reload_error = ControlError(
         ErrorCode.INVALID_CONFIG, "gateway.yaml: tun.mtu: expected 576..65535, got 1"
     )
-    code, out, err = run("--socket", str(server.path), "reload")
+    code, out, err = run_vpnctl("--socket", str(server.path), "reload")
     assert (code, out) == (1, "")
     assert err == (
         "vpnctl: error: invalid_config: gateway.yaml: tun.mtu: expected 576..65535, got 1\n"
     )
     server.handler.reload_error = None
     server.handler.reload_report = ReloadReport(["crl: number 4 -> 5"], [], ["route 10.9.0.0/24"])
-    code, out, err = run("--socket", str(server.path), "reload")
+    code, out, err = run_vpnctl("--socket", str(server.path), "reload")
     assert code == 1
     assert "crl: number 4 -> 5" in out
     assert err == "vpnctl: error: reload: route 10.9.0.0/24\n"
@@ -187,7 +180,7 @@ def test_reload_refused_or_partial_is_exit_1(server: ServerThread) -> None:
 
 def test_no_daemon_is_exit_1(tmp_path: Path) -> None:
     path = tmp_path / "missing.sock"
-    code, out, err = run("--socket", str(path), "status")
+    code, out, err = run_vpnctl("--socket", str(path), "status")
     assert (code, out) == (1, "")
     assert err == f"vpnctl: error: no such socket {path} (is vpnd running?)\n"
 
@@ -207,7 +200,7 @@ def test_malformed_reply_is_exit_1(tmp_path: Path) -> None:
     t = threading.Thread(target=answer)
     t.start()
     try:
-        code, out, err = run("--socket", str(path), "peers")
+        code, out, err = run_vpnctl("--socket", str(path), "peers")
     finally:
         t.join(5)
         listener.close()

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_vpnctl
 from provision_fixtures import FakeHost, Setup, provisioning, tree
 
-from vpnctl import cli
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("SSH_AUTH_SOCK", cli.ENV_PKI, cli.ENV_PASSPHRASE_FILE):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 @pytest.fixture
@@ -56,7 +44,7 @@ def hosts_file(
 
 
 def deploy(s: Setup, path: Path, *extra: str) -> tuple[int, str, str]:
-    return run("--pki", str(s.pki.path), "deploy", str(path), *extra)
+    return run_vpnctl("--pki", str(s.pki.path), "deploy", str(path), *extra)
 
 
 def results(out: str) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -11,12 +10,12 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from cli_helpers import assert_one_error_line, run_vpnctl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from provision_fixtures import VPND, Setup, provisioning, tree
 
-from vpnctl import cli
 from vpnd.config import ClientConfig, load_config
 from vpnd.pki.keys import load_private_key
 from vpnd.pki.profile import describe_certificate
@@ -24,23 +23,7 @@ from vpnd.pki.profile import describe_certificate
 GW = ["--gateway-address", "10.0.0.1:4443", "--server-name", "gw.test"]
 
 
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vpnctl: error: ")
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("SSH_AUTH_SOCK", cli.ENV_PKI, cli.ENV_PASSPHRASE_FILE):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 @pytest.fixture
@@ -50,7 +33,7 @@ def s(tmp_path: Path) -> Iterator[Setup]:
 
 
 def enroll(s: Setup, target: str, name: str, remote_dir: Path, *extra: str) -> tuple[int, str, str]:
-    return run(
+    return run_vpnctl(
         "--pki", str(s.pki.path), "enroll", name, "--ssh", target,
         "--identity", str(s.identity), "--known-hosts", str(s.known_hosts),
         "--remote-dir", str(remote_dir), *extra,
@@ -140,7 +123,7 @@ def test_unknown_host_key_refused(s: Setup) -> None:
     host = s.new_host(trusted=False)
     rdir = s.remote / "vpnd"
     code, _, err = enroll(s, host.target, "alice", rdir, *GW)
-    line = one_error(err)
+    line = assert_one_error_line(err)
     assert code == 1
     assert "unknown" in line and "ssh-keyscan -p" in line and "out of band" in line
     assert not rdir.exists() and host.stats.commands == []
@@ -152,7 +135,7 @@ def test_changed_host_key_refused(s: Setup) -> None:
     impostor = asyncssh.generate_private_key("ssh-ed25519")
     s.known_hosts.write_text(host.known_hosts_line(impostor))
     code, _, err = enroll(s, host.target, "alice", s.remote / "vpnd")
-    line = one_error(err)
+    line = assert_one_error_line(err)
     assert code == 1 and "does NOT match" in line and "ssh-keygen -R" in line
     assert host.stats.commands == [] and s.pki.list_certificates() == []
 
@@ -161,7 +144,7 @@ def test_missing_known_hosts_file(s: Setup) -> None:
     host = s.new_host()
     s.known_hosts.unlink()
     code, _, err = enroll(s, host.target, "alice", s.remote / "vpnd")
-    assert code == 1 and "does not exist" in one_error(err)
+    assert code == 1 and "does not exist" in assert_one_error_line(err)
 
 
 def _old_bundle(rdir: Path) -> dict[str, tuple[int, bytes]]:
@@ -180,7 +163,7 @@ def test_keygen_failing_midway_leaves_host_and_inventory_as_they_were(s: Setup) 
     rdir = s.remote / "etc" / "vpnd"
     before = _old_bundle(rdir)
     code, _, err = enroll(s, host.target, "alice", rdir, *GW)
-    line = one_error(err)
+    line = assert_one_error_line(err)
     assert code == 1 and "key generation (vpnd keygen) failed: vpnd: error: disk on fire" in line
     assert tree(rdir) == before  # no staging dir, no half key, old bundle intact
     assert s.pki.list_certificates() == []
@@ -192,13 +175,13 @@ def test_upload_failing_after_signing_marks_undelivered(s: Setup) -> None:
     rdir = s.remote / "etc" / "vpnd"
     before = _old_bundle(rdir)
     code, _, err = enroll(s, host.target, "alice", rdir, *GW)
-    line = one_error(err)
+    line = assert_one_error_line(err)
     assert code == 1 and "injected" in line and "marked undelivered" in line
     assert tree(rdir) == before
     (listed,) = s.pki.list_certificates()
     assert not listed.record.delivered
     # vpnctl list --json shows it.
-    code, out, _ = run("--pki", str(s.pki.path), "list", "--json")
+    code, out, _ = run_vpnctl("--pki", str(s.pki.path), "list", "--json")
     assert code == 0 and '"delivered": false' in out
 
 
@@ -208,7 +191,7 @@ def test_rename_failing_midway_restores_the_old_bundle(s: Setup) -> None:
     rdir = s.remote / "etc" / "vpnd"
     before = _old_bundle(rdir)
     code, _, err = enroll(s, host.target, "alice", rdir, *GW)
-    assert code == 1 and "marked undelivered" in one_error(err)
+    assert code == 1 and "marked undelivered" in assert_one_error_line(err)
     assert tree(rdir) == before
 
 
@@ -224,24 +207,24 @@ def test_wrong_identity_refused(s: Setup, tmp_path: Path) -> None:
     host = s.new_host()
     stranger = tmp_path / "stranger"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(stranger)
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "--pki", str(s.pki.path), "enroll", "alice", "--ssh", host.target,
         "--identity", str(stranger), "--known-hosts", str(s.known_hosts),
         "--remote-dir", str(s.remote / "v"),
     )  # fmt: skip
-    assert code == 1 and "refused authentication" in one_error(err)
+    assert code == 1 and "refused authentication" in assert_one_error_line(err)
 
 
 def test_encrypted_identity_needs_passphrase_file(s: Setup, tmp_path: Path) -> None:
     host = s.new_host()
     s.client_key.write_private_key(s.identity, "pkcs8-pem", passphrase="hunter22")
     code, _, err = enroll(s, host.target, "alice", s.remote / "v")
-    assert code == 1 and "--passphrase-file" in one_error(err)
+    assert code == 1 and "--passphrase-file" in assert_one_error_line(err)
 
     wrong = tmp_path / "wrong"
     wrong.write_text("nope\n")
     code, _, err = enroll(s, host.target, "alice", s.remote / "v", "--passphrase-file", str(wrong))
-    assert code == 1 and "wrong passphrase" in one_error(err)
+    assert code == 1 and "wrong passphrase" in assert_one_error_line(err)
 
     right = tmp_path / "pass"
     right.write_text("hunter22\n")
@@ -278,7 +261,7 @@ def test_restart_without_systemd_is_reported(s: Setup) -> None:
     ).split(":")[0]
     host = s.new_host(path=bare)
     code, _, err = enroll(s, host.target, "alice", s.remote / "v", *GW, "--restart")
-    assert code == 1 and "delivered, but" in one_error(err) and "no systemctl" in err
+    assert code == 1 and "delivered, but" in assert_one_error_line(err) and "no systemctl" in err
     (listed,) = s.pki.list_certificates()
     assert listed.record.delivered
 
@@ -294,8 +277,8 @@ def test_restart_without_systemd_is_reported(s: Setup) -> None:
     ],
 )
 def test_usage_errors(s: Setup, args: list[str], needle: str) -> None:
-    code, _, err = run("--pki", str(s.pki.path), "enroll", "alice", *args)
-    assert code == 2 and needle in one_error(err)
+    code, _, err = run_vpnctl("--pki", str(s.pki.path), "enroll", "alice", *args)
+    assert code == 2 and needle in assert_one_error_line(err)
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
@@ -303,12 +286,12 @@ def test_bcrypt_encrypted_openssh_key_gets_a_way_out(s: Setup, tmp_path: Path) -
     key = tmp_path / "id_openssh"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pw", "-f", str(key)], check=True)
     (tmp_path / "pw").write_text("pw\n")
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "--pki", str(s.pki.path), "enroll", "alice", "--ssh", "root@127.0.0.1:1",
         "--identity", str(key), "--passphrase-file", str(tmp_path / "pw"),
         "--known-hosts", str(s.known_hosts),
     )  # fmt: skip
-    line = one_error(err)
+    line = assert_one_error_line(err)
     assert code == 1
     if importlib.util.find_spec("bcrypt") is None:
         assert "needs the Python package bcrypt" in line and "ssh-keygen -p -m PKCS8" in line

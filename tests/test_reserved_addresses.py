@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_error_line
+from cli_helpers import run_vpnctl as vpnctl
 from test_tunnel_inprocess import DAY, REAL_NOW, World, _owners, run, until
-from vpnctl_fixtures import assert_one_error_line
-from vpnctl_fixtures import run as vpnctl
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from vpnctl_fixtures import assert_one_error_line, run
+from cli_helpers import assert_one_error_line, run_vpnctl
 
 from vpnctl import cli
 from vpnd.files import atomic as atomicfile
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
 def init(pki: Path, *extra: str) -> tuple[int, str, str]:
-    return run(
+    return run_vpnctl(
         "--pki", str(pki), "ca", "init", "--name", "test-ca", "--network", "10.8.0.0/24", *extra
     )
 
@@ -70,7 +70,7 @@ def test_ca_init_refuses_to_overwrite_any_pki_file(tmp_path: Path) -> None:
 )
 def test_ca_init_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
     pki = tmp_path / "pki"
-    code, _, err = run("--pki", str(pki), "ca", "init", "--name", "test-ca", *args)
+    code, _, err = run_vpnctl("--pki", str(pki), "ca", "init", "--name", "test-ca", *args)
     assert code == 2
     assert_one_error_line(err)
     assert needle in err
@@ -79,7 +79,7 @@ def test_ca_init_usage_errors(tmp_path: Path, args: list[str], needle: str) -> N
 
 def test_ca_init_refuses_a_bad_name(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "--pki", str(pki), "ca", "init", "--name", "my/ca", "--network", "10.8.0.0/24"
     )
     assert code == 1
@@ -91,20 +91,22 @@ def test_pki_dir_from_option_after_command_env_or_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pki = tmp_path / "pki"
-    code, _, err = run("ca", "init", "--pki", str(pki), "--name", "x", "--network", "10.8.0.0/24")
+    code, _, err = run_vpnctl(
+        "ca", "init", "--pki", str(pki), "--name", "x", "--network", "10.8.0.0/24"
+    )
     assert code == 0, err
-    code, out, _ = run("list", "--pki", str(pki))
+    code, out, _ = run_vpnctl("list", "--pki", str(pki))
     assert code == 0 and "NAME" in out
-    code, _, err = run("list")
+    code, _, err = run_vpnctl("list")
     assert code == 2
     assert_one_error_line(err)
     assert "VPNCTL_PKI" in err
     monkeypatch.setenv(cli.ENV_PKI, str(pki))
-    assert run("list")[0] == 0
+    assert run_vpnctl("list")[0] == 0
 
 
 def test_list_on_a_directory_without_ca(tmp_path: Path) -> None:
-    code, _, err = run("--pki", str(tmp_path), "list")
+    code, _, err = run_vpnctl("--pki", str(tmp_path), "list")
     assert code == 1
     assert_one_error_line(err)
     assert "ca init" in err
@@ -153,7 +155,7 @@ def test_encrypted_key_on_disk(locked: tuple[Path, Path]) -> None:
 
 def test_right_passphrase_signs(locked: tuple[Path, Path], tmp_path: Path) -> None:
     pki, pw = locked
-    code, out, err = run(
+    code, out, err = run_vpnctl(
         "--pki",
         str(pki),
         "issue",
@@ -172,7 +174,7 @@ def test_passphrase_file_from_environment(
 ) -> None:
     pki, pw = locked
     monkeypatch.setenv(cli.ENV_PASSPHRASE_FILE, str(pw))
-    code, _, err = run("--pki", str(pki), "crl")
+    code, _, err = run_vpnctl("--pki", str(pki), "crl")
     assert code == 0, err
 
 
@@ -180,7 +182,7 @@ def test_wrong_passphrase_is_refused(locked: tuple[Path, Path], tmp_path: Path) 
     pki, _ = locked
     wrong = tmp_path / "wrong"
     wrong.write_text("battery staple\n")
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "--pki",
         str(pki),
         "issue",
@@ -194,13 +196,13 @@ def test_wrong_passphrase_is_refused(locked: tuple[Path, Path], tmp_path: Path) 
     assert_one_error_line(err)
     assert "wrong passphrase" in err
     assert os.listdir(tmp_path / "out") == []
-    assert run("--pki", str(pki), "list", "--json")[1].strip() == "[]"
+    assert run_vpnctl("--pki", str(pki), "list", "--json")[1].strip() == "[]"
 
 
 def test_missing_passphrase_without_terminal(locked: tuple[Path, Path], tmp_path: Path) -> None:
     pki, _ = locked
     crl_before = (pki / "crl.pem").read_bytes()
-    code, _, err = run("--pki", str(pki), "crl")
+    code, _, err = run_vpnctl("--pki", str(pki), "crl")
     assert code == 1
     assert_one_error_line(err)
     assert "--passphrase-file" in err and cli.ENV_PASSPHRASE_FILE in err
@@ -219,7 +221,7 @@ def test_missing_passphrase_prompts_on_a_terminal(
 
     monkeypatch.setattr(cli, "_stdin_is_tty", lambda: True)
     monkeypatch.setattr("getpass.getpass", fake_getpass)
-    code, out, err = run("--pki", str(pki), "crl")
+    code, out, err = run_vpnctl("--pki", str(pki), "crl")
     assert code == 0, err
     assert len(prompts) == 1 and "ca.key" in prompts[0]
     assert "CRL number 2" in out
@@ -251,19 +253,19 @@ def test_passphrase_first_line_only(tmp_path: Path) -> None:
     assert init(pki, "--passphrase-file", str(pw))[0] == 0
     only = tmp_path / "only"
     only.write_bytes(b"s3cret")
-    assert run("--pki", str(pki), "crl", "--passphrase-file", str(only))[0] == 0
+    assert run_vpnctl("--pki", str(pki), "crl", "--passphrase-file", str(only))[0] == 0
 
 
 def test_help_and_version_go_to_out(tmp_path: Path) -> None:
-    code, out, err = run("--help")
+    code, out, err = run_vpnctl("--help")
     assert code == 0 and "issue" in out and err == ""
-    code, out, _ = run("issue", "--help")
+    code, out, _ = run_vpnctl("issue", "--help")
     assert code == 0 and "--gateway" in out and "reserved" in out
-    code, out, _ = run("--version")
+    code, out, _ = run_vpnctl("--version")
     assert code == 0 and out.startswith("vpnctl ")
-    code, _, err = run()
+    code, _, err = run_vpnctl()
     assert code == 2
     assert_one_error_line(err)
-    code, _, err = run("frobnicate")
+    code, _, err = run_vpnctl("frobnicate")
     assert code == 2
     assert_one_error_line(err)

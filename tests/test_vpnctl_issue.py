@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from vpnctl_fixtures import assert_one_error_line, run
+from cli_helpers import assert_one_error_line, run_vpnctl
 
 from vpnctl import cli
-from vpnd.files import atomic as atomicfile
+from vpnd.pki import file_set
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.pkidir import PkiDir
@@ -28,7 +28,7 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 def issue(name: str, out: Path, *extra: str) -> tuple[int, str, str]:
-    return run("issue", name, "--out", str(out), *extra)
+    return run_vpnctl("issue", name, "--out", str(out), *extra)
 
 
 def addresses(cert_path: Path) -> list[str]:
@@ -36,7 +36,7 @@ def addresses(cert_path: Path) -> list[str]:
 
 
 def inventory(pki: Path) -> list[dict[str, object]]:
-    code, text, err = run("--pki", str(pki), "list", "--json")
+    code, text, err = run_vpnctl("--pki", str(pki), "list", "--json")
     assert code == 0, err
     result: list[dict[str, object]] = json.loads(text)
     return result
@@ -139,10 +139,10 @@ def test_revoked_and_expired_addresses_are_free_again(tmp_path: Path, out: Path)
     old.mkdir()
     PkiDir(pki, clock=lambda: past).issue("old", out_dir=old, days=30)  # expired long ago
     assert addresses(old / "old.pem") == ["10.8.0.2"]
-    assert run("--pki", str(pki), "issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("--pki", str(pki), "issue", "alice", "--out", str(out))[0] == 0
     assert addresses(out / "alice.pem") == ["10.8.0.2"]
-    assert run("--pki", str(pki), "revoke", "alice")[0] == 0
-    assert run("--pki", str(pki), "issue", "bob", "--out", str(out))[0] == 0
+    assert run_vpnctl("--pki", str(pki), "revoke", "alice")[0] == 0
+    assert run_vpnctl("--pki", str(pki), "issue", "bob", "--out", str(out))[0] == 0
     assert addresses(out / "bob.pem") == ["10.8.0.2"]
     statuses = {r["name"]: r["status"] for r in inventory(pki)}
     assert statuses == {"old": "expired", "alice": "revoked", "bob": "valid"}
@@ -151,11 +151,11 @@ def test_revoked_and_expired_addresses_are_free_again(tmp_path: Path, out: Path)
 def test_full_network_is_refused(tmp_path: Path, out: Path) -> None:
     pki = tmp_path / "pki"
     args = ["--pki", str(pki)]
-    assert run(*args, "ca", "init", "--name", "small", "--network", "10.9.0.0/29")[0] == 0
+    assert run_vpnctl(*args, "ca", "init", "--name", "small", "--network", "10.9.0.0/29")[0] == 0
     for i in range(5):  # .2 .. .6
-        code, _, err = run(*args, "issue", f"p{i}", "--out", str(out))
+        code, _, err = run_vpnctl(*args, "issue", f"p{i}", "--out", str(out))
         assert code == 0, err
-    code, _, err = run(*args, "issue", "p5", "--out", str(out))
+    code, _, err = run_vpnctl(*args, "issue", "p5", "--out", str(out))
     assert code == 1
     assert_one_error_line(err)
     assert "no free address" in err
@@ -164,9 +164,12 @@ def test_full_network_is_refused(tmp_path: Path, out: Path) -> None:
 def test_ipv6_overlay_allocation(tmp_path: Path, out: Path) -> None:
     pki = tmp_path / "pki"
     args = ["--pki", str(pki)]
-    assert run(*args, "ca", "init", "--name", "v6", "--network", "fd00:8::/64")[0] == 0
-    assert run(*args, "issue", "gw", "--gateway", "--dns", "gw.example", "--out", str(out))[0] == 0
-    assert run(*args, "issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl(*args, "ca", "init", "--name", "v6", "--network", "fd00:8::/64")[0] == 0
+    assert (
+        run_vpnctl(*args, "issue", "gw", "--gateway", "--dns", "gw.example", "--out", str(out))[0]
+        == 0
+    )
+    assert run_vpnctl(*args, "issue", "alice", "--out", str(out))[0] == 0
     assert addresses(out / "gw.pem") == ["fd00:8::1"]
     assert addresses(out / "alice.pem") == ["fd00:8::2"]
 
@@ -208,7 +211,7 @@ def test_unusable_addresses_are_refused(pki: Path, out: Path, ip: str, needle: s
     ],
 )
 def test_usage_errors(pki: Path, out: Path, argv: list[str], needle: str) -> None:
-    code, _, err = run(*argv, "--out", str(out))
+    code, _, err = run_vpnctl(*argv, "--out", str(out))
     assert code == 2, err
     assert_one_error_line(err)
     assert needle in err
@@ -217,11 +220,11 @@ def test_usage_errors(pki: Path, out: Path, argv: list[str], needle: str) -> Non
 
 
 def test_missing_out_dir_and_out_required(pki: Path, tmp_path: Path) -> None:
-    code, _, err = run("issue", "alice", "--out", str(tmp_path / "nope"))
+    code, _, err = run_vpnctl("issue", "alice", "--out", str(tmp_path / "nope"))
     assert code == 1
     assert_one_error_line(err)
     assert "does not exist" in err
-    code, _, err = run("issue", "alice")
+    code, _, err = run_vpnctl("issue", "alice")
     assert code == 2
     assert_one_error_line(err)
     assert "--out" in err
@@ -230,11 +233,11 @@ def test_missing_out_dir_and_out_required(pki: Path, tmp_path: Path) -> None:
 
 def test_refuses_writing_into_the_pki_dir_or_the_name_ca(pki: Path, out: Path) -> None:
     key_before = (pki / "ca.key").read_bytes()
-    code, _, err = run("issue", "ca", "--out", str(pki))
+    code, _, err = run_vpnctl("issue", "ca", "--out", str(pki))
     assert code == 1
     assert_one_error_line(err)
     assert (pki / "ca.key").read_bytes() == key_before
-    code, _, err = run("issue", "ca", "--out", str(out))
+    code, _, err = run_vpnctl("issue", "ca", "--out", str(out))
     assert code == 1 and "reserved" in err
 
 
@@ -242,10 +245,12 @@ def test_lifetime_is_capped_to_the_ca_expiry(tmp_path: Path, out: Path) -> None:
     pki = tmp_path / "pki"
     args = ["--pki", str(pki)]
     assert (
-        run(*args, "ca", "init", "--name", "short", "--network", "10.8.0.0/24", "--days", "30")[0]
+        run_vpnctl(
+            *args, "ca", "init", "--name", "short", "--network", "10.8.0.0/24", "--days", "30"
+        )[0]
         == 0
     )
-    code, _, err = run(*args, "issue", "alice", "--out", str(out))
+    code, _, err = run_vpnctl(*args, "issue", "alice", "--out", str(out))
     assert code == 0
     ca = load_certificate(pki / "ca.pem")
     assert f"capped to the CA's expiry {ca.not_valid_after_utc:%Y-%m-%d}" in err
@@ -257,7 +262,7 @@ def test_expired_ca_refuses_to_issue(tmp_path: Path, out: Path) -> None:
     PkiDir(pki, clock=lambda: NOW - dt.timedelta(days=10)).init_ca(
         name="old-ca", networks=[ipaddress.ip_network("10.8.0.0/24")], days=2
     )
-    code, _, err = run("--pki", str(pki), "issue", "alice", "--out", str(out))
+    code, _, err = run_vpnctl("--pki", str(pki), "issue", "alice", "--out", str(out))
     assert code == 1
     assert_one_error_line(err)
     assert "the CA expired on" in err
@@ -269,14 +274,14 @@ def test_failed_write_changes_nothing(
 ) -> None:
     assert issue("alice", out)[0] == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    real = atomicfile.atomic_write
+    real = file_set.stage_file
 
-    def failing(path: object, data: bytes, mode: int = 0o644) -> None:
-        if "alice.pem" in str(path):
+    def failing(path: Path, data: bytes, mode: int) -> Path:
+        if path.name == "alice.pem":
             raise OSError(28, "No space left on device", str(path))
-        real(path, data, mode)  # type: ignore[arg-type]
+        return real(path, data, mode)
 
-    monkeypatch.setattr("vpnd.pki.pkidir.atomic_write", failing)
+    monkeypatch.setattr(file_set, "stage_file", failing)
     code, _, err = issue("alice", out)  # a renewal that cannot be written
     assert code == 1
     assert_one_error_line(err)

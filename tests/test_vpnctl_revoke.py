@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_error_line, run_vpnctl
 from cryptography import x509
-from vpnctl_fixtures import assert_one_error_line, run
 
 from vpnd.pki.crl import load_crls
 from vpnd.pki.identity import Reason, Role, VerifyError
@@ -36,13 +36,13 @@ def serial_of(path: Path) -> int:
 
 
 def test_revoke_by_name_resigns_the_crl_with_reason(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0
     cert = load_certificate(out / "alice.pem")
     assert number(crl_of(pki)) == 1
     trust = load_trust_store(pki / "ca.pem", pki / "crl.pem")
     verify_peer([cert], now=dt.datetime.now(dt.UTC), role=Role.PEER, trust=trust)
 
-    code, text, err = run("revoke", "alice", "--reason", "keyCompromise")
+    code, text, err = run_vpnctl("revoke", "alice", "--reason", "keyCompromise")
     assert code == 0, err
     assert f"revoked alice serial {cert.serial_number:x}" in text
     crl = crl_of(pki)
@@ -62,9 +62,9 @@ def test_revoke_by_name_resigns_the_crl_with_reason(pki: Path, out: Path) -> Non
 
 def test_revoke_by_serial_leaves_the_others(pki: Path, out: Path) -> None:
     for name in ("alice", "bob"):
-        assert run("issue", name, "--out", str(out))[0] == 0
+        assert run_vpnctl("issue", name, "--out", str(out))[0] == 0
     alice, bob = serial_of(out / "alice.pem"), serial_of(out / "bob.pem")
-    code, _, err = run("revoke", "--serial", f"0x{alice:X}")
+    code, _, err = run_vpnctl("revoke", "--serial", f"0x{alice:X}")
     assert code == 0, err
     crl = crl_of(pki)
     assert crl.get_revoked_certificate_by_serial_number(alice) is not None
@@ -75,22 +75,22 @@ def test_revoke_by_serial_leaves_the_others(pki: Path, out: Path) -> None:
 
 
 def test_revoke_by_name_covers_every_valid_certificate(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0
     first = serial_of(out / "alice.pem")
-    assert run("issue", "alice", "--out", str(out))[0] == 0  # renewal
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0  # renewal
     second = serial_of(out / "alice.pem")
-    assert run("revoke", "alice", "--reason", "superseded")[0] == 0
+    assert run_vpnctl("revoke", "alice", "--reason", "superseded")[0] == 0
     crl = crl_of(pki)
     assert {e.serial_number for e in crl} == {first, second}
 
 
 def test_revoking_twice_reports_already_revoked(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0
     serial = serial_of(out / "alice.pem")
-    assert run("revoke", "alice")[0] == 0
+    assert run_vpnctl("revoke", "alice")[0] == 0
     before = (pki / "crl.pem").read_bytes()
     for argv in (["revoke", "alice"], ["revoke", "--serial", f"{serial:x}"]):
-        code, text, err = run(*argv)
+        code, text, err = run_vpnctl(*argv)
         assert code == 0, err
         assert "already revoked" in text
     assert (pki / "crl.pem").read_bytes() == before  # nothing new: CRL not re-signed
@@ -110,7 +110,7 @@ def test_revoking_twice_reports_already_revoked(pki: Path, out: Path) -> None:
 )
 def test_revoke_refusals(pki: Path, argv: list[str], code: int, needle: str) -> None:
     before = (pki / "crl.pem").read_bytes()
-    got, _, err = run(*argv)
+    got, _, err = run_vpnctl(*argv)
     assert got == code
     assert_one_error_line(err)
     assert needle in err
@@ -124,27 +124,29 @@ def test_revoke_by_name_with_only_expired_certs(tmp_path: Path, out: Path) -> No
         name="test-ca", networks=[ipaddress.ip_network("10.8.0.0/24")]
     )
     PkiDir(pki, clock=lambda: past).issue("old", out_dir=out, days=10)
-    code, _, err = run("--pki", str(pki), "revoke", "old")
+    code, _, err = run_vpnctl("--pki", str(pki), "revoke", "old")
     assert code == 1
     assert_one_error_line(err)
     assert "expired" in err and "--serial" in err
-    code, _, err = run("--pki", str(pki), "revoke", "--serial", f"{serial_of(out / 'old.pem'):x}")
+    code, _, err = run_vpnctl(
+        "--pki", str(pki), "revoke", "--serial", f"{serial_of(out / 'old.pem'):x}"
+    )
     assert code == 0, err
 
 
 def test_crl_refresh_increments_and_honours_days(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out))[0] == 0
-    assert run("revoke", "alice", "--reason", "cessationOfOperation")[0] == 0
-    code, text, err = run("crl", "--days", "2")
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("revoke", "alice", "--reason", "cessationOfOperation")[0] == 0
+    code, text, err = run_vpnctl("crl", "--days", "2")
     assert code == 0, err
     crl = crl_of(pki)
     assert number(crl) == 3 and "CRL number 3" in text
     assert crl.next_update_utc is not None
     assert crl.next_update_utc - crl.last_update_utc == dt.timedelta(days=2)
     assert len(list(crl)) == 1  # the revoked entry survives re-signing
-    assert run("crl")[0] == 0
+    assert run_vpnctl("crl")[0] == 0
     assert number(crl_of(pki)) == 4
-    code, _, err = run("crl", "--days", "0")
+    code, _, err = run_vpnctl("crl", "--days", "0")
     assert code == 2
     assert_one_error_line(err)
     assert number(crl_of(pki)) == 4
@@ -154,21 +156,26 @@ def test_configured_crl_days(tmp_path: Path, out: Path) -> None:
     pki = tmp_path / "pki"
     args = ["--pki", str(pki)]
     assert (
-        run(*args, "ca", "init", "--name", "x", "--network", "10.8.0.0/24", "--crl-days", "3")[0]
+        run_vpnctl(
+            *args, "ca", "init", "--name", "x", "--network", "10.8.0.0/24", "--crl-days", "3"
+        )[0]
         == 0
     )
-    assert run(*args, "crl")[0] == 0
+    assert run_vpnctl(*args, "crl")[0] == 0
     crl = crl_of(pki)
     assert crl.next_update_utc is not None
     assert crl.next_update_utc - crl.last_update_utc == dt.timedelta(days=3)
 
 
 def test_list_table_and_json(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out), "--groups", "dev")[0] == 0
-    assert run("issue", "bob", "--out", str(out), "--days", "10")[0] == 0
-    assert run("issue", "gw", "--out", str(out), "--gateway", "--dns", "vpn.example.com")[0] == 0
-    assert run("revoke", "bob")[0] == 0
-    code, text, _ = run("list")
+    assert run_vpnctl("issue", "alice", "--out", str(out), "--groups", "dev")[0] == 0
+    assert run_vpnctl("issue", "bob", "--out", str(out), "--days", "10")[0] == 0
+    assert (
+        run_vpnctl("issue", "gw", "--out", str(out), "--gateway", "--dns", "vpn.example.com")[0]
+        == 0
+    )
+    assert run_vpnctl("revoke", "bob")[0] == 0
+    code, text, _ = run_vpnctl("list")
     assert code == 0
     lines = text.splitlines()
     assert lines[0].split() == [
@@ -189,7 +196,7 @@ def test_list_table_and_json(pki: Path, out: Path) -> None:
     starts = {line.rindex(line.split()[-1]) for line in lines}
     assert len(starts) == 1
 
-    code, text, _ = run("list", "--json")
+    code, text, _ = run_vpnctl("list", "--json")
     data = json.loads(text)
     keys = {
         "name", "serial", "role", "addresses", "groups", "routes", "dns_names", "not_before",
@@ -204,17 +211,17 @@ def test_list_table_and_json(pki: Path, out: Path) -> None:
 
 
 def test_list_expiring_shows_only_valid_certs_due_for_renewal(pki: Path, out: Path) -> None:
-    assert run("issue", "soon", "--out", str(out), "--days", "5")[0] == 0
-    assert run("issue", "later", "--out", str(out), "--days", "60")[0] == 0
-    assert run("issue", "gone", "--out", str(out), "--days", "3")[0] == 0
-    assert run("revoke", "gone")[0] == 0
-    code, text, _ = run("list", "--expiring", "30", "--json")
+    assert run_vpnctl("issue", "soon", "--out", str(out), "--days", "5")[0] == 0
+    assert run_vpnctl("issue", "later", "--out", str(out), "--days", "60")[0] == 0
+    assert run_vpnctl("issue", "gone", "--out", str(out), "--days", "3")[0] == 0
+    assert run_vpnctl("revoke", "gone")[0] == 0
+    code, text, _ = run_vpnctl("list", "--expiring", "30", "--json")
     assert code == 0
     assert [d["name"] for d in json.loads(text)] == ["soon"]
-    code, text, _ = run("list", "--expiring", "90")
+    code, text, _ = run_vpnctl("list", "--expiring", "90")
     names = [line.split()[0] for line in text.splitlines()[1:]]
     assert sorted(names) == ["later", "soon"]
-    code, _, err = run("list", "--expiring", "-1")
+    code, _, err = run_vpnctl("list", "--expiring", "-1")
     assert code == 2
     assert_one_error_line(err)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import ipaddress
 import json
 import os
@@ -11,13 +10,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_error_line, run_vpnctl, run_vpnd
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from vpnctl_fixtures import assert_one_error_line, run
 
-from vpnd import cli as vpnd_cli
 from vpnd.pki.identity import Role
 from vpnd.pki.keys import load_certificate, load_private_key
 from vpnd.pki.profile import describe_certificate
@@ -26,14 +24,8 @@ from vpnd.pki.verify import load_trust_store, verify_peer
 pytestmark = pytest.mark.usefixtures("vpnctl_clean_env")
 
 
-def vpnd(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = vpnd_cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
 def records(pki: Path) -> list[dict[str, object]]:
-    code, text, err = run("--pki", str(pki), "list", "--json")
+    code, text, err = run_vpnctl("--pki", str(pki), "list", "--json")
     assert code == 0, err
     data: list[dict[str, object]] = json.loads(text)
     return data
@@ -47,12 +39,12 @@ def write_csr(path: Path, csr: x509.CertificateSigningRequest) -> Path:
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519"])
 def test_keygen_then_sign_round_trip(pki: Path, out: Path, key_type: str) -> None:
     key_path, csr_path, cert_path = out / "carol.key", out / "carol.csr", out / "carol.pem"
-    code, _, err = vpnd(
+    code, _, err = run_vpnd(
         "keygen", "--name", "Carol", "--out-key", str(key_path), "--out-csr", str(csr_path),
         "--key-type", key_type,
     )  # fmt: skip
     assert code == 0, err
-    code, text, err = run("sign", str(csr_path), "--groups", "dev", "--out", str(cert_path))
+    code, text, err = run_vpnctl("sign", str(csr_path), "--groups", "dev", "--out", str(cert_path))
     assert code == 0, err
     assert "issued carol" in text
     assert cert_path.stat().st_mode & 0o777 == 0o644
@@ -82,7 +74,7 @@ def test_sign_ignores_requested_extensions(pki: Path, out: Path) -> None:
         .sign(key, hashes.SHA256())
     )
     csr_path = write_csr(out / "m.csr", csr)
-    code, _, err = run("sign", str(csr_path), "--out", str(out / "m.pem"))
+    code, _, err = run_vpnctl("sign", str(csr_path), "--out", str(out / "m.pem"))
     assert code == 0, err
     info = describe_certificate(load_certificate(out / "m.pem"))
     assert not info.is_ca
@@ -93,10 +85,12 @@ def test_sign_ignores_requested_extensions(pki: Path, out: Path) -> None:
 def test_sign_a_gateway_csr(pki: Path, out: Path) -> None:
     csr = out / "gw.csr"
     assert (
-        vpnd("keygen", "--name", "gw", "--out-key", str(out / "gw.key"), "--out-csr", str(csr))[0]
+        run_vpnd("keygen", "--name", "gw", "--out-key", str(out / "gw.key"), "--out-csr", str(csr))[
+            0
+        ]
         == 0
     )
-    code, _, err = run(
+    code, _, err = run_vpnctl(
         "sign", str(csr), "--gateway", "--dns", "vpn.example.com", "--out", str(out / "gw.pem")
     )
     assert code == 0, err
@@ -115,7 +109,7 @@ def test_csr_with_bad_signature_is_refused(pki: Path, out: Path) -> None:
     der[-5] ^= 0x01  # inside the signature value
     bad = out / "bad.csr"
     bad.write_bytes(bytes(der))
-    code, _, err = run("sign", str(bad), "--out", str(out / "eve.pem"))
+    code, _, err = run_vpnctl("sign", str(bad), "--out", str(out / "eve.pem"))
     assert code == 1
     assert_one_error_line(err)
     assert "signature" in err
@@ -136,11 +130,11 @@ def test_csr_with_bad_signature_is_refused(pki: Path, out: Path) -> None:
 def test_garbled_csr(pki: Path, out: Path, content: bytes, needle: str) -> None:
     bad = out / "bad.csr"
     bad.write_bytes(content)
-    code, _, err = run("sign", str(bad), "--out", str(out / "x.pem"))
+    code, _, err = run_vpnctl("sign", str(bad), "--out", str(out / "x.pem"))
     assert code == 1
     assert_one_error_line(err)
     assert needle in err
-    code, _, err = run("sign", str(out / "missing.csr"), "--out", str(out / "x.pem"))
+    code, _, err = run_vpnctl("sign", str(out / "missing.csr"), "--out", str(out / "x.pem"))
     assert code == 1
     assert_one_error_line(err)
     assert "no such file" in err
@@ -158,7 +152,7 @@ def test_csr_with_bad_name(pki: Path, out: Path, cn: str) -> None:
     path = write_csr(out / "n.csr", csr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, _, err = run("sign", str(path), "--out", str(out / "n.pem"))
+        code, _, err = run_vpnctl("sign", str(path), "--out", str(out / "n.pem"))
     assert not caught  # nothing but the one error line reaches the admin
     assert code == 1
     assert_one_error_line(err)
@@ -168,10 +162,10 @@ def test_csr_with_bad_name(pki: Path, out: Path, cn: str) -> None:
 def test_sign_refusals_write_nothing(pki: Path, out: Path, tmp_path: Path) -> None:
     csr = out / "c.csr"
     assert (
-        vpnd("keygen", "--name", "c", "--out-key", str(out / "c.key"), "--out-csr", str(csr))[0]
+        run_vpnd("keygen", "--name", "c", "--out-key", str(out / "c.key"), "--out-csr", str(csr))[0]
         == 0
     )
-    assert run("issue", "alice", "--out", str(out), "--ip", "10.8.0.7")[0] == 0
+    assert run_vpnctl("issue", "alice", "--out", str(out), "--ip", "10.8.0.7")[0] == 0
     ca_before = (pki / "ca.pem").read_bytes()
     cases = [
         (["--out", str(tmp_path / "nope" / "c.pem")], 1, "does not exist"),
@@ -181,7 +175,7 @@ def test_sign_refusals_write_nothing(pki: Path, out: Path, tmp_path: Path) -> No
         (["--out", str(out / "c.pem"), "--days", "0"], 2, "at least 1"),
     ]
     for extra, code, needle in cases:
-        got, _, err = run("sign", str(csr), *extra)
+        got, _, err = run_vpnctl("sign", str(csr), *extra)
         assert got == code, (extra, err)
         assert_one_error_line(err)
         assert needle in err
@@ -195,13 +189,13 @@ def test_sign_refusals_write_nothing(pki: Path, out: Path, tmp_path: Path) -> No
 
 def test_show_text(pki: Path, out: Path) -> None:
     assert (
-        run(
+        run_vpnctl(
             "issue", "alice", "--out", str(out), "--groups", "dev,ops", "--routes", "192.168.9.0/24"
         )[0]
         == 0
     )
     cert = load_certificate(out / "alice.pem")
-    code, text, err = run("show", str(out / "alice.pem"))
+    code, text, err = run_vpnctl("show", str(out / "alice.pem"))
     assert code == 0, err
     fields = {line[:12].strip(): line[12:].strip() for line in text.splitlines()}
     assert fields["name"] == "alice"
@@ -218,8 +212,11 @@ def test_show_text(pki: Path, out: Path) -> None:
 
 
 def test_show_json(pki: Path, out: Path) -> None:
-    assert run("issue", "gw", "--out", str(out), "--gateway", "--dns", "vpn.example.com")[0] == 0
-    code, text, _ = run("show", "--json", str(out / "gw.pem"))
+    assert (
+        run_vpnctl("issue", "gw", "--out", str(out), "--gateway", "--dns", "vpn.example.com")[0]
+        == 0
+    )
+    code, text, _ = run_vpnctl("show", "--json", str(out / "gw.pem"))
     assert code == 0
     data = json.loads(text)
     assert data["name"] == "gw" and data["role"] == "gateway"
@@ -227,19 +224,19 @@ def test_show_json(pki: Path, out: Path) -> None:
     assert data["eku"] == ["serverAuth"]
     assert data["days_left"] in (364, 365)
     assert data["serial"] == f"{load_certificate(out / 'gw.pem').serial_number:x}"
-    code, text, _ = run("show", "--json", str(pki / "ca.pem"))
+    code, text, _ = run_vpnctl("show", "--json", str(pki / "ca.pem"))
     assert json.loads(text)["role"] == "ca"
 
 
 def test_show_bundle_and_bad_files(pki: Path, out: Path) -> None:
-    assert run("issue", "alice", "--out", str(out))[0] == 0
+    assert run_vpnctl("issue", "alice", "--out", str(out))[0] == 0
     bundle = out / "bundle.pem"
     bundle.write_bytes((out / "alice.pem").read_bytes() + (pki / "ca.pem").read_bytes())
-    code, text, err = run("show", str(bundle))
+    code, text, err = run_vpnctl("show", str(bundle))
     assert code == 0 and "alice" in text and "2 certificates" in err
     garbled = out / "garbled.pem"
     garbled.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
     for path in (garbled, out / "missing.pem", out / "alice.key", out):
-        code, _, err = run("show", str(path))
+        code, _, err = run_vpnctl("show", str(path))
         assert code == 1, path
         assert_one_error_line(err)

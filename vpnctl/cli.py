@@ -24,16 +24,16 @@ from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.pki.crl import REASONS
 from vpnd.pki.identity import PkiError, Role
-from vpnd.pki.keys import KEY_TYPES_CA, KEY_TYPES_LEAF, load_certificates, load_csr
-from vpnd.pki.pkidir import (
+from vpnd.pki.issue_terms import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
     DEFAULT_GATEWAY_DAYS,
     DEFAULT_PEER_DAYS,
-    Issued,
-    PkiDir,
 )
+from vpnd.pki.keys import KEY_TYPES_CA, KEY_TYPES_LEAF, load_certificates, load_csr
+from vpnd.pki.pkidir import PkiDir
 from vpnd.pki.profile import describe_certificate
+from vpnd.pki.results import Issued
 
 ENV_PKI = "VPNCTL_PKI"
 ENV_PASSPHRASE_FILE = "VPNCTL_CA_PASSPHRASE_FILE"  # noqa: S105 - an env var name

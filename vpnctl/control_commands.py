@@ -15,12 +15,11 @@ from typing import Any, TextIO
 from vpnctl import argparsing as types
 from vpnctl import render
 from vpnd.control.client import ENV_SOCKET, ControlClient, ControlClientError, default_socket
-from vpnd.control.messages import (
+from vpnd.control.protocol import ControlError, ProtocolError
+from vpnd.control.results import (
     CertSummary,
-    ControlError,
     CrlSummary,
     PeerInfo,
-    ProtocolError,
     ReloadReport,
     StatusInfo,
     peers_from_json,

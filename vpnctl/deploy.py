@@ -14,17 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vpnctl import render
+from vpnctl.enroll import PeerRequest, enroll, restart_service
+from vpnctl.host_inspection import inspect
 from vpnctl.hosts_file import HostEntry
-from vpnctl.provision import (
-    PeerRequest,
-    ProvisionError,
-    SshOptions,
-    enroll,
-    inspect,
-    restart_service,
-    ssh_session,
-)
 from vpnctl.remote_layout import LayoutError
+from vpnctl.ssh_remote import ProvisionError, SshOptions, ssh_session
 from vpnd.pki.identity import PkiError
 from vpnd.pki.pkidir import PkiDir
 

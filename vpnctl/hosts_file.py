@@ -112,26 +112,7 @@ def parse_hosts(data: object, *, source: str, base_dir: Path) -> tuple[HostEntry
     seen_names: dict[str, str] = {}
     seen_places: dict[tuple[str, str], str] = {}
     for index, item in enumerate(hosts):
-        where = f"hosts[{index}]"
-        if not isinstance(item, Mapping):
-            raise fail(where, "expected a mapping with at least name and ssh")
-        label = item.get("name")
-        if isinstance(label, str):
-            where = f"{where} ({label})"
-        _no_unknown(item, HOST_KEYS, where, fail)
-        for required in ("name", "ssh"):
-            if item.get(required) is None:
-                raise fail(where, f"'{required}' is required")
-        merged = {**defaults, **{k: v for k, v in item.items() if v is not None}}
-        values = {
-            ("addresses" if k == "ip" else k): _field(k, v, base_dir, f"{where}.{k}", fail)
-            for k, v in merged.items()
-        }
-        entry = HostEntry(**values)  # type: ignore[arg-type]  # keys and types checked above
-        try:
-            check_client_settings(entry.gateway_address, entry.server_name)
-        except LayoutError as exc:
-            raise fail(where, str(exc)) from None
+        entry, where = _host_entry(item, f"hosts[{index}]", defaults, base_dir, fail)
         if entry.name in seen_names:
             raise fail(where, f"name {entry.name!r} is already used by {seen_names[entry.name]}")
         place = (entry.ssh.host_port, entry.remote_dir)
@@ -145,6 +126,36 @@ def parse_hosts(data: object, *, source: str, base_dir: Path) -> tuple[HostEntry
         seen_places[place] = where
         entries.append(entry)
     return tuple(entries)
+
+
+def _host_entry(
+    item: object,
+    where: str,
+    defaults: Mapping[str, object],
+    base_dir: Path,
+    fail: Callable[[str, str], HostsFileError],
+) -> tuple[HostEntry, str]:
+    """One host merged over the defaults, and where it is (for later messages)."""
+    if not isinstance(item, Mapping):
+        raise fail(where, "expected a mapping with at least name and ssh")
+    label = item.get("name")
+    if isinstance(label, str):
+        where = f"{where} ({label})"
+    _no_unknown(item, HOST_KEYS, where, fail)
+    for required in ("name", "ssh"):
+        if item.get(required) is None:
+            raise fail(where, f"'{required}' is required")
+    merged = {**defaults, **{k: v for k, v in item.items() if v is not None}}
+    values = {
+        ("addresses" if k == "ip" else k): _field(k, v, base_dir, f"{where}.{k}", fail)
+        for k, v in merged.items()
+    }
+    entry = HostEntry(**values)  # type: ignore[arg-type]  # keys and types checked above
+    try:
+        check_client_settings(entry.gateway_address, entry.server_name)
+    except LayoutError as exc:
+        raise fail(where, str(exc)) from None
+    return entry, where
 
 
 def _no_unknown(

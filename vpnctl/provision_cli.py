@@ -1,4 +1,4 @@
-"""``vpnctl enroll`` and ``vpnctl deploy``: argparse and output around vpnctl.provision.
+"""``vpnctl enroll`` and ``vpnctl deploy``: argparse and output around their engines.
 
 Registered by ``vpnctl.cli.build_parser`` through :func:`register`. Exit codes as for
 the rest of vpnctl: 0 ok, 1 refused/failed (one ``vpnctl: error:`` line), 2 usage.
@@ -25,24 +25,22 @@ from vpnctl import argparsing as types
 from vpnctl import render
 from vpnctl.argparsing import CliParser, UsageError
 from vpnctl.deploy import HostResult, deploy_hosts, results_table
+from vpnctl.enroll import PeerRequest, enroll, restart_service
+from vpnctl.host_inspection import DEFAULT_RENEW_WITHIN_DAYS
 from vpnctl.hosts_file import HostsFileError, load_hosts_file
-from vpnctl.provision import (
-    DEFAULT_RENEW_WITHIN_DAYS,
-    PassphraseNeeded,
-    PeerRequest,
-    ProvisionError,
-    SshOptions,
-    enroll,
-    load_identity,
-    restart_service,
-    ssh_session,
-)
 from vpnctl.remote_layout import (
     DEFAULT_REMOTE_DIR,
     DEFAULT_UNIT,
     LayoutError,
     check_client_settings,
     check_remote_dir,
+)
+from vpnctl.ssh_remote import (
+    PassphraseNeeded,
+    ProvisionError,
+    SshOptions,
+    load_identity,
+    ssh_session,
 )
 from vpnctl.ssh_target import SshTarget, TargetError, parse_ssh_target
 from vpnd.pki.pkidir import PkiDir

@@ -6,8 +6,8 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 
 from vpnd.pki.inventory import CertRecord
-from vpnd.pki.pkidir import ListedCertificate
 from vpnd.pki.profile import CertificateInfo
+from vpnd.pki.results import ListedCertificate
 
 LIST_COLUMNS = ("NAME", "SERIAL", "ADDRESSES", "GROUPS", "NOT-AFTER", "DAYS", "STATUS")
 

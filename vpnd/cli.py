@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 
 from vpnd import __version__
 from vpnd.pki.authority import csr_for
+from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import PkiError
 from vpnd.pki.keys import KEY_TYPES_LEAF, generate_key, private_key_pem
 from vpnd.pki.names import canonical_name
-from vpnd.pki.pkidir import write_together
 
 
 class UsageError(Exception):

@@ -11,19 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vpnd.control.messages import (
+from vpnd.control.protocol import (
     Command,
     ControlError,
-    KickResult,
-    PeerInfo,
     ProtocolError,
-    ReloadReport,
     Request,
-    StatusInfo,
     decode_response,
     encode_request,
-    peers_from_json,
 )
+from vpnd.control.results import KickResult, PeerInfo, ReloadReport, StatusInfo, peers_from_json
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The control socket: a unix stream server speaking ``vpnd.control.messages``.
+"""The control socket: a unix stream server speaking ``vpnd.control.protocol``.
 
 Plumbing only: reading lines, peer credentials, limits. What a command means lives in
 the ``ControlHandler`` (``vpnd.gateway.control`` for a gateway).
@@ -17,23 +17,19 @@ from pathlib import Path
 from typing import Protocol
 
 from vpnd import __version__
-from vpnd.control.messages import (
+from vpnd.control.protocol import (
     MAX_LINE,
     Command,
     ControlError,
     ErrorCode,
     Json,
-    KickResult,
-    PeerInfo,
-    ReloadReport,
     Request,
     Response,
-    StatusInfo,
     decode_request,
     encode_response,
     kick_args,
-    peers_to_json,
 )
+from vpnd.control.results import KickResult, PeerInfo, ReloadReport, StatusInfo, peers_to_json
 
 log = logging.getLogger("vpnd.control")
 

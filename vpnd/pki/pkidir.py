@@ -1,17 +1,9 @@
 """A PKI directory and the admin operations on it: the engine behind ``vpnctl``.
 
-Layout of the directory (created 0700)::
-
-    ca.pem            CA certificate (0644)
-    ca.key            CA private key (0600, encrypted when a passphrase is given)
-    inventory.sqlite  issued certificates, address leases, revocations, CRL counter
-    crl.pem           the current signed CRL (0644)
-
-Address convention: in each overlay network the network and broadcast addresses are
-never handed out, and the *first usable* address (10.8.0.1 in 10.8.0.0/24) is
-reserved for the gateway. A peer issued without explicit addresses gets the next free
-address of the CA's first network; a gateway gets the first usable one. Renewing a
-name without explicit addresses keeps the addresses of its current valid certificate.
+It orchestrates; the rules live by job: the files it keeps in ``vpnd.pki.layout``,
+what a certificate may carry in ``vpnd.pki.issue_terms``, the address leases in
+``vpnd.pki.leases``, all-or-nothing file sets in ``vpnd.pki.file_set``, and what it
+returns in ``vpnd.pki.results``.
 
 Atomicity: address allocation, signing, writing the files and recording happen inside
 one ``BEGIN IMMEDIATE`` inventory transaction. Files are written before the commit, so
@@ -23,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import ipaddress
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -34,8 +24,19 @@ from cryptography import x509
 from vpnd.files.atomic import PRIVATE, PUBLIC, atomic_write
 from vpnd.pki.authority import ca_networks, create_ca, issue_certificate, verify_csr
 from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_pem
+from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
-from vpnd.pki.inventory import CertRecord, Inventory, serial_hex
+from vpnd.pki.inventory import Inventory, serial_hex
+from vpnd.pki.issue_terms import (
+    BACKDATE,
+    DEFAULT_CA_DAYS,
+    DEFAULT_CRL_DAYS,
+    certificate_terms,
+    positive_days,
+    record_of,
+    refuse_name_collision,
+    validity,
+)
 from vpnd.pki.keys import (
     KEY_TYPES_CA,
     KEY_TYPES_LEAF,
@@ -48,93 +49,17 @@ from vpnd.pki.keys import (
     load_private_key,
     private_key_pem,
 )
-from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
+from vpnd.pki.layout import CA_CERT, CA_KEY, PkiLayout
+from vpnd.pki.leases import check_in_networks, choose_addresses
+from vpnd.pki.names import canonical_name
 from vpnd.pki.profile import describe_certificate
-
-CA_CERT = "ca.pem"
-CA_KEY = "ca.key"
-INVENTORY = "inventory.sqlite"
-CRL = "crl.pem"
-PKI_FILES = (CA_CERT, CA_KEY, INVENTORY, CRL)
-
-DEFAULT_CA_DAYS = 3650
-DEFAULT_PEER_DAYS = 90
-DEFAULT_GATEWAY_DAYS = 365
-DEFAULT_CRL_DAYS = 7
-# Certificates start a little in the past so a gateway whose clock lags the admin's
-# does not see them as not-yet-valid.
-BACKDATE = dt.timedelta(minutes=5)
+from vpnd.pki.results import CaCreated, CrlSigned, Issued, ListedCertificate, Revocation
 
 Clock = Callable[[], dt.datetime]
 
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class CaCreated:
-    """Result of :meth:`PkiDir.init_ca`."""
-
-    name: str
-    fingerprint: str
-    networks: tuple[IPNetwork, ...]
-    not_after: dt.datetime
-    key_type: str
-    encrypted: bool
-    """Whether ca.key was written encrypted."""
-    files: tuple[Path, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Issued:
-    """Result of :meth:`PkiDir.issue` and :meth:`PkiDir.sign_csr`."""
-
-    record: CertRecord
-    """What the inventory now holds for the new certificate."""
-    certificate: x509.Certificate
-    files: tuple[Path, ...]
-    """Files written (empty when sign_csr was asked not to write one)."""
-    warnings: tuple[str, ...] = ()
-    """Things the admin should know, e.g. the lifetime was capped to the CA's expiry."""
-
-    @property
-    def certificate_pem(self) -> bytes:
-        return certificate_pem(self.certificate)
-
-
-@dataclass(frozen=True, slots=True)
-class CrlSigned:
-    """A freshly signed CRL."""
-
-    number: int
-    this_update: dt.datetime
-    next_update: dt.datetime
-    revoked_count: int
-    path: Path
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """Result of :meth:`PkiDir.revoke`."""
-
-    revoked: tuple[CertRecord, ...]
-    """Certificates revoked by this call (records updated)."""
-    already_revoked: tuple[CertRecord, ...]
-    """Certificates asked for that were revoked before; nothing changed for them."""
-    crl: CrlSigned | None
-    """The re-signed CRL, or None when nothing new was revoked."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListedCertificate:
-    """An inventory record with its status at listing time."""
-
-    record: CertRecord
-    status: str
-    """``valid``, ``expired`` or ``revoked``."""
-    days_left: int
-    """Whole days until not_after (negative once expired)."""
 
 
 class PkiDir:
@@ -155,6 +80,7 @@ class PkiDir:
         if passphrase is not None and not passphrase:
             raise PkiError("the CA passphrase is empty")
         self.path = Path(path)
+        self.layout = PkiLayout(self.path)
         self._passphrase = passphrase
         self._clock = clock
 
@@ -162,19 +88,19 @@ class PkiDir:
 
     @property
     def ca_cert_path(self) -> Path:
-        return self.path / CA_CERT
+        return self.layout.ca_cert
 
     @property
     def ca_key_path(self) -> Path:
-        return self.path / CA_KEY
+        return self.layout.ca_key
 
     @property
     def inventory_path(self) -> Path:
-        return self.path / INVENTORY
+        return self.layout.inventory
 
     @property
     def crl_path(self) -> Path:
-        return self.path / CRL
+        return self.layout.crl
 
     def now(self) -> dt.datetime:
         """The current time, truncated to seconds (X.509 precision)."""
@@ -213,14 +139,14 @@ class PkiDir:
         Refuses if any PKI file is already present. On failure, whatever this call
         created is removed again, so it can simply be retried.
         """
-        _positive_days(days, "CA lifetime")
-        _positive_days(crl_days, "CRL validity")
+        positive_days(days, "CA lifetime")
+        positive_days(crl_days, "CRL validity")
         if key_type not in KEY_TYPES_CA:
             raise PkiError(f"CA key type {key_type!r} is not one of {', '.join(KEY_TYPES_CA)}")
         nets = tuple(dict.fromkeys(networks))
         if not nets:
             raise PkiError("a CA needs at least one overlay network (--network CIDR)")
-        present = [f for f in PKI_FILES if (self.path / f).exists()]
+        present = self.layout.present()
         if present:
             raise PkiError(
                 f"{self.path} already holds a CA ({', '.join(present)}); refusing to overwrite"
@@ -263,7 +189,7 @@ class PkiDir:
             not_after=ca_cert.not_valid_after_utc,
             key_type=key_type,
             encrypted=self._passphrase is not None,
-            files=tuple(self.path / f for f in PKI_FILES),
+            files=self.layout.files(),
         )
 
     # --- issuing -------------------------------------------------------------------------
@@ -392,116 +318,44 @@ class PkiDir:
     ) -> Issued:
         """``taken_over``: the command name; refuse a name that has a valid certificate
         of the same role (None: allowed, as a renewal or a deliberate replacement)."""
-        role = Role(role)
-        dns = tuple(dict.fromkeys(canonical_dns_name(d) for d in dns_names))
-        if role is Role.GATEWAY and not dns:
-            raise PkiError("a gateway certificate needs at least one DNS name (--dns NAME)")
-        if role is Role.PEER and dns:
-            raise PkiError("DNS names are for gateway certificates only (add --gateway)")
-        grps = tuple(dict.fromkeys(canonical_group(g) for g in groups))
-        nets = tuple(dict.fromkeys(routes))
-        for net in nets:
-            if net.prefixlen == 0:
-                raise PkiError(
-                    f"route {net} is a default route: full tunnel is a client mode, not a "
-                    "certificate route; give the site's own subnets"
-                )
-        wanted = tuple(dict.fromkeys(addresses))
-        if days is None:
-            days = DEFAULT_GATEWAY_DAYS if role is Role.GATEWAY else DEFAULT_PEER_DAYS
-        _positive_days(days, "certificate lifetime")
-
+        terms = certificate_terms(
+            role=role,
+            addresses=addresses,
+            groups=groups,
+            routes=routes,
+            dns_names=dns_names,
+            days=days,
+        )
         now = self.now()
         ca_cert = self.ca_certificate()
-        ca_not_after = ca_cert.not_valid_after_utc
-        if now >= ca_not_after:
-            raise PkiError(
-                f"the CA expired on {_day(ca_not_after)}; it cannot issue (create a new CA)"
-            )
-        if now < ca_cert.not_valid_before_utc:
-            raise PkiError(
-                f"the CA is not valid before {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
-            )
+        window = validity(ca_cert, now, terms.days)
         networks = ca_networks(ca_cert)
-        for addr in wanted:
-            _check_in_networks(addr, networks)
-
-        warnings: list[str] = []
-        not_after = now + dt.timedelta(days=days)
-        if not_after > ca_not_after:
-            not_after = ca_not_after
-            warnings.append(
-                f"capped to the CA's expiry {_day(ca_not_after)} (asked for {days} days)"
-            )
-        not_before = max(now - BACKDATE, ca_cert.not_valid_before_utc)
+        for addr in terms.wanted:
+            check_in_networks(addr, networks)
         ca_key = self._ca_key()
 
         with self._inventory() as inv, inv.transaction():
-            _refuse_name_collision(inv, cn, role, now, command=taken_over)
-            chosen = self._addresses_for(
-                inv, cn=cn, role=role, wanted=wanted, networks=networks, now=now
+            refuse_name_collision(inv, cn, terms.role, now, command=taken_over)
+            chosen = choose_addresses(
+                inv, cn=cn, role=terms.role, wanted=terms.wanted, networks=networks, now=now
             )
             cert = issue_certificate(
                 ca_cert=ca_cert,
                 ca_key=ca_key,
                 name=cn,
                 public_key=public_key,
-                role=role,
+                role=terms.role,
                 addresses=chosen,
-                groups=grps,
-                routes=nets,
-                dns_names=dns,
-                not_before=not_before,
-                not_after=not_after,
+                groups=terms.groups,
+                routes=terms.routes,
+                dns_names=terms.dns_names,
+                not_before=window.not_before,
+                not_after=window.not_after,
             )
-            record = _record_of(cert, issued_at=now)
+            record = record_of(cert, issued_at=now)
             inv.add(record)
             files = write(cert)
-        return Issued(record=record, certificate=cert, files=files, warnings=tuple(warnings))
-
-    def _addresses_for(
-        self,
-        inv: Inventory,
-        *,
-        cn: str,
-        role: Role,
-        wanted: tuple[IPAddress, ...],
-        networks: tuple[IPNetwork, ...],
-        now: dt.datetime,
-    ) -> tuple[IPAddress, ...]:
-        reserved = _gateway_addresses(inv, networks) if role is Role.PEER else {}
-        if wanted:
-            for addr in wanted:
-                _refuse_reserved(addr, reserved)
-                _refuse_if_held(inv, addr, cn, now)
-            return wanted
-        # Renewal: keep the overlay address(es) the name already has.
-        current = [r for r in inv.by_name(cn) if r.is_valid(now) and r.role is role]
-        if current:
-            kept = tuple(a for a in current[-1].addresses if any(a in net for net in networks))
-            if kept:
-                for addr in kept:
-                    _refuse_reserved(addr, reserved)
-                    _refuse_if_held(inv, addr, cn, now)
-                return kept
-        network = networks[0]
-        hosts: Iterator[IPAddress] = iter(network.hosts())
-        first = next(hosts, None)
-        if first is None:
-            raise PkiError(f"network {network} has no usable address")
-        if role is Role.GATEWAY:
-            _refuse_if_held(inv, first, cn, now, hint=" (reserved for the gateway; pass --ip)")
-            return (first,)
-        held = inv.leased_addresses(now)
-        # `hosts` already yielded the gateway's address; the loop is bounded by the
-        # network size and stops at the first address not held.
-        for addr in hosts:
-            holders = [r for r in held.get(addr, []) if r.name != cn]
-            if not holders and addr not in reserved:
-                return (addr,)
-        raise PkiError(
-            f"network {network} has no free address left; revoke unused certificates or pass --ip"
-        )
+        return Issued(record=record, certificate=cert, files=files, warnings=window.warnings)
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -559,7 +413,7 @@ class PkiDir:
     def refresh_crl(self, *, days: int | None = None) -> CrlSigned:
         """Re-sign the CRL (a cron job runs this before nextUpdate); CRLNumber increments."""
         if days is not None:
-            _positive_days(days, "CRL validity")
+            positive_days(days, "CRL validity")
         ca_cert = self.ca_certificate()
         ca_key = self._ca_key()
         now = self.now()
@@ -647,156 +501,8 @@ class PkiDir:
         return out
 
 
-def _positive_days(days: int, what: str) -> None:
-    if days <= 0:
-        raise PkiError(f"{what} must be at least 1 day, not {days}")
-
-
-def _day(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%d")
-
-
-def _check_in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> None:
-    nets = tuple(networks)
-    for net in nets:
-        if addr in net:
-            if addr == net.network_address and net.num_addresses > 2:
-                raise PkiError(f"{addr} is the network address of {net}")
-            if (
-                isinstance(net, ipaddress.IPv4Network)
-                and net.prefixlen < 31
-                and addr == net.broadcast_address
-            ):
-                raise PkiError(f"{addr} is the broadcast address of {net}")
-            return
-    shown = ", ".join(str(n) for n in nets)
-    raise PkiError(f"{addr} is outside the CA's overlay network(s) {shown}")
-
-
-def _refuse_name_collision(
-    inv: Inventory, cn: str, role: Role, now: dt.datetime, *, command: str | None
-) -> None:
-    """A peer and a gateway never share a name (``revoke NAME`` would revoke both);
-    with ``command``, a valid certificate of the name refuses it (no silent takeover)."""
-    records = inv.by_name(cn)
-    if role is Role.PEER:
-        gateways = [r for r in records if r.role is Role.GATEWAY]
-        if gateways:
-            raise PkiError(
-                f"{cn!r} is the name of a gateway (serial {gateways[-1].serial_hex}): a peer "
-                "can never take a gateway's name; pick another one (--name)"
-            )
-    else:
-        peers = [r for r in records if r.role is Role.PEER and r.is_valid(now)]
-        if peers:
-            raise PkiError(
-                f"{cn!r} is the name of a peer (serial {peers[-1].serial_hex}): a gateway "
-                "can never take a peer's name; pick another one"
-            )
-    if command is None:
-        return
-    valid = [r for r in records if r.role is role and r.is_valid(now)]
-    if valid:
-        h = valid[-1]
-        raise PkiError(
-            f"{cn!r} already has a valid certificate (serial {h.serial_hex}, valid until "
-            f"{_day(h.not_after)}); a new one takes over its address and ends its session: "
-            f"pass --replace if that is intended, or --name to pick another name"
-        )
-
-
-def _gateway_addresses(inv: Inventory, networks: Sequence[IPNetwork]) -> dict[IPAddress, str]:
-    """Addresses no peer may hold: each network's first usable one (the gateway's by
-    default) and any address a gateway certificate ever carried, revoked or not."""
-    reserved: dict[IPAddress, str] = {}
-    for net in networks:
-        hosts: Iterator[IPAddress] = iter(net.hosts())
-        first = next(hosts, None)
-        if first is not None:
-            reserved[first] = f"the first address of {net}, reserved for the gateway"
-    for rec in inv.all_certificates():
-        if rec.role is Role.GATEWAY:
-            for addr in rec.addresses:
-                reserved[addr] = f"the address of gateway {rec.name} (serial {rec.serial_hex})"
-    return reserved
-
-
-def _refuse_reserved(addr: IPAddress, reserved: dict[IPAddress, str]) -> None:
-    if addr in reserved:
-        raise PkiError(f"{addr} is {reserved[addr]}: a peer cannot hold it; pick another --ip")
-
-
-def _refuse_if_held(
-    inv: Inventory, addr: IPAddress, cn: str, now: dt.datetime, hint: str = ""
-) -> None:
-    others = [r for r in inv.holders(addr, now) if r.name != cn]
-    if others:
-        h = others[0]
-        raise PkiError(
-            f"{addr} is already held by {h.name} (serial {h.serial_hex}, "
-            f"valid until {_day(h.not_after)}){hint}"
-        )
-
-
-def _record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
-    info = describe_certificate(cert)
-    return CertRecord(
-        serial=cert.serial_number,
-        name=info.name,
-        role=Role(info.role),
-        addresses=tuple(info.addresses),
-        groups=tuple(info.groups),
-        routes=tuple(info.routes),
-        dns_names=tuple(info.dns_names),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        fingerprint=fingerprint(cert),
-        issued_at=issued_at,
-    )
-
-
 def _write(path: Path, data: bytes, mode: int) -> None:
     try:
         atomic_write(path, data, mode)
     except OSError as exc:
         raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def write_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write a set of files so that either all are replaced or none is.
-
-    Each file is first written completely (atomic_write: fsynced, final mode) under a
-    hidden staging name next to its target; only when all are staged are they renamed
-    into place. A failure removes the staged files and leaves the old set untouched.
-    """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, data, mode in files:
-            tmp = path.with_name(f".{path.name}.staged")
-            staged.append((tmp, path))
-            atomic_write(tmp, data, mode)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except OSError as exc:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise PkiError(
-            f"cannot write {exc.filename or 'output files'}: {exc.strerror or exc}"
-        ) from None
-    _fsync_dirs({path.parent for _, path in staged})
-
-
-def _fsync_dirs(dirs: Iterable[Path]) -> None:
-    # The renames are durable only once the directory entries are on disk.
-    for directory in dirs:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
