@@ -75,6 +75,144 @@ def last_line(text: str, needle: str) -> str:
     return lines[-1] if lines else "(no such line)"
 
 
+def _network(demo: Demo, lab: Lab, factory: NetnsFactory) -> None:
+    demo.section("1. Network: gateway + internal LAN, laptops alice, bob, carol, outsider mallory")
+    lab.build(clients=("alice", "bob", "mallory", "carol"))
+    print(f"  namespaces: {', '.join(ns.name for ns in factory.namespaces)}")
+    print("  underlay 172.31.0.0/24 (gw .1), overlay 10.8.0.0/24, LAN 192.168.50.0/24")
+
+
+def _pki(demo: Demo, lab: Lab) -> Path:
+    demo.section("2. PKI with vpnctl: CA, gateway, peers; carol gets revoked")
+    lab.make_pki()
+    lab.issue("alice", "--groups", "eng")
+    lab.issue("bob", "--groups", "ops")
+    lab.issue("carol")
+    out = lab.vpnctl("revoke", "carol", "--reason", "keyCompromise")
+    demo.show(out)
+    demo.show(lab.vpnctl("list"))
+    other = lab.other_ca()
+    mallory_certs = lab.issue("mallory", pki=other)
+    # She trusts our gateway's CA, and her bundle holds her own CA too (vpnd's start-up
+    # check refuses a certificate that chains to nothing she trusts).
+    evil_ca = (mallory_certs / "ca.pem").read_bytes()
+    (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes() + evil_ca)
+    print("  mallory holds a certificate from a different CA ('evil-ca') for the same overlay")
+    return mallory_certs
+
+
+def _gateway_and_peers(demo: Demo, lab: Lab) -> dict[str, str]:
+    demo.section("3. Gateway (default-deny policy) and verified peers")
+    for rule in POLICY["rules"]:
+        print(f"  policy: {rule}")
+    before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
+    lab.start_gateway(policy=POLICY)
+    demo.check("gateway listening on 172.31.0.1:4443", lambda: lab.wait_log("gw", "listening on"))
+    lab.start_client("alice")
+    lab.start_client("bob")
+    demo.check(
+        "alice: tunnel up, address 10.8.0.2 from her certificate",
+        lambda: lab.wait_log("alice", r"tunnel up: tun0 address 10\.8\.0\.2/24"),
+    )
+    demo.check(
+        "bob: tunnel up, address 10.8.0.3 from his certificate",
+        lambda: lab.wait_log("bob", r"tunnel up: tun0 address 10\.8\.0\.3/24"),
+    )
+    demo.show(last_line(lab.hosts["gw"].log_text(), "accepted alice"))
+    return before
+
+
+def _verified_traffic(demo: Demo, lab: Lab) -> None:
+    demo.section("4. Verified peer gets through")
+    demo.check(
+        f"alice pings the gateway's overlay address {GW_OVERLAY}",
+        lambda: lab.ping("alice", GW_OVERLAY),
+    )
+    demo.check(
+        "alice pings bob (10.8.0.3) through the gateway", lambda: lab.ping("alice", "10.8.0.3")
+    )
+    demo.check(
+        f"alice pings the internal host {LAN_HOST} via the pushed route",
+        lambda: lab.ping("alice", LAN_HOST),
+    )
+
+    demo.section("5. Verified, but the policy says no")
+    demo.check(
+        "bob (group ops) cannot reach the internal host: the policy denies it",
+        lambda: not lab.ping("bob", LAN_HOST, count=1, timeout=1),
+    )
+    demo.check(
+        "the gateway logged the denial with the flow and the reason",
+        lambda: lab.wait_log("gw", r"\[bob .*denied icmp"),
+    )
+    demo.show(last_line(lab.hosts["gw"].log_text(), "denied icmp"))
+    demo.check("bob still reaches what he may: the gateway", lambda: lab.ping("bob", GW_OVERLAY))
+
+
+def _refused_peers(demo: Demo, lab: Lab, mallory_certs: Path) -> None:
+    demo.section("6. Unverified and revoked peers get nothing")
+    lab.start_client("mallory", certs=mallory_certs)
+    demo.check(
+        "mallory (other CA) is refused with a TLS alert",
+        lambda: lab.wait_log("mallory", r"does not trust"),
+    )
+    demo.show(last_line(lab.hosts["mallory"].log_text(), "does not trust"))
+    demo.check("mallory has no tunnel interface", lambda: not lab.has_link("mallory", "tun0"))
+    demo.check(
+        "mallory cannot reach the internal host (no route, no tunnel)",
+        lambda: not lab.ping("mallory", LAN_HOST, count=1, timeout=1),
+    )
+    lab.start_client("carol")
+    demo.check("carol (revoked) is refused", lambda: lab.wait_log("carol", r"revoked"))
+    demo.show(last_line(lab.hosts["carol"].log_text(), "revoked"))
+    demo.check("carol has no tunnel interface", lambda: not lab.has_link("carol", "tun0"))
+    demo.show(last_line(lab.hosts["gw"].log_text(), "certificate_revoked"))
+
+
+def _live_revocation(demo: Demo, lab: Lab) -> None:
+    demo.section("7. Live revocation: bob is revoked while connected and pinging")
+    pinger = lab.hosts["bob"].ns.popen(
+        ["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "80", GW_OVERLAY],
+        lab.workdir / "ping-bob.log",
+    )
+    time.sleep(1.5)
+    started = time.time()
+    demo.show(lab.vpnctl("revoke", "bob", "--reason", "keyCompromise"))
+    published = (lab.pki / "crl.pem").stat().st_mtime  # when the new CRL hit the disk
+    pinger.wait(30)
+    cut = ping_cut_after(lab.workdir / "ping-bob.log", published)
+    print(f"        vpnctl revoke itself took {published - started:.2f}s to write crl.pem")
+    if cut is not None and cut < 0.05:
+        what = "bob's pings (every 50 ms) stopped within one interval of the new CRL"
+    else:
+        shown = cut if cut is not None else float("nan")
+        what = f"bob's last ping reply came {shown:.2f}s after the new CRL was written"
+    demo.check(f"{what} (promise: < 1 s)", lambda: cut is not None and cut < 1.0)
+    demo.check(
+        "the gateway closed bob's session as revoked",
+        lambda: lab.wait_log("gw", r"closing bob: certificate revoked"),
+    )
+    demo.check(
+        "bob was told in plain words", lambda: lab.wait_log("bob", r"revoked your certificate")
+    )
+    demo.show(last_line(lab.hosts["bob"].log_text(), "revoked your certificate"))
+    demo.check("alice was not interrupted", lambda: lab.ping("alice", GW_OVERLAY))
+
+
+def _teardown(demo: Demo, lab: Lab, before: dict[str, str]) -> None:
+    demo.section("8. Tear-down")
+    for name in ("mallory", "carol", "alice", "bob", "gw"):
+        lab.stop(name)
+    demo.check(
+        "alice's kernel state is exactly as before (ip addr + ip route)",
+        lambda: lab.hosts["alice"].ns.snapshot() == before["alice"],
+    )
+    demo.check(
+        "gateway's kernel state is exactly as before",
+        lambda: lab.hosts["gw"].ns.snapshot() == before["gw"],
+    )
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root: it creates network namespaces, TUN devices and routes.")
@@ -84,133 +222,13 @@ def main() -> int:
     factory = NetnsFactory()
     lab = Lab(factory)
     try:
-        demo.section(
-            "1. Network: gateway + internal LAN, laptops alice, bob, carol, outsider mallory"
-        )
-        lab.build(clients=("alice", "bob", "mallory", "carol"))
-        print(f"  namespaces: {', '.join(ns.name for ns in factory.namespaces)}")
-        print("  underlay 172.31.0.0/24 (gw .1), overlay 10.8.0.0/24, LAN 192.168.50.0/24")
-
-        demo.section("2. PKI with vpnctl: CA, gateway, peers; carol gets revoked")
-        lab.make_pki()
-        lab.issue("alice", "--groups", "eng")
-        lab.issue("bob", "--groups", "ops")
-        lab.issue("carol")
-        out = lab.vpnctl("revoke", "carol", "--reason", "keyCompromise")
-        demo.show(out)
-        demo.show(lab.vpnctl("list"))
-        other = lab.other_ca()
-        mallory_certs = lab.issue("mallory", pki=other)
-        # She trusts our gateway's CA, and her bundle holds her own CA too (vpnd's start-up
-        # check refuses a certificate that chains to nothing she trusts).
-        evil_ca = (mallory_certs / "ca.pem").read_bytes()
-        (mallory_certs / "ca.pem").write_bytes((lab.pki / "ca.pem").read_bytes() + evil_ca)
-        print("  mallory holds a certificate from a different CA ('evil-ca') for the same overlay")
-
-        demo.section("3. Gateway (default-deny policy) and verified peers")
-        for rule in POLICY["rules"]:
-            print(f"  policy: {rule}")
-        before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
-        lab.start_gateway(policy=POLICY)
-        demo.check(
-            "gateway listening on 172.31.0.1:4443", lambda: lab.wait_log("gw", "listening on")
-        )
-        lab.start_client("alice")
-        lab.start_client("bob")
-        demo.check(
-            "alice: tunnel up, address 10.8.0.2 from her certificate",
-            lambda: lab.wait_log("alice", r"tunnel up: tun0 address 10\.8\.0\.2/24"),
-        )
-        demo.check(
-            "bob: tunnel up, address 10.8.0.3 from his certificate",
-            lambda: lab.wait_log("bob", r"tunnel up: tun0 address 10\.8\.0\.3/24"),
-        )
-        demo.show(last_line(lab.hosts["gw"].log_text(), "accepted alice"))
-
-        demo.section("4. Verified peer gets through")
-        demo.check(
-            f"alice pings the gateway's overlay address {GW_OVERLAY}",
-            lambda: lab.ping("alice", GW_OVERLAY),
-        )
-        demo.check(
-            "alice pings bob (10.8.0.3) through the gateway", lambda: lab.ping("alice", "10.8.0.3")
-        )
-        demo.check(
-            f"alice pings the internal host {LAN_HOST} via the pushed route",
-            lambda: lab.ping("alice", LAN_HOST),
-        )
-
-        demo.section("5. Verified, but the policy says no")
-        demo.check(
-            "bob (group ops) cannot reach the internal host: the policy denies it",
-            lambda: not lab.ping("bob", LAN_HOST, count=1, timeout=1),
-        )
-        demo.check(
-            "the gateway logged the denial with the flow and the reason",
-            lambda: lab.wait_log("gw", r"\[bob .*denied icmp"),
-        )
-        demo.show(last_line(lab.hosts["gw"].log_text(), "denied icmp"))
-        demo.check(
-            "bob still reaches what he may: the gateway", lambda: lab.ping("bob", GW_OVERLAY)
-        )
-
-        demo.section("6. Unverified and revoked peers get nothing")
-        lab.start_client("mallory", certs=mallory_certs)
-        demo.check(
-            "mallory (other CA) is refused with a TLS alert",
-            lambda: lab.wait_log("mallory", r"does not trust"),
-        )
-        demo.show(last_line(lab.hosts["mallory"].log_text(), "does not trust"))
-        demo.check("mallory has no tunnel interface", lambda: not lab.has_link("mallory", "tun0"))
-        demo.check(
-            "mallory cannot reach the internal host (no route, no tunnel)",
-            lambda: not lab.ping("mallory", LAN_HOST, count=1, timeout=1),
-        )
-        lab.start_client("carol")
-        demo.check("carol (revoked) is refused", lambda: lab.wait_log("carol", r"revoked"))
-        demo.show(last_line(lab.hosts["carol"].log_text(), "revoked"))
-        demo.check("carol has no tunnel interface", lambda: not lab.has_link("carol", "tun0"))
-        demo.show(last_line(lab.hosts["gw"].log_text(), "certificate_revoked"))
-
-        demo.section("7. Live revocation: bob is revoked while connected and pinging")
-        pinger = lab.hosts["bob"].ns.popen(
-            ["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "80", GW_OVERLAY],
-            lab.workdir / "ping-bob.log",
-        )
-        time.sleep(1.5)
-        started = time.time()
-        demo.show(lab.vpnctl("revoke", "bob", "--reason", "keyCompromise"))
-        published = (lab.pki / "crl.pem").stat().st_mtime  # when the new CRL hit the disk
-        pinger.wait(30)
-        cut = ping_cut_after(lab.workdir / "ping-bob.log", published)
-        print(f"        vpnctl revoke itself took {published - started:.2f}s to write crl.pem")
-        if cut is not None and cut < 0.05:
-            what = "bob's pings (every 50 ms) stopped within one interval of the new CRL"
-        else:
-            shown = cut if cut is not None else float("nan")
-            what = f"bob's last ping reply came {shown:.2f}s after the new CRL was written"
-        demo.check(f"{what} (promise: < 1 s)", lambda: cut is not None and cut < 1.0)
-        demo.check(
-            "the gateway closed bob's session as revoked",
-            lambda: lab.wait_log("gw", r"closing bob: certificate revoked"),
-        )
-        demo.check(
-            "bob was told in plain words", lambda: lab.wait_log("bob", r"revoked your certificate")
-        )
-        demo.show(last_line(lab.hosts["bob"].log_text(), "revoked your certificate"))
-        demo.check("alice was not interrupted", lambda: lab.ping("alice", GW_OVERLAY))
-
-        demo.section("8. Tear-down")
-        for name in ("mallory", "carol", "alice", "bob", "gw"):
-            lab.stop(name)
-        demo.check(
-            "alice's kernel state is exactly as before (ip addr + ip route)",
-            lambda: lab.hosts["alice"].ns.snapshot() == before["alice"],
-        )
-        demo.check(
-            "gateway's kernel state is exactly as before",
-            lambda: lab.hosts["gw"].ns.snapshot() == before["gw"],
-        )
+        _network(demo, lab, factory)
+        mallory_certs = _pki(demo, lab)
+        before = _gateway_and_peers(demo, lab)
+        _verified_traffic(demo, lab)
+        _refused_peers(demo, lab, mallory_certs)
+        _live_revocation(demo, lab)
+        _teardown(demo, lab, before)
     finally:
         problems = lab.cleanup() + factory.cleanup()
         left = [ns.name for ns in factory.namespaces if ns.name in list_namespaces()]

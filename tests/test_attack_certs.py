@@ -9,10 +9,10 @@ which keeps serving the good peer afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import ssl
-import threading
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki_fixtures import DAY, NOW, Leaf, _read_tlv, _tlv, make_ca
 from test_tls_support import GATEWAY_NAME, build_world
-from test_tunnel_inprocess import REAL_NOW, Node, World, run
+from test_tunnel_inprocess import REAL_NOW, Node, World
 
 from vpnd.pki import verify_peer
 from vpnd.pki.identity import Reason, Role, VerifyError
 from vpnd.proto import CloseCode
 from vpnd.transport.connection import serve
+from vpnd.transport.tlsengine import TlsHandshakeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Attribute.s length:UserWarning")
 CASES = hostile_cases("10.77.0.2")
@@ -70,60 +71,57 @@ def _files(leaf: Leaf, tmp: Path, label: str) -> tuple[Path, Path]:
     return leaf.write(tmp, label)
 
 
-def test_pathological_certificates_through_a_real_handshake(tmp_path: Path) -> None:
+async def test_pathological_certificates_through_a_real_handshake(tmp_path: Path) -> None:
     """Hostile certificates signed by the trusted CA get a CLOSE naming the reason; a
     self-signed one and an oversized one are refused by OpenSSL with an alert. The
     gateway keeps no state for any of them and then admits a good peer."""
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        assert w.gateway is not None
-        valid = {"not_before": REAL_NOW - DAY, "not_after": REAL_NOW + 30 * DAY}
-        try:
-            refusals = 0
-            for i, case in enumerate(hostile_cases("10.8.0.2")):
-                leaf = build_hostile(w.ca, case, **valid)
-                cert, key = _files(leaf, tmp_path, f"hostile{i}")
-                verdict = await probe(w.port, w.ca_path, cert, key)
-                if verdict.kind == "unloadable":
-                    # OpenSSL will not even load it to send it; verify_peer's own test
-                    # above covers a crafted client that would.
-                    assert case.reason == "malformed", (case.label, verdict)
-                    continue
-                refusals += 1
-                if verdict.kind == "alert":  # OpenSSL refused it in the handshake
-                    assert verdict.text in OPENSSL_CERT_ALERTS, (case.label, verdict)
-                else:  # vpnd's own profile check: a CLOSE frame naming the reason
-                    assert verdict == Verdict("close", CloseCode.AUTH_FAILED, case.reason), (
-                        case.label,
-                        verdict,
-                    )
-            # Self-signed with 5000 SANs: OpenSSL refuses it before vpnd parses anything.
-            stranger = make_ca(
-                "stranger",
-                networks=["10.8.0.0/24"],
-                not_before=REAL_NOW - DAY,
-                not_after=REAL_NOW + 30 * DAY,
-            )
-            foreign = build_hostile(stranger, hostile_cases("10.8.0.2")[0], **valid)
-            cert, key = _files(foreign, tmp_path, "foreign")
-            assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
-            # Over OpenSSL's 100 KiB certificate-list limit, even from the trusted CA.
-            big = oversized_leaf(w.ca, 150_000, **valid)
-            cert, key = _files(big, tmp_path, "big")
+    w = World(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    valid = {"not_before": REAL_NOW - DAY, "not_after": REAL_NOW + 30 * DAY}
+    try:
+        refusals = 0
+        for i, case in enumerate(hostile_cases("10.8.0.2")):
+            leaf = build_hostile(w.ca, case, **valid)
+            cert, key = _files(leaf, tmp_path, f"hostile{i}")
             verdict = await probe(w.port, w.ca_path, cert, key)
-            assert verdict.kind in {"alert", "error"}, verdict
-            assert not w.gateway.peers and len(w.gateway.table) == 0
-            refused = sum(n for k, n in w.gateway.handshakes.items() if k.startswith("refused_"))
-            assert refused == refusals + 2
-            # ...and the gateway still serves the peers it trusts.
-            good = w.start_client("bob", addr="10.8.0.3")
-            await _until_tun(good)
-        finally:
-            await w.close()
-
-    run(scenario())
+            if verdict.kind == "unloadable":
+                # OpenSSL will not even load it to send it; verify_peer's own test
+                # above covers a crafted client that would.
+                assert case.reason == "malformed", (case.label, verdict)
+                continue
+            refusals += 1
+            if verdict.kind == "alert":  # OpenSSL refused it in the handshake
+                assert verdict.text in OPENSSL_CERT_ALERTS, (case.label, verdict)
+            else:  # vpnd's own profile check: a CLOSE frame naming the reason
+                assert verdict == Verdict("close", CloseCode.AUTH_FAILED, case.reason), (
+                    case.label,
+                    verdict,
+                )
+        # Self-signed with 5000 SANs: OpenSSL refuses it before vpnd parses anything.
+        stranger = make_ca(
+            "stranger",
+            networks=["10.8.0.0/24"],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 30 * DAY,
+        )
+        foreign = build_hostile(stranger, hostile_cases("10.8.0.2")[0], **valid)
+        cert, key = _files(foreign, tmp_path, "foreign")
+        assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
+        # Over OpenSSL's 100 KiB certificate-list limit, even from the trusted CA.
+        big = oversized_leaf(w.ca, 150_000, **valid)
+        cert, key = _files(big, tmp_path, "big")
+        verdict = await probe(w.port, w.ca_path, cert, key)
+        assert verdict.kind in {"alert", "error"}, verdict
+        assert not w.gateway.peers and len(w.gateway.table) == 0
+        refused = sum(n for k, n in w.gateway.handshakes.items() if k.startswith("refused_"))
+        assert refused == refusals + 2
+        # ...and the gateway still serves the peers it trusts.
+        good = w.start_client("bob", addr="10.8.0.3")
+        await _until_tun(good)
+    finally:
+        await w.close()
 
 
 def _alert(name: str) -> Verdict:
@@ -131,9 +129,9 @@ def _alert(name: str) -> Verdict:
 
 
 async def _until_tun(node: Node) -> None:
-    async with asyncio.timeout(10):
-        while not node.tun:
-            await asyncio.sleep(0.01)
+    # The client sets ``connected`` only once its TUN is open and configured.
+    await asyncio.wait_for(node.client.connected.wait(), 10)
+    assert node.tun
 
 
 # ---- revocation by (issuer, serial), whatever the encoding ---------------------------
@@ -180,28 +178,25 @@ def test_revocation_by_issuer_and_serial_survives_a_reencoded_certificate() -> N
         assert info.value.reason is Reason.REVOKED, label
 
 
-def test_reencoded_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        alice = w.ca.issue(
-            "alice",
-            addresses=["10.8.0.2"],
-            not_before=REAL_NOW - DAY,
-            not_after=REAL_NOW + 30 * DAY,
-        )
-        assert isinstance(w.ca.key, ec.EllipticCurvePrivateKey)
-        twin = _resigned(alice.cert, w.ca.key)
-        assert der(twin) != der(alice.cert)
-        w.write_crl((alice.cert.serial_number,))
-        await w.start_gateway()
-        try:
-            cert, key = Leaf(twin, alice.key, [twin]).write(tmp_path, "twin")
-            verdict = await probe(w.port, w.ca_path, cert, key)
-            assert verdict == _alert("certificate_revoked"), verdict
-        finally:
-            await w.close()
-
-    run(scenario())
+async def test_reencoded_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    alice = w.ca.issue(
+        "alice",
+        addresses=["10.8.0.2"],
+        not_before=REAL_NOW - DAY,
+        not_after=REAL_NOW + 30 * DAY,
+    )
+    assert isinstance(w.ca.key, ec.EllipticCurvePrivateKey)
+    twin = _resigned(alice.cert, w.ca.key)
+    assert der(twin) != der(alice.cert)
+    w.write_crl((alice.cert.serial_number,))
+    await w.start_gateway()
+    try:
+        cert, key = Leaf(twin, alice.key, [twin]).write(tmp_path, "twin")
+        verdict = await probe(w.port, w.ca_path, cert, key)
+        assert verdict == _alert("certificate_revoked"), verdict
+    finally:
+        await w.close()
 
 
 # ---- CertificateVerify signed with the wrong key -------------------------------------
@@ -214,7 +209,7 @@ def test_python_ssl_refuses_to_load_a_certificate_with_someone_elses_key(tmp_pat
         ctx.load_cert_chain(world.clients["alice"].cert, world.clients["bob"].key)
 
 
-def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
+async def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     """A TLS 1.3 client built with scapy, which (unlike OpenSSL) will present alice's
     certificate and sign CertificateVerify with any key we give it. Returns the
     gateway's refusals."""
@@ -223,32 +218,20 @@ def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     world_dir.mkdir()
     world = build_world(world_dir)
     refusals: list[tuple[str, str]] = []
-    ready = threading.Event()
-    done = threading.Event()
-    port: list[int] = []
+    refused = asyncio.Event()
 
-    def gateway() -> None:
-        async def main() -> None:
-            server = await serve(
-                "127.0.0.1",
-                0,
-                world.server_ctx(),
-                lambda conn: None,
-                handshake_timeout=5,
-                on_refused=lambda _p, err: refusals.append((err.reason, err.detail)),
-            )
-            port.append(server.sockets[0].getsockname()[1])
-            ready.set()
-            async with asyncio.timeout(20):
-                while not done.is_set() and not refusals:
-                    await asyncio.sleep(0.02)
-            server.close()
+    def on_refused(_peer: object, err: TlsHandshakeError) -> None:
+        refusals.append((err.reason, err.detail))
+        refused.set()
 
-        asyncio.run(main())
-
-    thread = threading.Thread(target=gateway, daemon=True)
-    thread.start()
-    assert ready.wait(10)
+    server = await serve(
+        "127.0.0.1",
+        0,
+        world.server_ctx(),
+        lambda conn: None,
+        handshake_timeout=5,
+        on_refused=on_refused,
+    )
     # scapy reads traditional-format keys only.
     key = serialization.load_pem_private_key(world.clients[key_of].key.read_bytes(), None)
     trad = world_dir / f"{key_of}-trad.key"
@@ -261,7 +244,7 @@ def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     )
     client = TLSClientAutomaton(  # type: ignore[no-untyped-call]
         server="127.0.0.1",
-        dport=port[0],
+        dport=server.sockets[0].getsockname()[1],
         server_name=GATEWAY_NAME,
         mycert=str(world.clients["alice"].cert),
         mykey=str(trad),
@@ -272,24 +255,28 @@ def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
         supported_signature_algorithms=["sha256+ecdsa"],
         verbose=False,
     )
+
+    def handshake() -> None:
+        # scapy ends with an exception on a fatal alert; the gateway's refusal tells us.
+        with contextlib.suppress(Exception):
+            client.run(wait=True)
+
     try:
-        client.run(wait=True)
-    except Exception:  # scapy ends with an exception on a fatal alert; the server tells us
-        pass
+        await asyncio.to_thread(handshake)  # scapy blocks; the gateway runs on this loop
+        await asyncio.wait_for(refused.wait(), 20)
     finally:
-        done.set()
-        thread.join(25)
+        server.close()
     return refusals
 
 
-def test_certificate_verify_with_someone_elses_key_is_refused(tmp_path: Path) -> None:
+async def test_certificate_verify_with_someone_elses_key_is_refused(tmp_path: Path) -> None:
     """Presenting alice's certificate without alice's key: the signature in
     CertificateVerify does not match the certificate, so OpenSSL aborts the handshake."""
     # Control: the same crafted client with alice's own key gets past client
     # authentication and is only refused later, for not offering the vpnd ALPN.
-    control = _scapy_handshake(tmp_path / "own", "alice")
+    control = await _scapy_handshake(tmp_path / "own", "alice")
     assert [r for r, _ in control] == ["no_application_protocol"], control
-    forged = _scapy_handshake(tmp_path / "forged", "bob")
+    forged = await _scapy_handshake(tmp_path / "forged", "bob")
     assert len(forged) == 1, forged
     reason, detail = forged[0]
     assert reason in {"handshake_failure", "decrypt_error"} and "bad signature" in detail
@@ -323,21 +310,18 @@ def _self_signed(name: str, address: str, not_before: dt.datetime, not_after: dt
     return Leaf(cert, key, [cert])
 
 
-def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
+async def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
     ca = make_ca()
     leaf = _self_signed("alice", "10.77.0.2", NOW - DAY, NOW + 30 * DAY)
     with pytest.raises(VerifyError) as info:
         verify_peer([der(leaf.cert)], now=NOW, role=Role.PEER, trust=ca.trust())
     assert info.value.reason is Reason.UNKNOWN_CA
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)
-            cert, key = mine.write(tmp_path, "selfie")
-            assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
-        finally:
-            await w.close()
-
-    run(scenario())
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)
+        cert, key = mine.write(tmp_path, "selfie")
+        assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
+    finally:
+        await w.close()

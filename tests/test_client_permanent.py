@@ -99,8 +99,9 @@ def test_tun_permission_denied_stops_after_one_attempt(tmp_path: Path) -> None:
                 await a.client.run()
             assert a.connects == 1  # admitted once, not once a second forever
             assert "tun0" in str(err.value) and "\n" not in str(err.value)
-            assert w.gateway is not None
-            await until(lambda: not w.gateway.peers, "the gateway dropped the session")
+            gateway = w.gateway
+            assert gateway is not None
+            await until(lambda: not gateway.peers, "the gateway dropped the session")
         finally:
             await w.close()
 

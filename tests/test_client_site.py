@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from test_tunnel_inprocess import DAY, REAL_NOW, World, ipv4_packet, run, until
 
@@ -60,6 +61,7 @@ def test_reload_plan_keeps_the_tunnel_for_unchanged_or_live_settings() -> None:
 def test_reload_plan_reconnects_when_the_session_settings_change() -> None:
     for field, value in (("server", "gw2:4443"), ("server_name", "gw2"),
                          ("tun_name", "vpn1"), ("max_frame", 131072)):  # fmt: skip
-        changed, reconnect = settings_changes(base(), dataclasses.replace(base(), **{field: value}))
+        change: dict[str, Any] = {field: value}
+        changed, reconnect = settings_changes(base(), dataclasses.replace(base(), **change))
         assert reconnect, field
         assert changed[0].startswith(f"{field}: "), changed

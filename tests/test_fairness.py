@@ -13,6 +13,7 @@ from pathlib import Path
 from test_tunnel_inprocess import World, ipv4_packet, run, tso_packet, until
 
 from vpnd.gateway.shell import Peer
+from vpnd.transport.connection import TlsConnection
 
 
 def _peer(w: World, name: str) -> Peer:
@@ -37,6 +38,10 @@ def test_one_packet_from_b_is_not_queued_behind_a_flood_from_a(tmp_path: Path) -
             a_gw, b_gw = _peer(w, "alice").driver.conn, _peer(w, "bob").driver.conn
             a_drv, b_drv = alice.client._driver, bob.client._driver
             assert a_drv is not None and b_drv is not None
+            a_conn, b_conn = a_drv.conn, b_drv.conn
+            # TLS over real sockets: the test pauses the transports and reads their write buffers.
+            assert isinstance(a_gw, TlsConnection) and isinstance(b_gw, TlsConnection)
+            assert isinstance(a_conn, TlsConnection) and isinstance(b_conn, TlsConnection)
             # Hold both at the gateway while the traffic piles up in its socket buffers.
             a_gw.pause_reading()
             b_gw.pause_reading()
@@ -50,8 +55,8 @@ def test_one_packet_from_b_is_not_queued_behind_a_flood_from_a(tmp_path: Path) -
             probe = ipv4_packet("10.8.0.3", "192.168.50.10", b"bob!")
             b_drv.session.send_packets([probe], 0.0)
             b_drv.flush()
-            await until(lambda: b_drv.conn.write_buffer_size == 0, "bob's packet left bob")
-            in_flight = len(b"".join(tiny)) - a_drv.conn.write_buffer_size
+            await until(lambda: b_conn.write_buffer_size == 0, "bob's packet left bob")
+            in_flight = len(b"".join(tiny)) - a_conn.write_buffer_size
             # Precondition: the gateway can read far more than a budget of alice's at once
             # (asyncio reads up to 256 KiB per callback).
             assert in_flight > 64 * 1024, in_flight

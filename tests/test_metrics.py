@@ -49,29 +49,26 @@ def get(url: str, method: str = "GET") -> tuple[int, str, str]:
         return err.code, err.headers["Content-Type"], err.read().decode()
 
 
-def scrape(snapshot: Callable[[], MetricsSnapshot], *paths: str) -> list[tuple[int, str, str]]:
-    async def main() -> list[tuple[int, str, str]]:
-        exporter = MetricsExporter("127.0.0.1", 0, snapshot)
-        await exporter.start()
-        try:
-            assert exporter.port > 0
-            return [
-                await asyncio.to_thread(get, f"http://127.0.0.1:{exporter.port}{p}") for p in paths
-            ]
-        finally:
-            await exporter.close()
-
-    return asyncio.run(main())
+async def scrape(
+    snapshot: Callable[[], MetricsSnapshot], *paths: str
+) -> list[tuple[int, str, str]]:
+    exporter = MetricsExporter("127.0.0.1", 0, snapshot)
+    await exporter.start()
+    try:
+        assert exporter.port > 0
+        return [await asyncio.to_thread(get, f"http://127.0.0.1:{exporter.port}{p}") for p in paths]
+    finally:
+        await exporter.close()
 
 
-def test_scrape_exposes_every_metric() -> None:
+async def test_scrape_exposes_every_metric() -> None:
     calls: list[int] = []
 
     def snapshot() -> MetricsSnapshot:
         calls.append(1)
         return SNAP
 
-    [(status, ctype, body)] = scrape(snapshot, "/metrics")
+    [(status, ctype, body)] = await scrape(snapshot, "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     assert len(calls) == 1  # read at scrape time, once
     got = samples(body)
@@ -99,43 +96,39 @@ def test_scrape_exposes_every_metric() -> None:
     assert got == expected
 
 
-def test_each_scrape_reads_a_fresh_snapshot() -> None:
+async def test_each_scrape_reads_a_fresh_snapshot() -> None:
     sessions = iter([1, 2])
-    results = scrape(lambda: MetricsSnapshot(sessions=next(sessions)), "/metrics", "/")
+    results = await scrape(lambda: MetricsSnapshot(sessions=next(sessions)), "/metrics", "/")
     values = [samples(body)[("vpnd_sessions", frozenset())] for _, _, body in results]
     assert values == [1, 2]
     # No CRL: the gauge is absent rather than a made-up number.
     assert "vpnd_crl_next_update_seconds" not in results[0][2]
 
 
-def test_failing_snapshot_reports_down() -> None:
+async def test_failing_snapshot_reports_down() -> None:
     def broken() -> MetricsSnapshot:
         raise RuntimeError("gateway gone")
 
-    [(status, _, body)] = scrape(broken, "/metrics")
+    [(status, _, body)] = await scrape(broken, "/metrics")
     assert status == 200
     assert samples(body) == {("vpnd_up", frozenset()): 0}
 
 
-def test_other_paths_and_methods() -> None:
-    [(status, _, _)] = scrape(lambda: SNAP, "/admin")
+async def test_other_paths_and_methods() -> None:
+    [(status, _, _)] = await scrape(lambda: SNAP, "/admin")
     assert status == 404
 
-    async def main() -> tuple[int, int, bytes, bytes]:
-        exporter = MetricsExporter("127.0.0.1", 0, lambda: SNAP)
-        await exporter.start()
-        try:
-            url = f"http://127.0.0.1:{exporter.port}/metrics"
-            post = await asyncio.to_thread(get, url, "POST")
-            head = await asyncio.to_thread(get, url, "HEAD")
-            garbage = await asyncio.to_thread(_raw, exporter.port, b"\x00\x01junk\r\n\r\n")
-            huge = await asyncio.to_thread(_raw, exporter.port, b"GET /" + b"a" * 20000)
-            return post[0], head[0], garbage, huge
-        finally:
-            await exporter.close()
-
-    post, head, garbage, huge = asyncio.run(main())
-    assert (post, head) == (405, 200)
+    exporter = MetricsExporter("127.0.0.1", 0, lambda: SNAP)
+    await exporter.start()
+    try:
+        url = f"http://127.0.0.1:{exporter.port}/metrics"
+        post = await asyncio.to_thread(get, url, "POST")
+        head = await asyncio.to_thread(get, url, "HEAD")
+        garbage = await asyncio.to_thread(_raw, exporter.port, b"\x00\x01junk\r\n\r\n")
+        huge = await asyncio.to_thread(_raw, exporter.port, b"GET /" + b"a" * 20000)
+    finally:
+        await exporter.close()
+    assert (post[0], head[0]) == (405, 200)
     assert garbage.startswith(b"HTTP/1.1 405 ")
     assert huge.startswith(b"HTTP/1.1 400 ")  # a request head over 8 KiB
 
@@ -149,15 +142,12 @@ def _raw(port: int, data: bytes) -> bytes:
         return b"".join(chunks)
 
 
-def test_port_in_use_is_a_one_line_error() -> None:
-    async def main() -> None:
-        first = MetricsExporter("127.0.0.1", 0, lambda: SNAP)
-        await first.start()
-        try:
-            second = MetricsExporter("127.0.0.1", first.port, lambda: SNAP)
-            with pytest.raises(MetricsError, match=r"metrics\.listen: cannot listen on 127\.0"):
-                await second.start()
-        finally:
-            await first.close()
-
-    asyncio.run(main())
+async def test_port_in_use_is_a_one_line_error() -> None:
+    first = MetricsExporter("127.0.0.1", 0, lambda: SNAP)
+    await first.start()
+    try:
+        second = MetricsExporter("127.0.0.1", first.port, lambda: SNAP)
+        with pytest.raises(MetricsError, match=r"metrics\.listen: cannot listen on 127\.0"):
+            await second.start()
+    finally:
+        await first.close()

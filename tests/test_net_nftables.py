@@ -104,17 +104,14 @@ def fake_nft(tmp_path: Path, script: str) -> str:
     return str(path)
 
 
-def test_install_remove_and_elements_feed_nft(tmp_path: Path) -> None:
+async def test_install_remove_and_elements_feed_nft(tmp_path: Path) -> None:
     fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, "exit 0"))
 
-    async def scenario() -> None:
-        await fw.install(fw.render(overlays=[N("10.8.0.0/24")]))
-        await fw.add_sources([ipaddress.ip_address("10.8.0.2"), N("fd00::/64")])
-        await fw.delete_sources([ipaddress.ip_address("10.8.0.2")])
-        await fw.add_sources([])  # nothing to do: nft not run
-        await fw.remove()
-
-    asyncio.run(scenario())
+    await fw.install(fw.render(overlays=[N("10.8.0.0/24")]))
+    await fw.add_sources([ipaddress.ip_address("10.8.0.2"), N("fd00::/64")])
+    await fw.delete_sources([ipaddress.ip_address("10.8.0.2")])
+    await fw.add_sources([])  # nothing to do: nft not run
+    await fw.remove()
     runs = (tmp_path / "stdin.log").read_text().split("--\n")[:-1]
     assert len(runs) == 4
     assert runs[0].startswith("table inet vpnd_vpn0\ndelete table inet vpnd_vpn0\n")
@@ -126,7 +123,7 @@ def test_install_remove_and_elements_feed_nft(tmp_path: Path) -> None:
     assert runs[3] == "table inet vpnd_vpn0\ndelete table inet vpnd_vpn0\n"
 
 
-def test_nft_failure_becomes_one_line_net_error(tmp_path: Path) -> None:
+async def test_nft_failure_becomes_one_line_net_error(tmp_path: Path) -> None:
     nft = fake_nft(
         tmp_path,
         "echo '/dev/stdin:4:17-17: Error: syntax error, unexpected }' >&2\n"
@@ -134,7 +131,7 @@ def test_nft_failure_becomes_one_line_net_error(tmp_path: Path) -> None:
     )
     fw = NftablesRuleset("vpn0", nft=nft)
     with pytest.raises(NetError) as info:
-        asyncio.run(fw.install("chain x { bogus }\n"))
+        await fw.install("chain x { bogus }\n")
     msg = str(info.value)
     assert "\n" not in msg
     assert msg == (
@@ -142,23 +139,21 @@ def test_nft_failure_becomes_one_line_net_error(tmp_path: Path) -> None:
     )
 
 
-def test_deleting_missing_elements_is_fine(tmp_path: Path) -> None:
+async def test_deleting_missing_elements_is_fine(tmp_path: Path) -> None:
     # Fails any batch naming 10.8.0.7, the way nft does; others succeed.
     nft = fake_nft(
         tmp_path,
         'case "$in" in *10.8.0.7*) echo "Error: element does not exist" >&2; exit 1;; esac',
     )
     fw = NftablesRuleset("vpn0", nft=nft)
-    asyncio.run(
-        fw.delete_sources([ipaddress.ip_address("10.8.0.7"), ipaddress.ip_address("10.8.0.2")])
-    )
+    await fw.delete_sources([ipaddress.ip_address("10.8.0.7"), ipaddress.ip_address("10.8.0.2")])
     runs = (tmp_path / "stdin.log").read_text().split("--\n")[:-1]
     # One failed batch, then each element alone; the missing one is tolerated.
     assert len(runs) == 3
     assert "10.8.0.2" in runs[2]
 
 
-def test_other_delete_failures_still_raise(tmp_path: Path) -> None:
+async def test_other_delete_failures_still_raise(tmp_path: Path) -> None:
     fw = NftablesRuleset(
         "vpn0",
         nft=fake_nft(
@@ -166,19 +161,19 @@ def test_other_delete_failures_still_raise(tmp_path: Path) -> None:
         ),
     )
     with pytest.raises(NetError, match="Permission denied"):
-        asyncio.run(fw.delete_sources([ipaddress.ip_address("10.8.0.2")]))
+        await fw.delete_sources([ipaddress.ip_address("10.8.0.2")])
 
 
-def test_missing_nft_binary(tmp_path: Path) -> None:
+async def test_missing_nft_binary(tmp_path: Path) -> None:
     fw = NftablesRuleset("vpn0", nft=str(tmp_path / "no-such-nft"))
     with pytest.raises(NetError, match=r"not found \(apt-get install nftables\)"):
-        asyncio.run(fw.remove())
+        await fw.remove()
 
 
-def test_hung_nft_is_bounded(tmp_path: Path) -> None:
+async def test_hung_nft_is_bounded(tmp_path: Path) -> None:
     fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, "exec sleep 30"), timeout=0.2)
     with pytest.raises(NetError, match=r"did not finish within 0\.2s"):
-        asyncio.run(fw.remove())
+        await fw.remove()
 
 
 def _chain(text: str) -> list[str]:
@@ -276,7 +271,7 @@ def test_render_gateway_filter_and_host_sets() -> None:
     )
 
 
-def test_counters_parsed_from_nft_json(tmp_path: Path) -> None:
+async def test_counters_parsed_from_nft_json(tmp_path: Path) -> None:
     doc = (
         '{"nftables": [{"metainfo": {"version": "1.0.6"}}, '
         '{"counter": {"family": "inet", "name": "forward_dropped", "table": "vpnd_vpn0", '
@@ -290,10 +285,10 @@ def test_counters_parsed_from_nft_json(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     out.write_text(doc)
     fw = NftablesRuleset("vpn0", nft=fake_nft(tmp_path, f'cat "{out}"'))
-    assert asyncio.run(fw.counters()) == {"forward_dropped": 17, "input_dropped": 2}
+    assert await fw.counters() == {"forward_dropped": 17, "input_dropped": 2}
 
 
-def test_poll_counters_feeds_sink_and_survives_a_failed_read(tmp_path: Path) -> None:
+async def test_poll_counters_feeds_sink_and_survives_a_failed_read(tmp_path: Path) -> None:
     # First read fails (nft not there for a moment), the next ones succeed.
     flag = tmp_path / "failed-once"
     nft = fake_nft(
@@ -304,19 +299,16 @@ def test_poll_counters_feeds_sink_and_survives_a_failed_read(tmp_path: Path) -> 
     fw = NftablesRuleset("vpn0", nft=nft)
     seen: list[dict[str, int]] = []
 
-    async def scenario() -> None:
-        done = asyncio.Event()
+    done = asyncio.Event()
 
-        def sink(c: dict[str, int]) -> None:
-            seen.append(c)
-            if len(seen) == 2:
-                done.set()
+    def sink(c: dict[str, int]) -> None:
+        seen.append(c)
+        if len(seen) == 2:
+            done.set()
 
-        task = asyncio.create_task(poll_counters(fw, sink, interval=0))
-        await asyncio.wait_for(done.wait(), 20)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(scenario())
+    task = asyncio.create_task(poll_counters(fw, sink, interval=0))
+    await asyncio.wait_for(done.wait(), 20)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     assert seen == [{"forward_dropped": 4}, {"forward_dropped": 4}]

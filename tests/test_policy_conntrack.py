@@ -81,8 +81,8 @@ def dns_reply(sport: int = 5353) -> bytes:
 class Gateway:
     """The firewall plus the sides the gateway would pass for each address."""
 
-    def __init__(self, policy: PolicyConfig = POLICY, **kwargs: int) -> None:
-        self.fw = Firewall(policy, **kwargs)
+    def __init__(self, policy: PolicyConfig = POLICY, *, max_conntrack: int = 65536) -> None:
+        self.fw = Firewall(policy, max_conntrack=max_conntrack)
         self.owner: dict[bytes, PeerView] = {
             raw(BOB4): BOB,
             raw(ALICE4): ALICE,

@@ -92,7 +92,7 @@ async def start_gateway(
         accepted,
         handshake_timeout=handshake_timeout,
         on_refused=refused,
-        **limits,  # type: ignore[arg-type]
+        **limits,
     )
     port = server.sockets[0].getsockname()[1]
     gw = Gateway(server, port)

@@ -72,7 +72,12 @@ def _refusal_lines(
                 failure = err
             else:
                 done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-                conn.set_receiver(lambda d: None, lambda r: done.done() or done.set_result(r))
+
+                def lost(reason: Exception | None) -> None:
+                    if not done.done():
+                        done.set_result(reason)
+
+                conn.set_receiver(lambda d: None, lost)
                 failure = await done  # TLS 1.3: the gateway's refusal is the first read
             await refused.wait()
         finally:

@@ -706,7 +706,9 @@ def test_renewed_certificate_takes_over_without_dropping_the_tunnel(tmp_path: Pa
             # Same TUN, never closed; no outcome recorded means no disconnect was seen.
             assert len(alice.tun) == 1 and not alice.tun[0].closed
             assert alice.client.last_outcome is None
-            await until(lambda: len(w.gateway.peers) == 1, "the old session is gone")
+            gateway = w.gateway
+            assert gateway is not None
+            await until(lambda: len(gateway.peers) == 1, "the old session is gone")
             pkt = ipv4_packet("10.8.0.2", "192.168.50.10")
             alice.tun[0].inject(pkt)
             await until(lambda: pkt in w.gw_tun.written, "traffic flows on the new session")
@@ -739,16 +741,19 @@ def test_a_peer_that_floods_pings_and_never_reads_cannot_grow_gateway_memory(
             await asyncio.wait_for(bob.client.connected.wait(), 5)
             assert w.gateway is not None and alice.client._driver is not None
             conn = alice.client._driver.conn
+            assert isinstance(conn, TlsConnection)  # pauses the socket itself
             conn.pause_reading()  # alice stops reading what the gateway sends
             ping = encode_frame(FrameType.PING, b"12345678") * 4096  # 48 KiB of PINGs
             gw_peer = next(p for p in w.gateway.peers.values() if p.identity.name == "alice")
+            gw_conn = gw_peer.driver.conn
+            assert isinstance(gw_conn, TlsConnection)
             worst = 0
             for _ in range(200):  # ~10 MB of PINGs -> ~10 MB of PONGs if unbounded
                 conn.write(ping)
                 await asyncio.sleep(0)
-                worst = max(worst, gw_peer.driver.conn.write_buffer_size)
+                worst = max(worst, gw_conn.write_buffer_size)
             await asyncio.sleep(0.2)
-            worst = max(worst, gw_peer.driver.conn.write_buffer_size)
+            worst = max(worst, gw_conn.write_buffer_size)
             assert worst < BACKLOG_CAP + 256 * 1024, worst
             # bob is unaffected
             pkt = ipv4_packet("10.8.0.3", "192.168.50.10")

@@ -149,6 +149,10 @@ def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -
     """Why this CRL cannot be trusted as ``issuer``'s CRL, or None if it can."""
     if crl.issuer != issuer.subject:
         return "CRL issuer name does not match"
+    return _signature_problem(crl, issuer) or _extension_problem(crl, issuer) or _entry_problem(crl)
+
+
+def _signature_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> str | None:
     public = issuer.public_key()
     if not isinstance(
         public, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -160,8 +164,10 @@ def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -
     except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
         return f"CRL signature cannot be checked: {exc}"
     weak = weak_signature(crl)
-    if weak:
-        return f"CRL {weak}"
+    return f"CRL {weak}" if weak else None
+
+
+def _extension_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> str | None:
     try:
         if not _key_usage_allows_crl(issuer):
             return "CRL issuer's keyUsage lacks cRLSign"
@@ -180,6 +186,10 @@ def crl_problem(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -
         return "CRL has no CRLNumber"
     if crl.next_update_utc is None:
         return "CRL has no nextUpdate"
+    return None
+
+
+def _entry_problem(crl: x509.CertificateRevocationList) -> str | None:
     try:
         for revoked in crl:
             for ext in revoked.extensions:

@@ -108,23 +108,35 @@ def decode_peer_attributes(der: bytes) -> PeerAttributes:
     """Parse the extension value; PkiError on anything but the exact DER of a valid value."""
     if len(der) > MAX_EXTENSION_BYTES:
         raise PkiError(f"peer attributes: {len(der)} bytes is too large")
+    raw_groups, raw_routes = _decode_der(der)
+    if len(raw_groups) > MAX_GROUPS:
+        raise PkiError(f"peer attributes: {len(raw_groups)} groups (at most {MAX_GROUPS})")
+    if len(raw_routes) > MAX_ROUTES:
+        raise PkiError(f"peer attributes: {len(raw_routes)} routes (at most {MAX_ROUTES})")
+    _check_groups(raw_groups)
+    routes = tuple(_route_from_bytes(r) for r in raw_routes)
+    if len(set(routes)) != len(routes):
+        raise PkiError("peer attributes: duplicate routes")
+    return PeerAttributes(groups=tuple(raw_groups), routes=routes)
+
+
+def _decode_der(der: bytes) -> tuple[list[str], list[bytes]]:
+    """The raw group names and route bytes of exactly-DER ``der``."""
     try:
         value, rest = der_decoder.decode(der, asn1Spec=_PeerAttributesAsn1())
         if rest:
             raise PkiError(f"peer attributes: {len(rest)} trailing bytes")
         if bytes(der_encoder.encode(value)) != bytes(der):
             raise PkiError("peer attributes: not DER encoded")
-        raw_groups = [str(g) for g in value["groups"]]
-        raw_routes = [bytes(r) for r in value["routes"]]
+        return [str(g) for g in value["groups"]], [bytes(r) for r in value["routes"]]
     except PkiError:
         raise
     except (PyAsn1Error, UnicodeError, ValueError, TypeError) as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
         raise PkiError(f"peer attributes: not a valid DER value ({detail})") from None
-    if len(raw_groups) > MAX_GROUPS:
-        raise PkiError(f"peer attributes: {len(raw_groups)} groups (at most {MAX_GROUPS})")
-    if len(raw_routes) > MAX_ROUTES:
-        raise PkiError(f"peer attributes: {len(raw_routes)} routes (at most {MAX_ROUTES})")
+
+
+def _check_groups(raw_groups: list[str]) -> None:
     for group in raw_groups:
         try:
             ok = canonical_group(group) == group
@@ -134,10 +146,6 @@ def decode_peer_attributes(der: bytes) -> PeerAttributes:
             raise PkiError(f"peer attributes: invalid group name {group[:40]!r}")
     if len(set(raw_groups)) != len(raw_groups):
         raise PkiError("peer attributes: duplicate group names")
-    routes = tuple(_route_from_bytes(r) for r in raw_routes)
-    if len(set(routes)) != len(routes):
-        raise PkiError("peer attributes: duplicate routes")
-    return PeerAttributes(groups=tuple(raw_groups), routes=routes)
 
 
 def peer_attributes_of(cert: x509.Certificate) -> PeerAttributes:

@@ -198,6 +198,16 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
         raise VerifyError(
             Reason.CA_AS_LEAF, "the leaf certificate is a CA (basicConstraints CA:TRUE)"
         )
+    _check_leaf_eku(leaf, role)
+    _check_leaf_san(leaf, role)
+    _check_leaf_cn(leaf)
+    try:
+        peer_attributes_of(leaf)
+    except PkiError as exc:
+        raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
+
+
+def _check_leaf_eku(leaf: x509.Certificate, role: Role) -> None:
     eku = _eku(leaf)
     if not eku:
         raise VerifyError(Reason.NO_EKU, "the certificate has no extendedKeyUsage")
@@ -214,7 +224,11 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
         raise VerifyError(
             Reason.WRONG_EKU, f"a {role.value} certificate must carry only {want_name}"
         )
-    if _san(leaf) is None:
+
+
+def _check_leaf_san(leaf: x509.Certificate, role: Role) -> None:
+    san = _san(leaf)
+    if san is None:
         raise VerifyError(Reason.NO_SAN, "the certificate has no subjectAltName")
     if role is Role.PEER and not _addresses(leaf):
         raise VerifyError(Reason.NO_SAN, "the peer certificate has no iPAddress in its SAN")
@@ -225,8 +239,7 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
         raise VerifyError(
             Reason.BAD_EXTENSION, f"the SAN holds {count} addresses (at most {MAX_ADDRESSES})"
         )
-    san = _san(leaf)
-    dns_names = san.get_values_for_type(x509.DNSName) if san is not None else []
+    dns_names = san.get_values_for_type(x509.DNSName)
     if len(dns_names) > MAX_ADDRESSES:
         raise VerifyError(
             Reason.BAD_EXTENSION,
@@ -237,6 +250,9 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
             canonical_dns_name(dns)
         except PkiError as exc:
             raise VerifyError(Reason.BAD_NAME, f"SAN {exc}") from None
+
+
+def _check_leaf_cn(leaf: x509.Certificate) -> None:
     cns = _common_names(leaf)
     if len(cns) != 1:
         raise VerifyError(
@@ -248,10 +264,6 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
         raise VerifyError(Reason.BAD_NAME, str(exc)) from None
     if canonical != cns[0]:
         raise VerifyError(Reason.BAD_NAME, f"CN {cns[0][:40]!r} is not canonical ({canonical!r})")
-    try:
-        peer_attributes_of(leaf)
-    except PkiError as exc:
-        raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
 
 
 def _check_strength(certs: Sequence[x509.Certificate]) -> None:

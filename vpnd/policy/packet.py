@@ -168,7 +168,21 @@ def _parse_v6(pkt: bytes | bytearray | memoryview, o: int, n: int, *, inner: boo
         end = o + 40 + plen
         if end > n:
             return "truncated"
-    pos = o + 40
+    if nh in _V6_EXT:
+        return _parse_v6_ext(pkt, o + 40, end, nh, src, dst, inner)
+    return _parse_l4(pkt, o + 40, end, 6, nh, src, dst, "none", 0, inner)
+
+
+def _parse_v6_ext(  # noqa: PLR0917 - hot path: no per-packet argument object
+    pkt: bytes | bytearray | memoryview,
+    pos: int,
+    end: int,
+    nh: int,
+    src: bytes,
+    dst: bytes,
+    inner: bool,
+) -> Flow | str:
+    """Walk the extension headers starting with ``nh`` at ``pos``, then parse the L4 header."""
     fragment: Fragment = "none"
     frag_id = 0
     count = 0
@@ -176,16 +190,13 @@ def _parse_v6(pkt: bytes | bytearray | memoryview, o: int, n: int, *, inner: boo
     dest_opts = 0
     while nh in _V6_EXT:
         count += 1
+        dest_opts += nh == _V6_DEST_OPTS
         if count > MAX_IPV6_EXT:
             return "ipv6_ext_too_many"
         if nh == 0 and count != 1:
             return "ipv6_ext_order"
-        if nh == _V6_DEST_OPTS:
-            # Destination options may appear twice (before routing, and last), no more.
-            dest_opts += 1
-            if dest_opts > 2:
-                return "ipv6_ext_loop"
-        elif seen & (1 << nh):
+        # Destination options may appear twice (before routing, and last); others once.
+        if dest_opts > 2 or (nh != _V6_DEST_OPTS and seen & (1 << nh)):
             return "ipv6_ext_loop"
         seen |= 1 << nh
         if end - pos < 8:
@@ -197,10 +208,10 @@ def _parse_v6(pkt: bytes | bytearray | memoryview, o: int, n: int, *, inner: boo
             if off_m & 1:
                 fragment, frag_id = "first", ident
             hlen = 8  # an atomic fragment (offset 0, no M) is a whole packet
-        elif nh == 51:  # AH counts 4-byte words
-            nxt, hlen = pkt[pos], (pkt[pos + 1] + 2) * 4
         else:
-            nxt, hlen = pkt[pos], (pkt[pos + 1] + 1) * 8
+            nxt = pkt[pos]
+            # AH counts 4-byte words beyond the first two, the others 8-byte units beyond one.
+            hlen = (pkt[pos + 1] + 2) * 4 if nh == 51 else (pkt[pos + 1] + 1) * 8
             if nh == 43 and pkt[pos + 3]:  # routing header with segments left
                 return "source_route"
         pos += hlen
@@ -240,22 +251,35 @@ def _parse_l4(  # noqa: PLR0917 - hot path: no per-packet argument object
         sport, dport = _PORTS.unpack_from(pkt, pos)
         return Flow(version, proto, src, dst, sport, dport, None, fragment, None, 0, frag_id)
     if proto == (PROTO_ICMP if version == 4 else PROTO_ICMPV6):
-        if avail < 8:
-            return "truncated"
-        icmp_type, ident = _ICMP.unpack_from(pkt, pos)
-        if icmp_type in ICMP_ERRORS[version]:
-            if inner:
-                return "icmp_nested"
-            quoted = _parse_quoted(pkt, pos + 8, end, version)
-            if isinstance(quoted, str):
-                return quoted
-            return Flow(version, proto, src, dst, 0, 0, icmp_type, fragment, quoted, 0, frag_id)
-        if icmp_type in ICMP_REQUESTS[version] or icmp_type in ICMP_REPLIES[version]:
-            return Flow(
-                version, proto, src, dst, ident, ident, icmp_type, fragment, None, 0, frag_id
-            )
-        return Flow(version, proto, src, dst, 0, 0, icmp_type, fragment, None, 0, frag_id)
+        return _parse_icmp(pkt, pos, end, version, proto, src, dst, fragment, frag_id, inner)
     return Flow(version, proto, src, dst, 0, 0, None, fragment, None, 0, frag_id)
+
+
+def _parse_icmp(  # noqa: PLR0917 - hot path: no per-packet argument object
+    pkt: bytes | bytearray | memoryview,
+    pos: int,
+    end: int,
+    version: int,
+    proto: int,
+    src: bytes,
+    dst: bytes,
+    fragment: Fragment,
+    frag_id: int,
+    inner: bool,
+) -> Flow | str:
+    if end - pos < 8:
+        return "truncated"
+    icmp_type, ident = _ICMP.unpack_from(pkt, pos)
+    if icmp_type in ICMP_ERRORS[version]:
+        if inner:
+            return "icmp_nested"
+        quoted = _parse_quoted(pkt, pos + 8, end, version)
+        if isinstance(quoted, str):
+            return quoted
+        return Flow(version, proto, src, dst, 0, 0, icmp_type, fragment, quoted, 0, frag_id)
+    if icmp_type in ICMP_REQUESTS[version] or icmp_type in ICMP_REPLIES[version]:
+        return Flow(version, proto, src, dst, ident, ident, icmp_type, fragment, None, 0, frag_id)
+    return Flow(version, proto, src, dst, 0, 0, icmp_type, fragment, None, 0, frag_id)
 
 
 def _parse_quoted(

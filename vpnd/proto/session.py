@@ -325,11 +325,7 @@ class Session:
         ``LocalProtocolError`` before ESTABLISHED, or for ``vnet`` without offload.
         """
         if _SEND[self.role].get(self.state, {}).get("data") is None:
-            if self.state is _S.CLOSED:
-                if packets:
-                    self.counters.drop("closed", len(packets))
-                return len(packets)
-            raise LocalProtocolError(f"cannot send packets in state {self.state.value}")
+            return self._refuse_packets(len(packets))
         if vnet and not self._vnet_ok:
             raise LocalProtocolError("cannot send VNET packets: offload is off on this tunnel")
         max_payload = self.config.max_frame
@@ -368,16 +364,28 @@ class Session:
             total += HEADER_SIZE + frame_len
         self._out_len += total
         counters = self.counters
-        if oversize:
-            counters.drop("oversize", oversize)
-        if short:
-            counters.drop("short", short)
+        if oversize or short:
+            self._count_unsendable(oversize, short)
         if frames:
             counters.frames_out += frames
             counters.bytes_out += self._out_len - start_out
             counters.packets_out += sent
             self._last_sent = now
         return oversize + short
+
+    def _refuse_packets(self, count: int) -> int:
+        """``send_packets`` outside ESTABLISHED: all dropped once CLOSED, an error before."""
+        if self.state is not _S.CLOSED:
+            raise LocalProtocolError(f"cannot send packets in state {self.state.value}")
+        if count:
+            self.counters.drop("closed", count)
+        return count
+
+    def _count_unsendable(self, oversize: int, short: int) -> None:
+        if oversize:
+            self.counters.drop("oversize", oversize)
+        if short:
+            self.counters.drop("short", short)
 
     def close(self, code: CloseCode, message: str, now: float) -> None:
         """Queue CLOSE and end the session; idempotent.
