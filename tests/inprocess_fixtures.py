@@ -271,6 +271,7 @@ class World:
         offload: bool = False,
         initial_delay: float = 0.05,
         max_delay: float = 0.2,
+        local_check: Callable[[], str | None] | None = None,
     ) -> Client:
         """A client on fakes, with this world's timing and outcome reporting."""
         fake_net = net or FakeNetConfigurator()
@@ -295,6 +296,7 @@ class World:
             clock=clock,
             mono=asyncio.get_running_loop().time,
             on_outcome=on_outcome,
+            local_check=local_check,
         )
 
     def start_client(
