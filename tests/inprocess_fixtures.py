@@ -4,7 +4,7 @@ No sockets and no real time: the tests that use ``World`` run under ``looptime``
 (fake loop time that jumps ahead while the loop is idle), and gateway and clients
 take ``loop.time`` as their monotonic clock. Nothing polls: ``World.until`` re-checks
 its condition whenever something happened (a delivery, an end, a TUN read or write,
-a client outcome).
+a client outcome; over real TLS only the last three).
 
 There is no TLS handshake on a memory pipe, so nothing checks a chain on the way in:
 the gateway's own ``verify_peer`` judges what the client presents, and the client
@@ -117,6 +117,7 @@ class WatchedTun(FakeTun):
     ) -> None:
         super().__init__(name, vnet_hdr=vnet_hdr, net=net)
         self._activity = activity
+        activity.poke()  # a client's bring-up made it: its waiters wake after this turn
 
     def read_batch(self, max_packets: int = 64) -> list[bytes]:
         self._activity.poke()  # what the reader does with them happens in this turn

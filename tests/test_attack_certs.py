@@ -3,12 +3,14 @@ certificate, and a CertificateVerify made with someone else's key.
 
 Each hostile certificate is refused by ``verify_peer`` with a stable reason and a
 one-line message, and again through a real handshake against an in-process gateway,
-which keeps serving the good peer afterwards.
+which keeps serving the good peer afterwards (real TLS on 127.0.0.1: OpenSSL's own
+refusals are part of what is tested).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import ssl
@@ -30,14 +32,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from inprocess_fixtures import REAL_NOW, World
 from pki_fixtures import DAY, NOW, Leaf, _read_tlv, _tlv, make_ca
 from test_tls_support import GATEWAY_NAME, build_world
-from test_tunnel_inprocess import REAL_NOW, Node, World, run
 
 from vpnd.pki import verify_peer
 from vpnd.pki.identity import Reason, Role, VerifyError
 from vpnd.proto import CloseCode
 from vpnd.transport.connection import serve
+from vpnd.transport.tlsengine import TlsHandshakeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Attribute.s length:UserWarning")
 CASES = hostile_cases("10.77.0.2")
@@ -70,70 +73,61 @@ def _files(leaf: Leaf, tmp: Path, label: str) -> tuple[Path, Path]:
     return leaf.write(tmp, label)
 
 
-def test_pathological_certificates_through_a_real_handshake(tmp_path: Path) -> None:
+async def test_pathological_certificates_through_a_real_handshake(tmp_path: Path) -> None:
     """Hostile certificates signed by the trusted CA get a CLOSE naming the reason; a
     self-signed one and an oversized one are refused by OpenSSL with an alert. The
     gateway keeps no state for any of them and then admits a good peer."""
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        assert w.gateway is not None
-        valid = {"not_before": REAL_NOW - DAY, "not_after": REAL_NOW + 30 * DAY}
-        try:
-            refusals = 0
-            for i, case in enumerate(hostile_cases("10.8.0.2")):
-                leaf = build_hostile(w.ca, case, **valid)
-                cert, key = _files(leaf, tmp_path, f"hostile{i}")
-                verdict = await probe(w.port, w.ca_path, cert, key)
-                if verdict.kind == "unloadable":
-                    # OpenSSL will not even load it to send it; verify_peer's own test
-                    # above covers a crafted client that would.
-                    assert case.reason == "malformed", (case.label, verdict)
-                    continue
-                refusals += 1
-                if verdict.kind == "alert":  # OpenSSL refused it in the handshake
-                    assert verdict.text in OPENSSL_CERT_ALERTS, (case.label, verdict)
-                else:  # vpnd's own profile check: a CLOSE frame naming the reason
-                    assert verdict == Verdict("close", CloseCode.AUTH_FAILED, case.reason), (
-                        case.label,
-                        verdict,
-                    )
-            # Self-signed with 5000 SANs: OpenSSL refuses it before vpnd parses anything.
-            stranger = make_ca(
-                "stranger",
-                networks=["10.8.0.0/24"],
-                not_before=REAL_NOW - DAY,
-                not_after=REAL_NOW + 30 * DAY,
-            )
-            foreign = build_hostile(stranger, hostile_cases("10.8.0.2")[0], **valid)
-            cert, key = _files(foreign, tmp_path, "foreign")
-            assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
-            # Over OpenSSL's 100 KiB certificate-list limit, even from the trusted CA.
-            big = oversized_leaf(w.ca, 150_000, **valid)
-            cert, key = _files(big, tmp_path, "big")
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
+    await w.start_gateway()
+    assert w.gateway is not None
+    valid = {"not_before": REAL_NOW - DAY, "not_after": REAL_NOW + 30 * DAY}
+    try:
+        refusals = 0
+        for i, case in enumerate(hostile_cases("10.8.0.2")):
+            leaf = build_hostile(w.ca, case, **valid)
+            cert, key = _files(leaf, tmp_path, f"hostile{i}")
             verdict = await probe(w.port, w.ca_path, cert, key)
-            assert verdict.kind in {"alert", "error"}, verdict
-            assert not w.gateway.peers and len(w.gateway.table) == 0
-            refused = sum(n for k, n in w.gateway.handshakes.items() if k.startswith("refused_"))
-            assert refused == refusals + 2
-            # ...and the gateway still serves the peers it trusts.
-            good = w.start_client("bob", addr="10.8.0.3")
-            await _until_tun(good)
-        finally:
-            await w.close()
-
-    run(scenario())
+            if verdict.kind == "unloadable":
+                # OpenSSL will not even load it to send it; verify_peer's own test
+                # above covers a crafted client that would.
+                assert case.reason == "malformed", (case.label, verdict)
+                continue
+            refusals += 1
+            if verdict.kind == "alert":  # OpenSSL refused it in the handshake
+                assert verdict.text in OPENSSL_CERT_ALERTS, (case.label, verdict)
+            else:  # vpnd's own profile check: a CLOSE frame naming the reason
+                assert verdict == Verdict("close", CloseCode.AUTH_FAILED, case.reason), (
+                    case.label,
+                    verdict,
+                )
+        # Self-signed with 5000 SANs: OpenSSL refuses it before vpnd parses anything.
+        stranger = make_ca(
+            "stranger",
+            networks=["10.8.0.0/24"],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 30 * DAY,
+        )
+        foreign = build_hostile(stranger, hostile_cases("10.8.0.2")[0], **valid)
+        cert, key = _files(foreign, tmp_path, "foreign")
+        assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
+        # Over OpenSSL's 100 KiB certificate-list limit, even from the trusted CA.
+        big = oversized_leaf(w.ca, 150_000, **valid)
+        cert, key = _files(big, tmp_path, "big")
+        verdict = await probe(w.port, w.ca_path, cert, key)
+        assert verdict.kind in {"alert", "error"}, verdict
+        assert not w.gateway.peers and len(w.gateway.table) == 0
+        refused = sum(n for k, n in w.gateway.handshakes.items() if k.startswith("refused_"))
+        assert refused == refusals + 2
+        # ...and the gateway still serves the peers it trusts.
+        good = w.start_client("bob", addr="10.8.0.3")
+        await w.until(lambda: good.tun, "the good peer's TUN is up")
+    finally:
+        await w.close()
 
 
 def _alert(name: str) -> Verdict:
     return Verdict("alert", text=name)
-
-
-async def _until_tun(node: Node) -> None:
-    async with asyncio.timeout(10):
-        while not node.tun:
-            await asyncio.sleep(0.01)
 
 
 # ---- revocation by (issuer, serial), whatever the encoding ---------------------------
@@ -180,28 +174,25 @@ def test_revocation_by_issuer_and_serial_survives_a_reencoded_certificate() -> N
         assert info.value.reason is Reason.REVOKED, label
 
 
-def test_reencoded_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        alice = w.ca.issue(
-            "alice",
-            addresses=["10.8.0.2"],
-            not_before=REAL_NOW - DAY,
-            not_after=REAL_NOW + 30 * DAY,
-        )
-        assert isinstance(w.ca.key, ec.EllipticCurvePrivateKey)
-        twin = _resigned(alice.cert, w.ca.key)
-        assert der(twin) != der(alice.cert)
-        w.write_crl((alice.cert.serial_number,))
-        await w.start_gateway()
-        try:
-            cert, key = Leaf(twin, alice.key, [twin]).write(tmp_path, "twin")
-            verdict = await probe(w.port, w.ca_path, cert, key)
-            assert verdict == _alert("certificate_revoked"), verdict
-        finally:
-            await w.close()
-
-    run(scenario())
+async def test_reencoded_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path) -> None:
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
+    alice = w.ca.issue(
+        "alice",
+        addresses=["10.8.0.2"],
+        not_before=REAL_NOW - DAY,
+        not_after=REAL_NOW + 30 * DAY,
+    )
+    assert isinstance(w.ca.key, ec.EllipticCurvePrivateKey)
+    twin = _resigned(alice.cert, w.ca.key)
+    assert der(twin) != der(alice.cert)
+    w.write_crl((alice.cert.serial_number,))
+    await w.start_gateway()
+    try:
+        cert, key = Leaf(twin, alice.key, [twin]).write(tmp_path, "twin")
+        verdict = await probe(w.port, w.ca_path, cert, key)
+        assert verdict == _alert("certificate_revoked"), verdict
+    finally:
+        await w.close()
 
 
 # ---- CertificateVerify signed with the wrong key -------------------------------------
@@ -224,27 +215,31 @@ def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     world = build_world(world_dir)
     refusals: list[tuple[str, str]] = []
     ready = threading.Event()
-    done = threading.Event()
     port: list[int] = []
+    # The gateway runs its own loop in a thread (scapy's client blocks this one); it
+    # ends on the first refusal, or when the client is done.
+    finished: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     def gateway() -> None:
         async def main() -> None:
+            end = asyncio.Event()
+            finished.append((asyncio.get_running_loop(), end))
+
+            def refused(_peer: object, err: TlsHandshakeError) -> None:
+                refusals.append((err.reason, err.detail))
+                end.set()
+
             server = await serve(
-                "127.0.0.1",
-                0,
-                world.server_ctx(),
-                lambda conn: None,
-                handshake_timeout=5,
-                on_refused=lambda _p, err: refusals.append((err.reason, err.detail)),
-            )
+                "127.0.0.1", 0, world.server_ctx(), lambda conn: None, handshake_timeout=5,
+                on_refused=refused,
+            )  # fmt: skip
             port.append(server.sockets[0].getsockname()[1])
             ready.set()
-            async with asyncio.timeout(20):
-                while not done.is_set() and not refusals:
-                    await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(end.wait(), 20)
             server.close()
 
-        asyncio.run(main())
+        asyncio.run(main())  # this thread's own loop, not a test wrapper
 
     thread = threading.Thread(target=gateway, daemon=True)
     thread.start()
@@ -277,7 +272,9 @@ def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     except Exception:  # scapy ends with an exception on a fatal alert; the server tells us
         pass
     finally:
-        done.set()
+        loop, end = finished[0]
+        with contextlib.suppress(RuntimeError):  # its loop may be gone already
+            loop.call_soon_threadsafe(end.set)
         thread.join(25)
     return refusals
 
@@ -323,21 +320,18 @@ def _self_signed(name: str, address: str, not_before: dt.datetime, not_after: dt
     return Leaf(cert, key, [cert])
 
 
-def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
+async def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
     ca = make_ca()
     leaf = _self_signed("alice", "10.77.0.2", NOW - DAY, NOW + 30 * DAY)
     with pytest.raises(VerifyError) as info:
         verify_peer([der(leaf.cert)], now=NOW, role=Role.PEER, trust=ca.trust())
     assert info.value.reason is Reason.UNKNOWN_CA
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)
-            cert, key = mine.write(tmp_path, "selfie")
-            assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
-        finally:
-            await w.close()
-
-    run(scenario())
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
+    await w.start_gateway()
+    try:
+        mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)
+        cert, key = mine.write(tmp_path, "selfie")
+        assert await probe(w.port, w.ca_path, cert, key) == _alert("unknown_ca")
+    finally:
+        await w.close()
