@@ -77,6 +77,21 @@ def ipv6_packet(src: str, dst: str, payload: bytes = b"ping6") -> bytes:
     )
 
 
+def tcp_open(src: str, dst: str) -> bytes:
+    from scapy.layers.inet import IP, TCP
+
+    return bytes(IP(src=src, dst=dst) / TCP(sport=80, dport=5000, flags="S"))
+
+
+def tso_packet(src: str, dst: str, payload: bytes, mss: int = 1360) -> bytes:
+    """A GSO TCPv4 super-packet with a virtio header, as an offload TUN hands it out."""
+    from scapy.layers.inet import IP, TCP
+
+    raw = bytearray(bytes(IP(src=src, dst=dst) / TCP(sport=5000, dport=80, flags="PA") / payload))
+    struct.pack_into("!H", raw, 36, 0)  # a partial checksum; the segmenter recomputes it
+    return struct.pack("<BBHHHH", 1, 1, 40, mss, 20, 16) + bytes(raw)
+
+
 class Activity:
     """Wakes every waiter whenever something in the world happened."""
 
@@ -351,6 +366,22 @@ class World:
         if self.gateway is not None:
             await self.gateway.stop()
         self.gw_tun.close()
+
+
+def issue_leaf(w: World, name: str, addr: str) -> Leaf:
+    """A peer certificate of ``w``'s CA, valid for 30 days around now."""
+    return w.ca.issue(
+        name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
+    )
+
+
+def owners(w: World) -> dict[str, list[str]]:
+    """Who owns which overlay networks in the gateway's address table."""
+    assert w.gateway is not None
+    return {
+        p.identity.name: [str(n) for n in w.gateway.table.networks_of(p)]
+        for p in w.gateway.table.owners()
+    }
 
 
 def _der_chain(cert: Path) -> tuple[bytes, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import struct
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,12 @@ from inprocess_fixtures import (
     World,
     ipv4_packet,
     ipv6_packet,
+    issue_leaf,
+    owners,
+    tcp_open,
+    tso_packet,
 )
-from pki_fixtures import Leaf, make_ca
+from pki_fixtures import make_ca
 
 from vpnd.config import AnyMatch, NetworkMatch, PolicyConfig, Proto, RuleConfig
 from vpnd.pki import load_trust_store
@@ -131,27 +134,13 @@ async def test_gateway_stop_sends_close_and_clients_tear_down(tmp_path: Path) ->
     await w.close()
 
 
-def _leaf(w: World, name: str, addr: str) -> Leaf:
-    return w.ca.issue(
-        name, addresses=[addr], not_before=REAL_NOW - DAY, not_after=REAL_NOW + 30 * DAY
-    )
-
-
-def _owners(w: World) -> dict[str, list[str]]:
-    assert w.gateway is not None
-    return {
-        p.identity.name: [str(n) for n in w.gateway.table.networks_of(p)]
-        for p in w.gateway.table.owners()
-    }
-
-
 async def test_second_connection_with_the_same_certificate_replaces_the_first(
     tmp_path: Path,
 ) -> None:
     w = World(tmp_path)
     await w.start_gateway()
     try:
-        leaf = _leaf(w, "alice", "10.8.0.2")
+        leaf = issue_leaf(w, "alice", "10.8.0.2")
         first = w.start_client("alice", leaf=leaf, label="alice1")
         await asyncio.wait_for(first.client.connected.wait(), 5)
         assert w.gateway is not None
@@ -161,9 +150,9 @@ async def test_second_connection_with_the_same_certificate_replaces_the_first(
         assert first.client.last_outcome is not None
         assert "newer connection" in first.client.last_outcome.message
         await asyncio.wait_for(second.client.connected.wait(), 5)
-        owners = w.gateway.table.owners()
-        assert len(owners) == 1 and owners[0] is not first_peer
-        assert _owners(w) == {"alice": ["10.8.0.2/32"]}
+        live = w.gateway.table.owners()
+        assert len(live) == 1 and live[0] is not first_peer
+        assert owners(w) == {"alice": ["10.8.0.2/32"]}
         # traffic to alice now reaches the second connection
         second.tun[-1].inject(ipv4_packet("10.8.0.2", "192.168.50.10"))
         await w.until(lambda: w.gw_tun.written, "the new session's packet is routed")
@@ -179,7 +168,7 @@ async def test_duplicate_reject_keeps_the_first_session(tmp_path: Path) -> None:
     w = World(tmp_path)
     await w.start_gateway(duplicate="reject")
     try:
-        leaf = _leaf(w, "alice", "10.8.0.2")
+        leaf = issue_leaf(w, "alice", "10.8.0.2")
         first = w.start_client("alice", leaf=leaf, label="alice1")
         await asyncio.wait_for(first.client.connected.wait(), 5)
         second = w.start_client("alice", leaf=leaf, label="alice2")
@@ -204,7 +193,7 @@ async def test_two_certificates_claiming_one_address_second_refused_first_unaffe
         await w.until(lambda: imposter.client.last_outcome is not None, "eve refused")
         assert imposter.client.last_outcome is not None
         assert "already in use" in imposter.client.last_outcome.message
-        assert _owners(w) == {"alice": ["10.8.0.2/32"]}
+        assert owners(w) == {"alice": ["10.8.0.2/32"]}
         assert alice.client.connected.is_set()
         imposter.client.stop()
     finally:
@@ -215,7 +204,7 @@ async def test_new_crl_closes_revoked_sessions_and_keeps_the_others(tmp_path: Pa
     w = World(tmp_path)
     await w.start_gateway()
     try:
-        alice_leaf = _leaf(w, "alice", "10.8.0.2")
+        alice_leaf = issue_leaf(w, "alice", "10.8.0.2")
         alice = w.start_client("alice", leaf=alice_leaf)
         bob = w.start_client("bob", addr="10.8.0.3")
         await asyncio.wait_for(alice.client.connected.wait(), 5)
@@ -227,8 +216,8 @@ async def test_new_crl_closes_revoked_sessions_and_keeps_the_others(tmp_path: Pa
         await w.until(lambda: alice.client.last_outcome is not None, "alice told")
         assert alice.client.last_outcome is not None
         assert "revoked" in alice.client.last_outcome.message
-        await w.until(lambda: "alice" not in _owners(w), "address freed")
-        assert _owners(w) == {"bob": ["10.8.0.3/32"]}
+        await w.until(lambda: "alice" not in owners(w), "address freed")
+        assert owners(w) == {"bob": ["10.8.0.3/32"]}
         assert bob.client.connected.is_set()
     finally:
         await w.close()
@@ -256,21 +245,6 @@ async def test_kick_and_fail_closed_when_revocation_data_breaks(tmp_path: Path) 
         bob.client.stop()
     finally:
         await w.close()
-
-
-def tcp_open(src: str, dst: str) -> bytes:
-    from scapy.layers.inet import IP, TCP
-
-    return bytes(IP(src=src, dst=dst) / TCP(sport=80, dport=5000, flags="S"))
-
-
-def tso_packet(src: str, dst: str, payload: bytes, mss: int = 1360) -> bytes:
-    """A GSO TCPv4 super-packet with a virtio header, as an offload TUN hands it out."""
-    from scapy.layers.inet import IP, TCP
-
-    raw = bytearray(bytes(IP(src=src, dst=dst) / TCP(sport=5000, dport=80, flags="PA") / payload))
-    struct.pack_into("!H", raw, 36, 0)  # a partial checksum; the segmenter recomputes it
-    return struct.pack("<BBHHHH", 1, 1, 40, mss, 20, 16) + bytes(raw)
 
 
 async def test_offload_super_packets_cross_whole_or_are_segmented_for_plain_peers(
