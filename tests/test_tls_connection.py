@@ -29,12 +29,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return build_world(tmp_path_factory.mktemp("pki"))
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(BOUND):
-            return await coro
-
-    return asyncio.run(bounded())
+async def bounded(coro: Coroutine[Any, Any, T]) -> T:
+    """``await coro``, bounded so a bug cannot hang the suite."""
+    async with asyncio.timeout(BOUND):
+        return await coro
 
 
 class Sink:
@@ -92,7 +90,7 @@ async def start_gateway(
         accepted,
         handshake_timeout=handshake_timeout,
         on_refused=refused,
-        **limits,  # type: ignore[arg-type]
+        **limits,
     )
     port = server.sockets[0].getsockname()[1]
     gw = Gateway(server, port)
@@ -115,7 +113,7 @@ async def dial(world: World, gw: Gateway, client: str = "alice", **kw: Any) -> T
 # -- the good path -----------------------------------------------------------------
 
 
-def test_handshake_echo_and_orderly_close(world: World) -> None:
+async def test_handshake_echo_and_orderly_close(world: World) -> None:
     async def main() -> None:
         server_sink: Sink | None = None
 
@@ -151,10 +149,10 @@ def test_handshake_echo_and_orderly_close(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
+async def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
     payload = hashlib.shake_256(b"one megabyte").digest(1 << 20)
 
     async def main() -> None:
@@ -181,10 +179,10 @@ def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> None:
+async def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> None:
     async def main() -> None:
         sink: Sink | None = None
         release = asyncio.Event()
@@ -211,10 +209,10 @@ def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> No
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None:
+async def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None:
     async def main() -> None:
         server_sink = Sink()
 
@@ -249,10 +247,10 @@ def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> None:
+async def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, lambda conn: conn.abort())
         try:
@@ -264,7 +262,7 @@ def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> No
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
 # -- refusals by the gateway: what the client sees ---------------------------------
@@ -279,7 +277,9 @@ def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> No
         ("srv", "unsupported_certificate", "not a client certificate"),
     ],
 )
-def test_refused_client_sees_the_alert(world: World, client: str, alert: str, words: str) -> None:
+async def test_refused_client_sees_the_alert(
+    world: World, client: str, alert: str, words: str
+) -> None:
     async def main() -> None:
         gw = await start_gateway(world)
         try:
@@ -299,10 +299,10 @@ def test_refused_client_sees_the_alert(world: World, client: str, alert: str, wo
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_client_without_certificate_sees_certificate_required(world: World) -> None:
+async def test_client_without_certificate_sees_certificate_required(world: World) -> None:
     async def main() -> None:
         bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         bare.load_verify_locations(cafile=world.ca_file)
@@ -319,10 +319,10 @@ def test_client_without_certificate_sees_certificate_required(world: World) -> N
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_tls12_client_is_refused_during_connect(world: World) -> None:
+async def test_tls12_client_is_refused_during_connect(world: World) -> None:
     async def main() -> None:
         old = world.client_ctx()
         old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -335,10 +335,10 @@ def test_tls12_client_is_refused_during_connect(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
+async def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
     async def main() -> None:
         plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         plain.load_verify_locations(cafile=world.ca_file)
@@ -358,13 +358,13 @@ def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
 # -- refusals by the client ---------------------------------------------------------
 
 
-def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
+async def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world)
         try:
@@ -378,10 +378,10 @@ def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_connect_to_a_silent_server_times_out(world: World) -> None:
+async def test_connect_to_a_silent_server_times_out(world: World) -> None:
     async def main() -> None:
         writers: list[asyncio.StreamWriter] = []
 
@@ -401,10 +401,10 @@ def test_connect_to_a_silent_server_times_out(world: World) -> None:
             server.close()
             await server.wait_closed()
 
-    run(main())
+    await bounded(main())
 
 
-def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
+async def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
     async def main() -> None:
         server = await asyncio.start_server(lambda r, w: None, HOST, 0)
         port = server.sockets[0].getsockname()[1]
@@ -413,7 +413,7 @@ def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
         with pytest.raises(OSError):
             await connect(HOST, port, world.client_ctx(), server_hostname=GATEWAY_NAME, timeout=5)
 
-    run(main())
+    await bounded(main())
 
 
 # -- hostile clients ---------------------------------------------------------------
@@ -426,7 +426,7 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
-def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None:
+async def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, handshake_timeout=0.2)
         try:
@@ -439,10 +439,10 @@ def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
+async def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world, lambda conn: conn.set_receiver(conn.write, lambda _reason: None)
@@ -464,10 +464,10 @@ def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_refused_handshakes_leave_no_state(world: World) -> None:
+async def test_refused_handshakes_leave_no_state(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, handshake_timeout=0.2)
         try:
@@ -507,10 +507,10 @@ def test_refused_handshakes_leave_no_state(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) -> None:
+async def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world,
@@ -554,4 +554,4 @@ def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) ->
                 w.close()
             await stop(gw)
 
-    run(main())
+    await bounded(main())
