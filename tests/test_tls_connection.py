@@ -61,6 +61,8 @@ class Gateway:
     accepted: list[TlsConnection] = field(default_factory=list)
     refused: list[tuple[tuple[str, int] | None, TlsHandshakeError]] = field(default_factory=list)
     refusals: asyncio.Queue[TlsHandshakeError] = field(default_factory=asyncio.Queue)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once a connection was accepted."""
 
     async def next_refusal(self) -> TlsHandshakeError:
         return await self.refusals.get()
@@ -77,6 +79,7 @@ async def start_gateway(
 
     def accepted(conn: TlsConnection) -> Awaitable[None] | None:
         gw.accepted.append(conn)
+        gw.arrived.set()
         return on_connection(conn) if on_connection else None
 
     def refused(peer: tuple[str, int] | None, err: TlsHandshakeError) -> None:
@@ -157,11 +160,13 @@ async def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> No
 
     async def main() -> None:
         server_sink: Sink | None = None
+        ready = asyncio.Event()
 
         def on_connection(conn: TlsConnection) -> None:
             nonlocal server_sink
             server_sink = Sink(want=len(payload))
             conn.set_receiver(server_sink.on_data, server_sink.on_close)
+            ready.set()
 
         gw = await start_gateway(world, on_connection)
         try:
@@ -172,8 +177,8 @@ async def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> No
                 conn.write(view[start : start + 16_384])
                 if conn.write_buffer_size > 65_536:
                     await conn.wait_writable()
-            while server_sink is None:
-                await asyncio.sleep(0)
+            await ready.wait()
+            assert server_sink is not None
             await server_sink.enough.wait()
             assert bytes(server_sink.data) == payload
         finally:
@@ -185,13 +190,14 @@ async def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> No
 async def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> None:
     async def main() -> None:
         sink: Sink | None = None
-        release = asyncio.Event()
+        release, ready = asyncio.Event(), asyncio.Event()
 
         async def on_connection(conn: TlsConnection) -> None:
             nonlocal sink
             await release.wait()  # e.g. the daemon still verifying the identity
             sink = Sink(want=12)
             conn.set_receiver(sink.on_data, sink.on_close)
+            ready.set()
 
         gw = await start_gateway(world, on_connection)
         try:
@@ -199,11 +205,10 @@ async def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World)
             conn.write(b"early")
             conn.write(b" bytes")
             conn.close()  # the close must queue behind the data, not overtake it
-            while not gw.accepted:
-                await asyncio.sleep(0)
+            await gw.arrived.wait()
             release.set()
-            while sink is None:
-                await asyncio.sleep(0)
+            await ready.wait()
+            assert sink is not None
             assert await sink.closed is None
             assert bytes(sink.data) == b"early bytes"
         finally:
@@ -224,8 +229,7 @@ async def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -
         try:
             conn = await dial(world, gw)
             conn.set_receiver(Sink().on_data, Sink().on_close)
-            while not gw.accepted:
-                await asyncio.sleep(0)
+            await gw.arrived.wait()
             chunk = bytes(65_536)
             sent = 0
             for _ in range(4096):  # kernel buffers fill long before 256 MB
