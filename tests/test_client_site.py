@@ -58,8 +58,13 @@ def test_reload_plan_keeps_the_tunnel_for_unchanged_or_live_settings() -> None:
 
 
 def test_reload_plan_reconnects_when_the_session_settings_change() -> None:
-    for field, value in (("server", "gw2:4443"), ("server_name", "gw2"),
-                         ("tun_name", "vpn1"), ("max_frame", 131072)):  # fmt: skip
-        changed, reconnect = settings_changes(base(), dataclasses.replace(base(), **{field: value}))
+    news: dict[str, ClientSettings] = {
+        "server": dataclasses.replace(base(), server="gw2:4443"),
+        "server_name": dataclasses.replace(base(), server_name="gw2"),
+        "tun_name": dataclasses.replace(base(), tun_name="vpn1"),
+        "max_frame": dataclasses.replace(base(), max_frame=131072),
+    }
+    for field, new in news.items():
+        changed, reconnect = settings_changes(base(), new)
         assert reconnect, field
         assert changed[0].startswith(f"{field}: "), changed
