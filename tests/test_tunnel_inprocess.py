@@ -12,6 +12,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from attack_fixtures import der
 from inprocess_fixtures import (
     BACKLOG_CAP,
     DAY,
@@ -30,7 +31,8 @@ from pki_fixtures import make_ca
 
 from vpnd.config import AnyMatch, NetworkMatch, PolicyConfig, Proto, RuleConfig
 from vpnd.pki import load_trust_store
-from vpnd.transport.memory import MemoryStream
+from vpnd.pki.identity import Role
+from vpnd.transport.memory import MemoryStream, memory_pipe
 
 pytestmark = pytest.mark.looptime
 
@@ -558,5 +560,44 @@ async def test_the_whole_path_over_real_tls_on_loopback(tmp_path: Path) -> None:
             lambda: w.gateway is not None and w.gateway.handshakes["refused_unknown_ca"], "audited"
         )
         assert w.gateway.handshakes["accepted"] == 2
+    finally:
+        await w.close()
+
+
+async def test_the_client_verifies_the_gateway_chain_the_stream_presents(tmp_path: Path) -> None:
+    # No TLS checks a memory pipe: the client's own verify_peer must refuse a gateway
+    # certificate without the pinned name, and drop the stream.
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        imposter = w.ca.issue(
+            "gw2", role=Role.GATEWAY, addresses=["10.8.0.1"], dns_names=["other.test"],
+            not_before=REAL_NOW - DAY, not_after=REAL_NOW + 9 * DAY,
+        )  # fmt: skip
+        leaf = issue_leaf(w, "alice", "10.8.0.2")
+        ends: list[MemoryStream] = []
+        server_lost: list[Exception | None] = []
+
+        async def dial() -> MemoryStream:
+            client, server = memory_pipe(
+                client_chain=(der(leaf.cert),),
+                server_chain=(der(imposter.cert),),
+                on_activity=w.activity.poke,
+            )
+            server.set_receiver(lambda _d: None, server_lost.append)
+            ends.append(client)
+            return client
+
+        client = w.new_client(dial)
+        task = asyncio.create_task(client.run())
+        await w.until(lambda: client.last_outcome is not None, "the gateway refused")
+        client.stop()
+        await asyncio.wait_for(task, 5)
+        assert client.last_outcome is not None and client.last_outcome.permanent
+        assert "refused the gateway" in client.last_outcome.message
+        assert "name" in client.last_outcome.message
+        assert client.tun is None and client.gateway is None
+        await w.until(lambda: server_lost, "the imposter's end is reset")
+        assert isinstance(server_lost[0], ConnectionResetError)
     finally:
         await w.close()
