@@ -559,3 +559,38 @@ async def test_pending_handshakes_are_bounded_per_source_and_in_total(world: Wor
             await stop(gw)
 
     await bounded(main())
+
+
+async def test_a_peer_that_never_reads_stops_being_read_once_the_backlog_cap_is_hit(
+    world: World,
+) -> None:
+    cap = 256 * 1024
+    gw_conns: list[TlsConnection] = []
+
+    def on_connection(conn: TlsConnection) -> None:
+        gw_conns.append(conn)
+        conn.set_receiver(conn.write, lambda _reason: None)  # echo: like PING -> PONG
+
+    async def main() -> None:
+        gw = await start_gateway(world, on_connection, max_write_backlog=cap)
+        try:
+            conn = await dial(world, gw)
+            conn.set_receiver(lambda _d: None, lambda _r: None)
+            conn.pause_reading()  # never reads the echoes
+            await gw.arrived.wait()
+            chunk = bytes(65_536)
+            worst = 0
+            for _ in range(2048):  # up to 128 MB: far beyond what the kernel buffers hold
+                conn.write(chunk)
+                await asyncio.sleep(0)  # one loop turn: the gateway reads what arrived
+                worst = max(worst, gw_conns[0].write_buffer_size)
+                if conn.write_buffer_size > 8 << 20:
+                    break
+            # The gateway stopped reading, so what we wrote piles up on our side ...
+            assert conn.write_buffer_size > 8 << 20, conn.write_buffer_size
+            # ... while its own queue toward us stayed within one read of its cap.
+            assert worst < cap + 512 * 1024, worst
+        finally:
+            await stop(gw)
+
+    await bounded(main())
