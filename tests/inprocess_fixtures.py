@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import Leaf, TestCA, make_ca
 
-from vpnd.client.runner import Client, ClientSettings, Outcome
+from vpnd.client.runner import Client, ClientSettings, Connector, Outcome
 from vpnd.config import AnyMatch, PolicyConfig, Proto, RuleConfig
 from vpnd.gateway.shell import Gateway, GatewaySettings
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
@@ -279,7 +279,7 @@ class World:
 
     def new_client(
         self,
-        connect: Callable[[], object],
+        connect: Connector,
         *,
         tun_factory: Callable[[str, bool], FakeTun] | None = None,
         net: FakeNetConfigurator | None = None,
@@ -304,7 +304,7 @@ class World:
                 max_delay=max_delay,
                 offload=offload,
             ),
-            connect=connect,  # type: ignore[arg-type]
+            connect=connect,
             tun_factory=tun_factory
             or (lambda n, o: WatchedTun(n, self.activity, vnet_hdr=o, net=fake_net)),
             net=fake_net,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from inprocess_fixtures import DAY, REAL_NOW, World
 
-from vpnd.client.runner import Client
+from vpnd.client.runner import Client, Connector
 from vpnd.transport.connection import connect
 from vpnd.transport.stream import Stream
 from vpnd.transport.tlsctx import client_context
@@ -35,9 +35,9 @@ class SteppedWall:
         return time.time() + self.offset
 
 
-def bare_client(w: World, dial: object, *, initial_delay: float = 0.05) -> Client:
+def bare_client(w: World, dial: Connector, *, initial_delay: float = 0.05) -> Client:
     """A client of ``w``'s CA whose connector is ``dial`` (no gateway needed)."""
-    return w.new_client(dial, initial_delay=initial_delay, max_delay=initial_delay)  # type: ignore[arg-type]
+    return w.new_client(dial, initial_delay=initial_delay, max_delay=initial_delay)
 
 
 async def test_stop_cancels_a_hung_connect(tmp_path: Path) -> None:
