@@ -25,6 +25,7 @@ from vpnd.pki.authority import MAX_ADDRESSES
 from vpnd.pki.identity import OID_PEER_ATTRIBUTES
 from vpnd.proto import ConfigReceived, Session, SessionClosed, SessionConfig
 from vpnd.transport.connection import connect
+from vpnd.transport.stream import Stream
 from vpnd.transport.tlsctx import TlsConfigError, client_context
 from vpnd.transport.tlsengine import TlsAlertReceived, TlsError
 
@@ -169,17 +170,34 @@ async def probe(
     timeout: float = 10.0,
 ) -> Verdict:
     """Dial 127.0.0.1:``port`` as a client with ``cert``/``key``, say HELLO, report."""
+    conn = await _dial(port, ca_path, cert, key, server_name=server_name, timeout=timeout)
+    if isinstance(conn, Verdict):
+        return conn
+    try:
+        return await hello_verdict(conn, timeout)
+    finally:
+        conn.abort()
+
+
+async def _dial(
+    port: int, ca_path: Path, cert: Path, key: Path, *, server_name: str, timeout: float
+) -> Stream | Verdict:
+    """A TLS stream to the gateway, or the verdict that ended it before any session."""
     try:
         ctx = client_context(ca=ca_path, cert=cert, key=key)
     except TlsConfigError as err:
         return Verdict("unloadable", text=str(err))
     try:
-        conn = await connect("127.0.0.1", port, ctx, server_hostname=server_name, timeout=timeout)
+        return await connect("127.0.0.1", port, ctx, server_hostname=server_name, timeout=timeout)
     except TlsAlertReceived as err:
         return Verdict("alert", text=err.alert)
     except (TlsError, OSError) as err:
         return Verdict("error", text=str(err))
-    session = Session(SessionConfig(role="client"), time.time())
+
+
+async def hello_verdict(conn: Stream, timeout: float) -> Verdict:
+    """Say HELLO on ``conn``; the first answer: CONFIG, CLOSE, or how the stream ended."""
+    session = Session(SessionConfig(role="client"), time.monotonic())
     verdict: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
 
     def settle(v: Verdict) -> None:
@@ -187,7 +205,7 @@ async def probe(
             verdict.set_result(v)
 
     def on_data(data: bytes) -> None:
-        session.receive_data(data, time.time())
+        session.receive_data(data, time.monotonic())
         while (ev := session.next_event()) is not None:
             if isinstance(ev, ConfigReceived):
                 settle(Verdict("config", text=str(ev.config.address)))
@@ -202,8 +220,5 @@ async def probe(
 
     conn.set_receiver(on_data, on_close)
     conn.write(session.data_to_send())  # HELLO
-    try:
-        async with asyncio.timeout(timeout):
-            return await verdict
-    finally:
-        conn.abort()
+    async with asyncio.timeout(timeout):
+        return await verdict

@@ -3,7 +3,8 @@ certificate, and a CertificateVerify made with someone else's key.
 
 Each hostile certificate is refused by ``verify_peer`` with a stable reason and a
 one-line message, and again through a real handshake against an in-process gateway,
-which keeps serving the good peer afterwards.
+which keeps serving the good peer afterwards (real TLS on 127.0.0.1: OpenSSL's own
+refusals are part of what is tested).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from inprocess_fixtures import REAL_NOW, World
 from pki_fixtures import DAY, NOW, Leaf, _read_tlv, _tlv, make_ca
 from test_tls_support import GATEWAY_NAME, build_world
-from test_tunnel_inprocess import REAL_NOW, Node, World
 
 from vpnd.pki import verify_peer
 from vpnd.pki.identity import Reason, Role, VerifyError
@@ -76,7 +78,7 @@ async def test_pathological_certificates_through_a_real_handshake(tmp_path: Path
     self-signed one and an oversized one are refused by OpenSSL with an alert. The
     gateway keeps no state for any of them and then admits a good peer."""
 
-    w = World(tmp_path)
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
     await w.start_gateway()
     assert w.gateway is not None
     valid = {"not_before": REAL_NOW - DAY, "not_after": REAL_NOW + 30 * DAY}
@@ -119,19 +121,13 @@ async def test_pathological_certificates_through_a_real_handshake(tmp_path: Path
         assert refused == refusals + 2
         # ...and the gateway still serves the peers it trusts.
         good = w.start_client("bob", addr="10.8.0.3")
-        await _until_tun(good)
+        await w.until(lambda: good.tun, "the good peer's TUN is up")
     finally:
         await w.close()
 
 
 def _alert(name: str) -> Verdict:
     return Verdict("alert", text=name)
-
-
-async def _until_tun(node: Node) -> None:
-    # The client sets ``connected`` only once its TUN is open and configured.
-    await asyncio.wait_for(node.client.connected.wait(), 10)
-    assert node.tun
 
 
 # ---- revocation by (issuer, serial), whatever the encoding ---------------------------
@@ -179,7 +175,7 @@ def test_revocation_by_issuer_and_serial_survives_a_reencoded_certificate() -> N
 
 
 async def test_reencoded_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path) -> None:
-    w = World(tmp_path)
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
     alice = w.ca.issue(
         "alice",
         addresses=["10.8.0.2"],
@@ -209,7 +205,7 @@ def test_python_ssl_refuses_to_load_a_certificate_with_someone_elses_key(tmp_pat
         ctx.load_cert_chain(world.clients["alice"].cert, world.clients["bob"].key)
 
 
-async def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
+def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]]:
     """A TLS 1.3 client built with scapy, which (unlike OpenSSL) will present alice's
     certificate and sign CertificateVerify with any key we give it. Returns the
     gateway's refusals."""
@@ -218,20 +214,36 @@ async def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]
     world_dir.mkdir()
     world = build_world(world_dir)
     refusals: list[tuple[str, str]] = []
-    refused = asyncio.Event()
+    ready = threading.Event()
+    port: list[int] = []
+    # The gateway runs its own loop in a thread (scapy's client blocks this one); it
+    # ends on the first refusal, or when the client is done.
+    finished: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
-    def on_refused(_peer: object, err: TlsHandshakeError) -> None:
-        refusals.append((err.reason, err.detail))
-        refused.set()
+    def gateway() -> None:
+        async def main() -> None:
+            end = asyncio.Event()
+            finished.append((asyncio.get_running_loop(), end))
 
-    server = await serve(
-        "127.0.0.1",
-        0,
-        world.server_ctx(),
-        lambda conn: None,
-        handshake_timeout=5,
-        on_refused=on_refused,
-    )
+            def refused(_peer: object, err: TlsHandshakeError) -> None:
+                refusals.append((err.reason, err.detail))
+                end.set()
+
+            server = await serve(
+                "127.0.0.1", 0, world.server_ctx(), lambda conn: None, handshake_timeout=5,
+                on_refused=refused,
+            )  # fmt: skip
+            port.append(server.sockets[0].getsockname()[1])
+            ready.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(end.wait(), 20)
+            server.close()
+
+        asyncio.run(main())  # this thread's own loop, not a test wrapper
+
+    thread = threading.Thread(target=gateway, daemon=True)
+    thread.start()
+    assert ready.wait(10)
     # scapy reads traditional-format keys only.
     key = serialization.load_pem_private_key(world.clients[key_of].key.read_bytes(), None)
     trad = world_dir / f"{key_of}-trad.key"
@@ -244,7 +256,7 @@ async def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]
     )
     client = TLSClientAutomaton(  # type: ignore[no-untyped-call]
         server="127.0.0.1",
-        dport=server.sockets[0].getsockname()[1],
+        dport=port[0],
         server_name=GATEWAY_NAME,
         mycert=str(world.clients["alice"].cert),
         mykey=str(trad),
@@ -255,28 +267,26 @@ async def _scapy_handshake(world_dir: Path, key_of: str) -> list[tuple[str, str]
         supported_signature_algorithms=["sha256+ecdsa"],
         verbose=False,
     )
-
-    def handshake() -> None:
-        # scapy ends with an exception on a fatal alert; the gateway's refusal tells us.
-        with contextlib.suppress(Exception):
-            client.run(wait=True)
-
     try:
-        await asyncio.to_thread(handshake)  # scapy blocks; the gateway runs on this loop
-        await asyncio.wait_for(refused.wait(), 20)
+        client.run(wait=True)
+    except Exception:  # scapy ends with an exception on a fatal alert; the server tells us
+        pass
     finally:
-        server.close()
+        loop, end = finished[0]
+        with contextlib.suppress(RuntimeError):  # its loop may be gone already
+            loop.call_soon_threadsafe(end.set)
+        thread.join(25)
     return refusals
 
 
-async def test_certificate_verify_with_someone_elses_key_is_refused(tmp_path: Path) -> None:
+def test_certificate_verify_with_someone_elses_key_is_refused(tmp_path: Path) -> None:
     """Presenting alice's certificate without alice's key: the signature in
     CertificateVerify does not match the certificate, so OpenSSL aborts the handshake."""
     # Control: the same crafted client with alice's own key gets past client
     # authentication and is only refused later, for not offering the vpnd ALPN.
-    control = await _scapy_handshake(tmp_path / "own", "alice")
+    control = _scapy_handshake(tmp_path / "own", "alice")
     assert [r for r, _ in control] == ["no_application_protocol"], control
-    forged = await _scapy_handshake(tmp_path / "forged", "bob")
+    forged = _scapy_handshake(tmp_path / "forged", "bob")
     assert len(forged) == 1, forged
     reason, detail = forged[0]
     assert reason in {"handshake_failure", "decrypt_error"} and "bad signature" in detail
@@ -317,7 +327,7 @@ async def test_self_signed_peer_certificate_is_refused(tmp_path: Path) -> None:
         verify_peer([der(leaf.cert)], now=NOW, role=Role.PEER, trust=ca.trust())
     assert info.value.reason is Reason.UNKNOWN_CA
 
-    w = World(tmp_path)
+    w = World(tmp_path, tls=True)  # the TLS edge is what is tested
     await w.start_gateway()
     try:
         mine = _self_signed("alice", "10.8.0.2", REAL_NOW - DAY, REAL_NOW + 30 * DAY)

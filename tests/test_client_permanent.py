@@ -13,22 +13,23 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from test_tunnel_inprocess import DAY, REAL_NOW, World, until
+from inprocess_fixtures import DAY, REAL_NOW, WatchedTun, World
 
-from vpnd.client.runner import Client, ClientSettings, LocalError
+from vpnd.client.runner import LocalError
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
-from vpnd.pki import load_trust_store
 from vpnd.pki.crl import crl_pem
-from vpnd.transport.connection import TlsConnection, connect
-from vpnd.transport.tlsctx import TlsConfigError, client_context
+from vpnd.transport.stream import Stream
+from vpnd.transport.tlsctx import TlsConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUND = 20.0  # hang guard only
+
+pytestmark = pytest.mark.looptime
 
 
 class Attempts:
@@ -38,7 +39,6 @@ class Attempts:
         self,
         w: World,
         *,
-        port: int | None = None,
         tun_error: Exception | None = None,
         connect_error: Exception | None = None,
         local_check: Callable[[], str | None] | None = None,
@@ -47,123 +47,96 @@ class Attempts:
         self.tuns: list[FakeTun] = []
         leaf = w.ca.issue("alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY,
                           not_after=REAL_NOW + 30 * DAY)  # fmt: skip
-        cert, key = leaf.write(w.tmp, "alice")
+        cert, _key = leaf.write(w.tmp, "alice")
         net = FakeNetConfigurator()
 
         def tun_factory(name: str, offload: bool) -> FakeTun:
             if tun_error is not None:
                 raise tun_error
-            tun = FakeTun(name, vnet_hdr=offload, net=net)
+            tun = WatchedTun(name, w.activity, vnet_hdr=offload, net=net)
             self.tuns.append(tun)
             return tun
 
-        async def dial() -> TlsConnection:
+        async def dial() -> Stream:
             self.connects += 1
             if connect_error is not None:
                 raise connect_error
-            ctx = client_context(ca=w.ca_path, cert=cert, key=key)
-            target = port if port is not None else w.port
-            return await connect("127.0.0.1", target, ctx, server_hostname="gw.test", timeout=5)
+            return w.dial_memory(cert)
 
-        self.client = Client(
-            ClientSettings(
-                server="127.0.0.1",
-                server_name="gw.test",
-                tun_name="tun0",
-                initial_delay=0.01,
-                max_delay=0.02,
-            ),
-            connect=dial,
+        self.client = w.new_client(
+            dial,
             tun_factory=tun_factory,
             net=net,
-            trust=load_trust_store(w.ca_path, None, crl_required=False),
+            initial_delay=0.01,
+            max_delay=0.02,
             local_check=local_check,
         )
 
 
-def run(coro: object) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(BOUND):
-            await coro  # type: ignore[misc]
-
-    asyncio.run(bounded())
+async def bounded(work: Awaitable[None]) -> None:
+    """``await work`` with a hang guard (free under looptime)."""
+    await asyncio.wait_for(work, BOUND)
 
 
-def test_tun_permission_denied_stops_after_one_attempt(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            a = Attempts(w, tun_error=PermissionError(1, "Operation not permitted"))
-            with pytest.raises(LocalError) as err:
-                await a.client.run()
-            assert a.connects == 1  # admitted once, not once a second forever
-            assert "tun0" in str(err.value) and "\n" not in str(err.value)
-            gateway = w.gateway
-            assert gateway is not None
-            await until(lambda: not gateway.peers, "the gateway dropped the session")
-        finally:
-            await w.close()
-
-    run(scenario())
+async def test_tun_permission_denied_stops_after_one_attempt(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        a = Attempts(w, tun_error=PermissionError(1, "Operation not permitted"))
+        with pytest.raises(LocalError) as err:
+            await bounded(a.client.run())
+        assert a.connects == 1  # admitted once, not once a second forever
+        assert "tun0" in str(err.value) and "\n" not in str(err.value)
+        assert w.gateway is not None
+        await w.until(
+            lambda: w.gateway is not None and not w.gateway.peers, "the gateway dropped the session"
+        )
+    finally:
+        await w.close()
 
 
-def test_tun_factory_tun_error_from_the_daemon_stops_too(tmp_path: Path) -> None:
+async def test_tun_factory_tun_error_from_the_daemon_stops_too(tmp_path: Path) -> None:
     from vpnd.net.errors import TunError
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            need = "TUN tun0: permission denied: need CAP_NET_ADMIN (run as root)"
-            a = Attempts(w, tun_error=TunError(need))
-            with pytest.raises(LocalError, match="CAP_NET_ADMIN"):
-                await a.client.run()
-            assert a.connects == 1
-        finally:
-            await w.close()
-
-    run(scenario())
-
-
-def test_unusable_own_key_stops_without_retrying(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        bad = TlsConfigError(f"cannot load certificate {tmp_path}/alice.pem with key x: denied")
-        a = Attempts(w, port=1, connect_error=bad)
-        with pytest.raises(LocalError, match="cannot use our own TLS files"):
-            await a.client.run()
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        need = "TUN tun0: permission denied: need CAP_NET_ADMIN (run as root)"
+        a = Attempts(w, tun_error=TunError(need))
+        with pytest.raises(LocalError, match="CAP_NET_ADMIN"):
+            await bounded(a.client.run())
         assert a.connects == 1
-
-    run(scenario())
-
-
-def test_own_certificate_outside_its_validity_never_connects(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        a = Attempts(w, port=1, local_check=lambda: "pki.cert: own certificate expired at X")
-        with pytest.raises(LocalError, match="expired"):
-            await a.client.run()
-        assert a.connects == 0
-
-    run(scenario())
+    finally:
+        await w.close()
 
 
-def test_network_errors_are_retried(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        with socket.socket() as s:  # a port with nobody listening: connection refused
-            s.bind(("127.0.0.1", 0))
-            closed = s.getsockname()[1]
-        w = World(tmp_path)
-        a = Attempts(w, port=closed, local_check=lambda: None)
-        task = asyncio.create_task(a.client.run())
-        await until(lambda: a.connects >= 3, "three attempts", timeout=BOUND)
-        assert not task.done()  # still retrying
-        a.client.stop()
-        await asyncio.wait_for(task, BOUND)  # returns normally: no LocalError
-        assert a.client.last_outcome is not None and not a.client.last_outcome.fatal
+async def test_unusable_own_key_stops_without_retrying(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    bad = TlsConfigError(f"cannot load certificate {tmp_path}/alice.pem with key x: denied")
+    a = Attempts(w, connect_error=bad)
+    with pytest.raises(LocalError, match="cannot use our own TLS files"):
+        await a.client.run()
+    assert a.connects == 1
 
-    run(scenario())
+
+async def test_own_certificate_outside_its_validity_never_connects(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    a = Attempts(w, local_check=lambda: "pki.cert: own certificate expired at X")
+    with pytest.raises(LocalError, match="expired"):
+        await a.client.run()
+    assert a.connects == 0
+
+
+async def test_network_errors_are_retried(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    refused = ConnectionRefusedError(111, "Connection refused")
+    a = Attempts(w, connect_error=refused, local_check=lambda: None)
+    task = asyncio.create_task(a.client.run())
+    await w.until(lambda: a.connects >= 3, "three attempts", timeout=BOUND)
+    assert not task.done()  # still retrying
+    a.client.stop()
+    await asyncio.wait_for(task, BOUND)  # returns normally: no LocalError
+    assert a.client.last_outcome is not None and not a.client.last_outcome.fatal
 
 
 # --- the real daemon, without CAP_NET_ADMIN --------------------------------------------

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from inprocess_fixtures import World, issue_leaf
 from test_config import SOURCE, gateway, parse, parse_error, pki_dir, with_value  # noqa: F401
-from test_tunnel_inprocess import World, _leaf, run, until
 
 from vpnd.config import GatewayConfig
 from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
@@ -98,12 +98,13 @@ def test_metric_is_exported() -> None:
     assert b"vpnd_clone_holddowns_total 3.0" in generate_latest(registry)
 
 
-def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
+@pytest.mark.looptime
+async def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
     audit_lines = io.StringIO()
     handler = logging.StreamHandler(audit_lines)
     logging.getLogger("vpnd.audit").addHandler(handler)
 
-    async def scenario() -> None:
+    try:
         w = World(tmp_path)
         await w.start_gateway()
         assert w.gateway is not None
@@ -113,7 +114,7 @@ def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
             gw.settings, holddown_takeovers=2, holddown_window=3600, holddown_hold=3600
         )
         try:
-            leaf = _leaf(w, "alice", "10.8.0.2")
+            leaf = issue_leaf(w, "alice", "10.8.0.2")
             first = w.start_client("alice", leaf=leaf, label="alice1")
             await asyncio.wait_for(first.client.connected.wait(), 5)
             second = w.start_client("alice", leaf=leaf, label="alice2")
@@ -122,7 +123,7 @@ def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
                 return next(iter(gw.table.owners())).key if gw.table.owners() else 0
 
             # the two clients evict each other twice, then the newcomer is held down
-            await until(
+            await w.until(
                 lambda: gw.handshakes["refused_clone_holddown"] >= 1, "hold-down", timeout=60
             )
             held_by = holder()
@@ -136,9 +137,9 @@ def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
                     for n in (first, second)
                 )
 
-            await until(told, "the held-down client is told why")
+            await w.until(told, "the held-down client is told why")
             # more attempts keep being refused and never evict the session that stays
-            await until(
+            await w.until(
                 lambda: gw.handshakes["refused_clone_holddown"] >= 2, "second refusal", timeout=60
             )
             assert holder() == held_by
@@ -146,9 +147,6 @@ def test_two_hosts_sharing_a_certificate_stop_flapping(tmp_path: Path) -> None:
             assert gw.totals["clone_holddowns"] == 1
         finally:
             await w.close()
-
-    try:
-        run(scenario())
     finally:
         logging.getLogger("vpnd.audit").removeHandler(handler)
     assert "holding down alice" in audit_lines.getvalue()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from inprocess_fixtures import REAL_NOW, World, issue_leaf, owners
 from pki_fixtures import make_ca
-from test_tunnel_inprocess import REAL_NOW, World, _leaf, _owners, run, until
 
 from vpnd.pki.profile import describe_certificate
 from vpnd.telemetry.logsetup import JsonFormatter, TextFormatter
@@ -60,49 +60,47 @@ def _encodings(der: bytes) -> list[str]:
     ]
 
 
-def test_address_conflict_names_nobody_and_logs_hold_no_certificates(
+async def test_address_conflict_names_nobody_and_logs_hold_no_certificates(
     tmp_path: Path, captured: io.StringIO
 ) -> None:
     ders: list[bytes] = []
 
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            alice_leaf = _leaf(w, "alice", "10.8.0.2")
-            eve_leaf = _leaf(w, "eve", "10.8.0.2")
-            ders.extend(
-                c.public_bytes(Encoding.DER) for c in (alice_leaf.cert, eve_leaf.cert, w.ca.cert)
-            )
-            alice = w.start_client("alice", leaf=alice_leaf)
-            await asyncio.wait_for(alice.client.connected.wait(), 5)
-            eve = w.start_client("eve", leaf=eve_leaf)
-            await until(lambda: eve.client.last_outcome is not None, "eve refused")
-            eve.client.stop()
-            outcome = eve.client.last_outcome
-            assert outcome is not None and not outcome.established
-            assert "10.8.0.2" in outcome.message  # its own claim: fine to tell
-            info = describe_certificate(alice_leaf.cert)
-            for secret in ("alice", f"{info.serial:x}", info.fingerprint, info.fingerprint[:16]):
-                assert secret.lower() not in outcome.message.lower(), outcome.message
-            assert _owners(w) == {"alice": ["10.8.0.2/32"]}
-            # a peer of an untrusted CA is refused too, and audited by name only
-            mallory = w.start_client(
-                "mallory",
-                ca=make_ca(
-                    "evil-ca",
-                    networks=[ipaddress.ip_network("10.8.0.0/24")],
-                    not_before=REAL_NOW - dt.timedelta(days=1),
-                    not_after=REAL_NOW + dt.timedelta(days=100),
-                ),
-                addr="10.8.0.9",
-            )
-            await until(lambda: mallory.client.last_outcome is not None, "mallory refused")
-            mallory.client.stop()
-        finally:
-            await w.close()
+    w = World(tmp_path, tls=True)  # the handshake refusal is audited too
+    await w.start_gateway()
+    try:
+        alice_leaf = issue_leaf(w, "alice", "10.8.0.2")
+        eve_leaf = issue_leaf(w, "eve", "10.8.0.2")
+        ders.extend(
+            c.public_bytes(Encoding.DER) for c in (alice_leaf.cert, eve_leaf.cert, w.ca.cert)
+        )
+        alice = w.start_client("alice", leaf=alice_leaf)
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        eve = w.start_client("eve", leaf=eve_leaf)
+        await w.until(lambda: eve.client.last_outcome is not None, "eve refused")
+        eve.client.stop()
+        outcome = eve.client.last_outcome
+        assert outcome is not None and not outcome.established
+        assert "10.8.0.2" in outcome.message  # its own claim: fine to tell
+        info = describe_certificate(alice_leaf.cert)
+        for secret in ("alice", f"{info.serial:x}", info.fingerprint, info.fingerprint[:16]):
+            assert secret.lower() not in outcome.message.lower(), outcome.message
+        assert owners(w) == {"alice": ["10.8.0.2/32"]}
+        # a peer of an untrusted CA is refused too, and audited by name only
+        mallory = w.start_client(
+            "mallory",
+            ca=make_ca(
+                "evil-ca",
+                networks=[ipaddress.ip_network("10.8.0.0/24")],
+                not_before=REAL_NOW - dt.timedelta(days=1),
+                not_after=REAL_NOW + dt.timedelta(days=100),
+            ),
+            addr="10.8.0.9",
+        )
+        await w.until(lambda: mallory.client.last_outcome is not None, "mallory refused")
+        mallory.client.stop()
+    finally:
+        await w.close()
 
-    run(scenario())
     logs = captured.getvalue()
     # the gateway's own log says who holds the address
     assert "already owned by alice" in logs

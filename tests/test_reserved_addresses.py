@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_one_error_line
 from cli_helpers import run_vpnctl as vpnctl
-from test_tunnel_inprocess import DAY, REAL_NOW, World, _owners, run, until
+from inprocess_fixtures import DAY, REAL_NOW, World, owners
 
 
 @pytest.mark.parametrize(
@@ -31,56 +31,52 @@ from test_tunnel_inprocess import DAY, REAL_NOW, World, _owners, run, until
         (["10.8.0.9", "fd00:8::9"], ["::/0"], True, "default route"),
     ],
 )
-def test_gateway_refuses_reserved_addresses_and_default_routes(
+@pytest.mark.looptime
+async def test_gateway_refuses_reserved_addresses_and_default_routes(
     tmp_path: Path, addresses: list[str], routes: list[str], v6: bool, why: str
 ) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path, v6=v6)
-        await w.start_gateway()
-        try:
-            alice = w.start_client("alice", addr="10.8.0.2")
-            await asyncio.wait_for(alice.client.connected.wait(), 5)
-            leaf = w.ca.issue(
-                "odd",
-                addresses=addresses,
-                routes=routes,
-                not_before=REAL_NOW - DAY,
-                not_after=REAL_NOW + 9 * DAY,
-            )
-            odd = w.start_client("odd", leaf=leaf)
-            await until(lambda: odd.client.last_outcome is not None, "refused")
-            odd.client.stop()
-            outcome = odd.client.last_outcome
-            assert outcome is not None and not outcome.established
-            assert why in outcome.message, outcome.message
-            assert odd.tun == []
-            assert set(_owners(w)) == {"alice"}
-            assert w.gateway is not None and w.gateway.handshakes["accepted"] == 1
-        finally:
-            await w.close()
-
-    run(scenario())
+    w = World(tmp_path, v6=v6)
+    await w.start_gateway()
+    try:
+        alice = w.start_client("alice", addr="10.8.0.2")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        leaf = w.ca.issue(
+            "odd",
+            addresses=addresses,
+            routes=routes,
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 9 * DAY,
+        )
+        odd = w.start_client("odd", leaf=leaf)
+        await w.until(lambda: odd.client.last_outcome is not None, "refused")
+        odd.client.stop()
+        outcome = odd.client.last_outcome
+        assert outcome is not None and not outcome.established
+        assert why in outcome.message, outcome.message
+        assert odd.tun == []
+        assert set(owners(w)) == {"alice"}
+        assert w.gateway is not None and w.gateway.handshakes["accepted"] == 1
+    finally:
+        await w.close()
 
 
-def test_gateway_control_an_ordinary_site_peer_is_admitted(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        w = World(tmp_path)
-        await w.start_gateway()
-        try:
-            leaf = w.ca.issue(
-                "site",
-                addresses=["10.8.0.9"],
-                routes=["192.168.60.0/24"],
-                not_before=REAL_NOW - DAY,
-                not_after=REAL_NOW + 9 * DAY,
-            )
-            site = w.start_client("site", leaf=leaf)
-            await asyncio.wait_for(site.client.connected.wait(), 5)
-            site.client.stop()
-        finally:
-            await w.close()
-
-    run(scenario())
+@pytest.mark.looptime
+async def test_gateway_control_an_ordinary_site_peer_is_admitted(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        leaf = w.ca.issue(
+            "site",
+            addresses=["10.8.0.9"],
+            routes=["192.168.60.0/24"],
+            not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 9 * DAY,
+        )
+        site = w.start_client("site", leaf=leaf)
+        await asyncio.wait_for(site.client.connected.wait(), 5)
+        site.client.stop()
+    finally:
+        await w.close()
 
 
 # --- vpnctl ---------------------------------------------------------------------------

@@ -29,12 +29,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return build_world(tmp_path_factory.mktemp("pki"))
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(BOUND):
-            return await coro
-
-    return asyncio.run(bounded())
+async def bounded(coro: Coroutine[Any, Any, T]) -> T:
+    """``await coro``, bounded so a bug cannot hang the suite."""
+    async with asyncio.timeout(BOUND):
+        return await coro
 
 
 class Sink:
@@ -63,6 +61,8 @@ class Gateway:
     accepted: list[TlsConnection] = field(default_factory=list)
     refused: list[tuple[tuple[str, int] | None, TlsHandshakeError]] = field(default_factory=list)
     refusals: asyncio.Queue[TlsHandshakeError] = field(default_factory=asyncio.Queue)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once a connection was accepted."""
 
     async def next_refusal(self) -> TlsHandshakeError:
         return await self.refusals.get()
@@ -79,6 +79,7 @@ async def start_gateway(
 
     def accepted(conn: TlsConnection) -> Awaitable[None] | None:
         gw.accepted.append(conn)
+        gw.arrived.set()
         return on_connection(conn) if on_connection else None
 
     def refused(peer: tuple[str, int] | None, err: TlsHandshakeError) -> None:
@@ -115,7 +116,7 @@ async def dial(world: World, gw: Gateway, client: str = "alice", **kw: Any) -> T
 # -- the good path -----------------------------------------------------------------
 
 
-def test_handshake_echo_and_orderly_close(world: World) -> None:
+async def test_handshake_echo_and_orderly_close(world: World) -> None:
     async def main() -> None:
         server_sink: Sink | None = None
 
@@ -151,19 +152,21 @@ def test_handshake_echo_and_orderly_close(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
+async def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
     payload = hashlib.shake_256(b"one megabyte").digest(1 << 20)
 
     async def main() -> None:
         server_sink: Sink | None = None
+        ready = asyncio.Event()
 
         def on_connection(conn: TlsConnection) -> None:
             nonlocal server_sink
             server_sink = Sink(want=len(payload))
             conn.set_receiver(server_sink.on_data, server_sink.on_close)
+            ready.set()
 
         gw = await start_gateway(world, on_connection)
         try:
@@ -174,26 +177,27 @@ def test_one_megabyte_with_backpressure_arrives_intact(world: World) -> None:
                 conn.write(view[start : start + 16_384])
                 if conn.write_buffer_size > 65_536:
                     await conn.wait_writable()
-            while server_sink is None:
-                await asyncio.sleep(0)
+            await ready.wait()
+            assert server_sink is not None
             await server_sink.enough.wait()
             assert bytes(server_sink.data) == payload
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> None:
+async def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> None:
     async def main() -> None:
         sink: Sink | None = None
-        release = asyncio.Event()
+        release, ready = asyncio.Event(), asyncio.Event()
 
         async def on_connection(conn: TlsConnection) -> None:
             nonlocal sink
             await release.wait()  # e.g. the daemon still verifying the identity
             sink = Sink(want=12)
             conn.set_receiver(sink.on_data, sink.on_close)
+            ready.set()
 
         gw = await start_gateway(world, on_connection)
         try:
@@ -201,20 +205,19 @@ def test_data_sent_before_the_server_sets_a_receiver_is_kept(world: World) -> No
             conn.write(b"early")
             conn.write(b" bytes")
             conn.close()  # the close must queue behind the data, not overtake it
-            while not gw.accepted:
-                await asyncio.sleep(0)
+            await gw.arrived.wait()
             release.set()
-            while sink is None:
-                await asyncio.sleep(0)
+            await ready.wait()
+            assert sink is not None
             assert await sink.closed is None
             assert bytes(sink.data) == b"early bytes"
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None:
+async def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None:
     async def main() -> None:
         server_sink = Sink()
 
@@ -226,8 +229,7 @@ def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None
         try:
             conn = await dial(world, gw)
             conn.set_receiver(Sink().on_data, Sink().on_close)
-            while not gw.accepted:
-                await asyncio.sleep(0)
+            await gw.arrived.wait()
             chunk = bytes(65_536)
             sent = 0
             for _ in range(4096):  # kernel buffers fill long before 256 MB
@@ -249,10 +251,10 @@ def test_wait_writable_blocks_while_the_peer_does_not_read(world: World) -> None
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> None:
+async def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, lambda conn: conn.abort())
         try:
@@ -264,7 +266,7 @@ def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> No
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
 # -- refusals by the gateway: what the client sees ---------------------------------
@@ -279,7 +281,9 @@ def test_tcp_end_without_close_notify_is_reported_as_a_reset(world: World) -> No
         ("srv", "unsupported_certificate", "not a client certificate"),
     ],
 )
-def test_refused_client_sees_the_alert(world: World, client: str, alert: str, words: str) -> None:
+async def test_refused_client_sees_the_alert(
+    world: World, client: str, alert: str, words: str
+) -> None:
     async def main() -> None:
         gw = await start_gateway(world)
         try:
@@ -299,10 +303,10 @@ def test_refused_client_sees_the_alert(world: World, client: str, alert: str, wo
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_client_without_certificate_sees_certificate_required(world: World) -> None:
+async def test_client_without_certificate_sees_certificate_required(world: World) -> None:
     async def main() -> None:
         bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         bare.load_verify_locations(cafile=world.ca_file)
@@ -319,10 +323,10 @@ def test_client_without_certificate_sees_certificate_required(world: World) -> N
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_tls12_client_is_refused_during_connect(world: World) -> None:
+async def test_tls12_client_is_refused_during_connect(world: World) -> None:
     async def main() -> None:
         old = world.client_ctx()
         old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -335,10 +339,10 @@ def test_tls12_client_is_refused_during_connect(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
+async def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
     async def main() -> None:
         plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         plain.load_verify_locations(cafile=world.ca_file)
@@ -358,13 +362,13 @@ def test_client_not_offering_vpnd_alpn_is_closed(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
 # -- refusals by the client ---------------------------------------------------------
 
 
-def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
+async def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world)
         try:
@@ -378,10 +382,10 @@ def test_client_refuses_gateway_with_wrong_name(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_connect_to_a_silent_server_times_out(world: World) -> None:
+async def test_connect_to_a_silent_server_times_out(world: World) -> None:
     async def main() -> None:
         writers: list[asyncio.StreamWriter] = []
 
@@ -401,10 +405,10 @@ def test_connect_to_a_silent_server_times_out(world: World) -> None:
             server.close()
             await server.wait_closed()
 
-    run(main())
+    await bounded(main())
 
 
-def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
+async def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
     async def main() -> None:
         server = await asyncio.start_server(lambda r, w: None, HOST, 0)
         port = server.sockets[0].getsockname()[1]
@@ -413,7 +417,7 @@ def test_connect_to_a_closed_port_is_an_oserror(world: World) -> None:
         with pytest.raises(OSError):
             await connect(HOST, port, world.client_ctx(), server_hostname=GATEWAY_NAME, timeout=5)
 
-    run(main())
+    await bounded(main())
 
 
 # -- hostile clients ---------------------------------------------------------------
@@ -426,7 +430,7 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
-def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None:
+async def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, handshake_timeout=0.2)
         try:
@@ -439,10 +443,10 @@ def test_silent_client_is_closed_at_the_handshake_deadline(world: World) -> None
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
+async def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world, lambda conn: conn.set_receiver(conn.write, lambda _reason: None)
@@ -464,10 +468,10 @@ def test_garbage_is_closed_and_the_next_client_is_served(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_refused_handshakes_leave_no_state(world: World) -> None:
+async def test_refused_handshakes_leave_no_state(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(world, handshake_timeout=0.2)
         try:
@@ -507,10 +511,10 @@ def test_refused_handshakes_leave_no_state(world: World) -> None:
         finally:
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) -> None:
+async def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world,
@@ -554,4 +558,39 @@ def test_pending_handshakes_are_bounded_per_source_and_in_total(world: World) ->
                 w.close()
             await stop(gw)
 
-    run(main())
+    await bounded(main())
+
+
+async def test_a_peer_that_never_reads_stops_being_read_once_the_backlog_cap_is_hit(
+    world: World,
+) -> None:
+    cap = 256 * 1024
+    gw_conns: list[TlsConnection] = []
+
+    def on_connection(conn: TlsConnection) -> None:
+        gw_conns.append(conn)
+        conn.set_receiver(conn.write, lambda _reason: None)  # echo: like PING -> PONG
+
+    async def main() -> None:
+        gw = await start_gateway(world, on_connection, max_write_backlog=cap)
+        try:
+            conn = await dial(world, gw)
+            conn.set_receiver(lambda _d: None, lambda _r: None)
+            conn.pause_reading()  # never reads the echoes
+            await gw.arrived.wait()
+            chunk = bytes(65_536)
+            worst = 0
+            for _ in range(2048):  # up to 128 MB: far beyond what the kernel buffers hold
+                conn.write(chunk)
+                await asyncio.sleep(0)  # one loop turn: the gateway reads what arrived
+                worst = max(worst, gw_conns[0].write_buffer_size)
+                if conn.write_buffer_size > 8 << 20:
+                    break
+            # The gateway stopped reading, so what we wrote piles up on our side ...
+            assert conn.write_buffer_size > 8 << 20, conn.write_buffer_size
+            # ... while its own queue toward us stayed within one read of its cap.
+            assert worst < cap + 512 * 1024, worst
+        finally:
+            await stop(gw)
+
+    await bounded(main())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -47,7 +46,7 @@ def _gateway(world: World) -> Gateway:
     )
 
 
-def _refusal_lines(
+async def _refusal_lines(
     world: World, caplog: pytest.LogCaptureFixture, client: str, **kw: Any
 ) -> tuple[list[logging.LogRecord], BaseException | None]:
     """Run one handshake of ``client`` against a gateway; return the audit records."""
@@ -73,11 +72,11 @@ def _refusal_lines(
             else:
                 done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
-                def lost(reason: Exception | None) -> None:
+                def ended(reason: Exception | None) -> None:
                     if not done.done():
                         done.set_result(reason)
 
-                conn.set_receiver(lambda d: None, lost)
+                conn.set_receiver(lambda d: None, ended)
                 failure = await done  # TLS 1.3: the gateway's refusal is the first read
             await refused.wait()
         finally:
@@ -86,15 +85,9 @@ def _refusal_lines(
             gw.tun.close()
         return failure
 
-    def bounded(coro: Coroutine[Any, Any, BaseException | None]) -> BaseException | None:
-        async def inner() -> BaseException | None:
-            async with asyncio.timeout(BOUND):
-                return await coro
-
-        return asyncio.run(inner())
-
     with caplog.at_level(logging.INFO, logger="vpnd.audit"):
-        failure = bounded(main())
+        async with asyncio.timeout(BOUND):
+            failure = await main()
     records = [r for r in caplog.records if r.name == "vpnd.audit"]
     return records, failure
 
@@ -106,11 +99,11 @@ def _refusal_lines(
         ({"server_hostname": "other.vpn.test"}, "bad_certificate"),  # pinned another name
     ],
 )
-def test_client_rejecting_the_gateway_is_logged_as_such(
+async def test_client_rejecting_the_gateway_is_logged_as_such(
     world: World, caplog: pytest.LogCaptureFixture, kw: dict[str, str], alert: str
 ) -> None:
     args: dict[str, Any] = {"ca": world.other_ca_file} if kw.get("ca") == "other" else kw
-    records, failure = _refusal_lines(world, caplog, "alice", **args)
+    records, failure = await _refusal_lines(world, caplog, "alice", **args)
     assert isinstance(failure, TlsHandshakeError) and failure.reason == alert  # client side
     assert len(records) == 1, [r.getMessage() for r in records]
     line = records[0].getMessage()
@@ -125,11 +118,11 @@ def test_client_rejecting_the_gateway_is_logged_as_such(
 @pytest.mark.parametrize(
     ("client", "alert"), [("bob", "certificate_revoked"), ("eve", "unknown_ca")]
 )
-def test_gateway_refusal_in_the_handshake_audits_the_presented_name_and_serial(
+async def test_gateway_refusal_in_the_handshake_audits_the_presented_name_and_serial(
     world: World, caplog: pytest.LogCaptureFixture, client: str, alert: str
 ) -> None:
     cert = load_certificate(world.clients[client].cert)
-    records, failure = _refusal_lines(world, caplog, client)
+    records, failure = await _refusal_lines(world, caplog, client)
     assert isinstance(failure, TlsAlertReceived) and failure.alert == alert
     assert len(records) == 1, [r.getMessage() for r in records]
     rec = records[0]
@@ -143,9 +136,9 @@ def test_gateway_refusal_in_the_handshake_audits_the_presented_name_and_serial(
     assert "BEGIN CERTIFICATE" not in caplog.text and "MII" not in caplog.text
 
 
-def test_no_certificate_presented_audits_no_name(
+async def test_no_certificate_presented_audits_no_name(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A client that is refused before sending any certificate: nothing to name.
-    records, _ = _refusal_lines(world, caplog, "alice", server_hostname="other.vpn.test")
+    records, _ = await _refusal_lines(world, caplog, "alice", server_hostname="other.vpn.test")
     assert "peer" not in records[0].__dict__ and "serial" not in records[0].__dict__

@@ -11,8 +11,8 @@ from test_tls_connection import (
     HOST,
     Gateway,
     Sink,
+    bounded,
     dial,
-    run,
     start_gateway,
     stop,
 )
@@ -36,7 +36,7 @@ async def valid_peer_echoes(world: World, gw: Gateway) -> None:
     await sink.closed
 
 
-def test_20_sources_by_16_silent_connections_leave_room_for_valid_peers(world: World) -> None:
+async def test_20_sources_by_16_silent_connections_leave_room_for_valid_peers(world: World) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world,
@@ -64,10 +64,12 @@ def test_20_sources_by_16_silent_connections_leave_room_for_valid_peers(world: W
                 w.close()
             await stop(gw)
 
-    run(main())
+    await bounded(main())
 
 
-def test_a_full_table_evicts_the_oldest_silent_handshake_for_a_valid_peer(world: World) -> None:
+async def test_a_full_table_evicts_the_oldest_silent_handshake_for_a_valid_peer(
+    world: World,
+) -> None:
     async def main() -> None:
         gw = await start_gateway(
             world,
@@ -95,4 +97,4 @@ def test_a_full_table_evicts_the_oldest_silent_handshake_for_a_valid_peer(world:
                 w.close()
             await stop(gw)
 
-    run(main())
+    await bounded(main())

@@ -39,8 +39,8 @@ from vpnd.proto import (
     describe_close,
 )
 from vpnd.transport.alerts import describe_alert
-from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
+from vpnd.transport.stream import Stream
 from vpnd.transport.tlsctx import TlsConfigError
 from vpnd.transport.tlsengine import TlsAlertReceived, TlsHandshakeError
 
@@ -66,7 +66,8 @@ _PERMANENT_ALERTS = {
     "access_denied",
 }
 
-Connector = Callable[[], Awaitable[TlsConnection]]
+Connector = Callable[[], Awaitable[Stream]]
+"""Opens a stream to the gateway: ``connect()`` over TLS, or an in-memory pipe in tests."""
 
 
 class LocalError(Exception):
@@ -141,12 +142,16 @@ class Client:
         mono: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         local_check: Callable[[], str | None] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> None:
         """``clock`` is wall time (certificate validity, timestamps for people); ``mono``
         drives the session's timers, so a stepped wall clock cannot end the tunnel.
         ``local_check`` runs before every connection attempt; a line it returns is a
-        permanent local problem (e.g. our certificate expired) and stops the client."""
+        permanent local problem (e.g. our certificate expired) and stops the client.
+        ``on_outcome`` is told how each connection attempt ended, as ``last_outcome``
+        is set (so a caller waits on it instead of polling)."""
         self.settings = settings
+        self._on_outcome = on_outcome
         self._local_check = local_check
         self._fatal: str | None = None
         self._connect = connect
@@ -206,6 +211,8 @@ class Client:
         while not self._stop.is_set():
             outcome = await self._attempt()
             self.last_outcome = outcome
+            if self._on_outcome is not None:
+                self._on_outcome(outcome)
             if outcome.fatal:
                 raise LocalError(outcome.message)
             if self._stop.is_set():
@@ -232,8 +239,8 @@ class Client:
             return Outcome(outcome.established, True, fatal, fatal=True)
         return outcome
 
-    async def _open(self) -> TlsConnection | Outcome:
-        """A TLS connection to a verified gateway, or why there is none."""
+    async def _open(self) -> Stream | Outcome:
+        """A stream to a verified gateway, or why there is none."""
         s = self.settings
         try:
             conn = await self._unless_stopped(self._connect())
@@ -254,7 +261,7 @@ class Client:
             return Outcome(False, False, msg)
         try:
             identity = verify_peer(
-                conn.engine.peer_chain_der(),
+                conn.peer_chain(),
                 now=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
                 role=Role.GATEWAY,
                 trust=self.trust,
@@ -275,7 +282,7 @@ class Client:
         )
         return conn
 
-    async def _unless_stopped(self, aw: Awaitable[TlsConnection]) -> TlsConnection | None:
+    async def _unless_stopped(self, aw: Awaitable[Stream]) -> Stream | None:
         """``await aw``, or None as soon as ``stop()`` is called (``aw`` is cancelled and
         a connection it produced anyway is closed)."""
         work = asyncio.ensure_future(aw)
@@ -293,7 +300,7 @@ class Client:
         return None
 
     def _start_session(
-        self, conn: TlsConnection, on_config: Callable[[TunnelConfig], None]
+        self, conn: Stream, on_config: Callable[[TunnelConfig], None]
     ) -> tuple[SessionDriver, asyncio.Future[Outcome]]:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         state = {"established": False}
@@ -354,7 +361,7 @@ class Client:
         )
         return driver, done
 
-    async def _serve(self, conn: TlsConnection) -> Outcome:
+    async def _serve(self, conn: Stream) -> Outcome:
         def bring_up(cfg: TunnelConfig) -> None:
             self._bringup = asyncio.get_running_loop().create_task(self._bring_up(cfg))
 

@@ -53,8 +53,8 @@ from vpnd.proto import (
 )
 from vpnd.telemetry.logsetup import PeerLogger
 from vpnd.transport.alerts import describe_client_abort
-from vpnd.transport.connection import TlsConnection
 from vpnd.transport.driver import SessionDriver
+from vpnd.transport.stream import Stream
 from vpnd.transport.tlsengine import TlsHandshakeError
 
 log = logging.getLogger("vpnd.gateway")
@@ -226,7 +226,7 @@ class Gateway:
 
     # ---- admission -------------------------------------------------------------------
 
-    def on_connection(self, conn: TlsConnection) -> None:
+    def on_connection(self, conn: Stream) -> None:
         """A TLS handshake completed (OpenSSL checked chain, EKU and CRL): verify fully."""
         remote = _fmt_remote(conn.peername)
         if self._stopping:
@@ -240,7 +240,7 @@ class Gateway:
             # Revocation data is missing or unusable: fail closed for new peers.
             self._refuse_unverified(conn, remote, VerifyError(Reason.CRL_MISSING, self.trust_error))
             return
-        chain = tuple(conn.engine.peer_chain_der())
+        chain = conn.peer_chain()
         try:
             identity = verify_peer(
                 chain,
@@ -316,7 +316,7 @@ class Gateway:
             },
         )
 
-    def _refuse_unverified(self, conn: TlsConnection, remote: str, err: VerifyError) -> None:
+    def _refuse_unverified(self, conn: Stream, remote: str, err: VerifyError) -> None:
         self.handshakes[f"refused_{err.reason.value}"] += 1
         if self._refusal_log.allow(_host(conn.peername), self._mono()):
             presented = _presented(conn)
@@ -935,7 +935,7 @@ def _root_set(trust: TrustStore) -> set[bytes]:
     return {r.fingerprint(hashes.SHA256()) for r in trust.roots}
 
 
-def _close_now(conn: TlsConnection, code: CloseCode, message: str, now: float) -> None:
+def _close_now(conn: Stream, code: CloseCode, message: str, now: float) -> None:
     """Refuse a connection that never became a session: one CLOSE frame, then close."""
     session = Session(SessionConfig(role="gateway"), now)
     session.close(code, message, now)
@@ -947,10 +947,10 @@ def _host(peername: tuple[str, int] | None) -> str:
     return peername[0] if peername else "?"
 
 
-def _presented(conn: TlsConnection) -> dict[str, str]:
+def _presented(conn: Stream) -> dict[str, str]:
     """Name, serial and fingerprint of the certificate a refused peer presented."""
     try:
-        chain = conn.engine.peer_chain_der()
+        chain = conn.peer_chain()
         if not chain:
             return {}
         info = describe_certificate(x509.load_der_x509_certificate(chain[0]))

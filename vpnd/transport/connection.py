@@ -491,23 +491,66 @@ async def serve(
     ``handshake_timeout``: slowloris) or "connection_lost" (the client hung up);
     ``err.by_peer`` marks a handshake the *client* aborted with an alert.
     """
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[Any]] = set()
-    # Unauthenticated connections are bounded in total, per source address and per
-    # /24 (/64), so a handshake flood cannot exhaust memory, descriptors or CPU for the
-    # peers we trust; when the table is full the oldest silent handshake makes room.
-    slots: HandshakeSlots[int] = HandshakeSlots(
-        max_total=max_pending,
-        max_per_source=max_pending_per_source,
-        max_per_subnet=max_pending_per_subnet,
-        min_age=min_evict_age,
+    listener = _Listener(
+        ctx,
+        on_connection,
+        on_refused,
+        HandshakeSlots(
+            max_total=max_pending,
+            max_per_source=max_pending_per_source,
+            max_per_subnet=max_pending_per_subnet,
+            min_age=min_evict_age,
+        ),
+        handshake_timeout=handshake_timeout,
+        max_write_backlog=max_write_backlog,
     )
-    waiting: dict[int, TlsConnection] = {}
+    return await asyncio.get_running_loop().create_server(listener.factory, host, port)
 
-    def admit(conn: TlsConnection) -> bool:
+
+class _Listener:
+    """What ``serve()`` keeps for one listening socket: the pending handshakes and the
+    ``on_connection`` tasks."""
+
+    def __init__(
+        self,
+        ctx: ssl.SSLContext | Callable[[], ssl.SSLContext],
+        on_connection: OnConnection,
+        on_refused: OnRefused | None,
+        slots: HandshakeSlots[int],
+        *,
+        handshake_timeout: float,
+        max_write_backlog: int | None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ctx = ctx
+        self._on_connection = on_connection
+        self._on_refused = on_refused
+        # Unauthenticated connections are bounded in total, per source address and per
+        # /24 (/64), so a handshake flood cannot exhaust memory, descriptors or CPU for
+        # the peers we trust; when the table is full the oldest silent one makes room.
+        self._slots = slots
+        self._waiting: dict[int, TlsConnection] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handshake_timeout = handshake_timeout
+        self._max_write_backlog = max_write_backlog
+
+    def factory(self) -> TlsConnection:
+        # A callable context lets the gateway swap in a new CRL for new handshakes.
+        ctx = self._ctx
+        engine = TlsEngine(ctx() if callable(ctx) else ctx, server_side=True)
+        return TlsConnection(
+            engine,
+            self._on_handshake,
+            handshake_timeout=self._handshake_timeout,
+            max_write_backlog=self._max_write_backlog,
+            admit=self._admit,
+        )
+
+    def _admit(self, conn: TlsConnection) -> bool:
         source = conn.peername[0] if conn.peername else "?"
-        verdict = slots.admit(
-            id(conn), source, loop.time(), heard=lambda k: waiting[k].handshake_bytes > 0
+        waiting = self._waiting
+        verdict = self._slots.admit(
+            id(conn), source, self._loop.time(), heard=lambda k: waiting[k].handshake_bytes > 0
         )
         for key in verdict.evict:
             victim = waiting.pop(key, None)
@@ -518,50 +561,38 @@ async def serve(
         waiting[id(conn)] = conn
         return True
 
-    def release(conn: TlsConnection) -> None:
-        if waiting.get(id(conn)) is conn:
-            del waiting[id(conn)]
-            slots.release(id(conn))
+    def _release(self, conn: TlsConnection) -> None:
+        if self._waiting.get(id(conn)) is conn:
+            del self._waiting[id(conn)]
+            self._slots.release(id(conn))
 
-    def refused(peer: Peername | None, err: TlsHandshakeError) -> None:
+    def _refused(self, peer: Peername | None, err: TlsHandshakeError) -> None:
         log.debug("TLS handshake from %s refused: %s", peer, err)
-        if on_refused is not None:
+        if self._on_refused is not None:
             try:
-                on_refused(peer, err)
+                self._on_refused(peer, err)
             except Exception:
                 log.exception("on_refused callback failed")
 
-    def on_handshake(conn: TlsConnection, err: Exception | None) -> None:
-        release(conn)
+    def _on_handshake(self, conn: TlsConnection, err: Exception | None) -> None:
+        self._release(conn)
         if err is not None:
             refusal = _as_refusal(err)
             if refusal.presented is None:
                 refusal.presented = conn.engine.presented_leaf_der()  # name + serial for audit
-            refused(conn.peername, refusal)
+            self._refused(conn.peername, refusal)
             return
         try:
-            result = on_connection(conn)
+            result = self._on_connection(conn)
         except Exception:
             log.exception("on_connection failed for %s", conn.peername)
             conn.abort()
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
+            tasks = self._tasks
             tasks.add(task)
             task.add_done_callback(lambda t: _task_done(t, tasks, conn))
-
-    def factory() -> TlsConnection:
-        # A callable context lets the gateway swap in a new CRL for new handshakes.
-        engine = TlsEngine(ctx() if callable(ctx) else ctx, server_side=True)
-        return TlsConnection(
-            engine,
-            on_handshake,
-            handshake_timeout=handshake_timeout,
-            max_write_backlog=max_write_backlog,
-            admit=admit,
-        )
-
-    return await loop.create_server(factory, host, port)
 
 
 def _task_done(task: asyncio.Task[Any], tasks: set[asyncio.Task[Any]], conn: TlsConnection) -> None:
