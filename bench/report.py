@@ -15,6 +15,7 @@ from typing import Any
 from vpnd.files.atomic import PUBLIC, atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COLORS = {"vpnd": "tab:red", "vpnd-base": "tab:orange"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def to_json(results: Sequence[TargetResult], settings: dict[str, Any]) -> dict[s
 
 
 def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
-    """One bar chart per metric, one bar per target; vpnd highlighted."""
+    """One bar chart per metric, one bar per target; vpnd (and its baseline) highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +145,7 @@ def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
     labels = [r.label for r in results]
     for ax, m in zip(axes, METRICS, strict=True):
         values = [_shown(r.value(m.key), m) or 0.0 for r in results]
-        colors = ["tab:red" if r.key == "vpnd" else "tab:gray" for r in results]
+        colors = [COLORS.get(r.key, "tab:gray") for r in results]
         bars = ax.bar(range(len(results)), values, color=colors)
         ax.set_title(
             f"{m.title}\n({m.unit}, {'higher' if m.higher_is_better else 'lower'} is better)"
