@@ -2,18 +2,22 @@
 
 A difference counts as beyond noise only when the two sets of repeated samples do not
 overlap at all (every current sample better, or every one worse, than every baseline
-sample). With 3 runs a side, chance alone separates them 1 time in 10 (half of that in
-the "worse" direction), so a lone separated metric is worth a rerun before a verdict.
+sample). If both sides came from the same distribution, a given order of 2n samples
+is as likely as any other, so chance alone puts all n current samples below all n
+baseline ones with probability 1 / C(2n, n): 5 % at n = 3, 0.4 % at n = 5. Fewer than
+3 samples a side give no verdict.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from bench.common import median
 from bench.report import METRICS, Metric, TargetResult
 
+MIN_SAMPLES = 3
 WITHIN = "within noise"
 REGRESSION = "REGRESSION"
 BETTER = "better"
@@ -36,12 +40,17 @@ class Row:
     def verdict(self) -> str:
         if not self.baseline or not self.current:
             return "-"
-        if len(self.baseline) < 2 or len(self.current) < 2:
-            return "1 sample: no spread"
+        if len(self.baseline) < MIN_SAMPLES or len(self.current) < MIN_SAMPLES:
+            return f"< {MIN_SAMPLES} samples: no verdict"
         if max(min(self.baseline), min(self.current)) <= min(max(self.baseline), max(self.current)):
             return WITHIN
         cur_higher = min(self.current) > max(self.baseline)
         return BETTER if cur_higher == self.metric.higher_is_better else REGRESSION
+
+
+def false_alarm(n_base: int, n_cur: int) -> float:
+    """The chance that noise alone makes every current sample worse than every baseline one."""
+    return 1 / math.comb(n_base + n_cur, n_cur)
 
 
 def spread_pct(values: list[float]) -> float | None:
@@ -98,6 +107,13 @@ def render_comparison(rows: list[Row], baseline: TargetResult, current: TargetRe
         "medians of the interleaved runs; spread = (max - min) / median of one side; beyond "
         "noise = the two sides' samples do not overlap"
     )
+    judged = [row for row in rows if row.verdict in (WITHIN, REGRESSION, BETTER)]
+    if judged:
+        chance = max(false_alarm(len(r.baseline), len(r.current)) for r in judged)
+        lines.append(
+            f"noise alone reports a REGRESSION on a metric {chance:.1%} of the time at these "
+            "run counts; rerun with more --runs before believing a single one"
+        )
     lines.append(
         f"regression beyond noise: {', '.join(regressions)}"
         if regressions
@@ -123,4 +139,4 @@ def to_json(rows: list[Row]) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["Row", "compare", "render_comparison", "spread_pct", "to_json"]
+__all__ = ["Row", "compare", "false_alarm", "render_comparison", "spread_pct", "to_json"]
