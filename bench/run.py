@@ -208,18 +208,15 @@ def measure(targets: list[Target], args: argparse.Namespace, workdir: Path) -> l
 def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[TargetResult], dict[str, Any]]:
     """Everything that needs clean-up; returns the results and what the report records."""
     info: dict[str, Any] = {}
-    trees: tuple[Tree, Tree] | None = None
+    targets = all_targets()
     if args.baseline is not None:
-        trees = prepare_trees(args.baseline, workdir)
-        info = {"baseline_rev": args.baseline, "current": tree_info(trees[0]),
-                "baseline": tree_info(trees[1])}  # fmt: skip
-        targets = all_targets(current=trees[0], baseline=trees[1])
-    else:
-        targets = all_targets()
-    targets = select(targets, args.only)
-    if trees is not None and not any(t.key == "vpnd" for t in targets):
-        raise BenchError("--baseline compares vpnd: keep vpnd in --only")
-    return measure(targets, args, workdir), info
+        if args.only and "vpnd" not in {k.strip() for k in args.only.split(",")}:
+            raise BenchError("--baseline compares vpnd: keep vpnd in --only")
+        cur, base = prepare_trees(args.baseline, workdir)
+        info = {"baseline_rev": args.baseline, "current": tree_info(cur),
+                "baseline": tree_info(base)}  # fmt: skip
+        targets = all_targets(current=cur, baseline=base)
+    return measure(select(targets, args.only), args, workdir), info
 
 
 def report(results: list[TargetResult], info: dict[str, Any], args: argparse.Namespace,

@@ -78,7 +78,10 @@ def current_tree() -> Tree:
 
 def export_tree(rev: str, dest: Path) -> Tree:
     """``rev``'s files (tracked files only, as committed) under ``dest``."""
-    full = _git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    try:
+        full = _git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    except BenchError:
+        raise BenchError(f"--baseline {rev}: not a commit of this repository") from None
     commit = _git("rev-parse", "--short", full)
     subject = _git("log", "-1", "--format=%s", full)
     dest.mkdir(parents=True)
