@@ -100,6 +100,13 @@ def _shown(value: float | None, metric: Metric) -> float | None:
     return None if value is None else value * metric.scale
 
 
+def _span(samples: list[float], mid: float) -> tuple[float, float]:
+    """How far the lowest and highest sample lie below and above ``mid`` (raw units)."""
+    if not samples:
+        return 0.0, 0.0
+    return max(0.0, mid - min(samples)), max(0.0, max(samples) - mid)
+
+
 def _ratio_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -146,7 +153,11 @@ def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
     for ax, m in zip(axes, METRICS, strict=True):
         values = [_shown(r.value(m.key), m) or 0.0 for r in results]
         colors = [COLORS.get(r.key, "tab:gray") for r in results]
-        bars = ax.bar(range(len(results)), values, color=colors)
+        # Whiskers: the lowest and highest run, so two close bars show whether they overlap.
+        spans = [_span(r.samples.get(m.key) or [], v / m.scale if v else 0.0) for r, v in
+                 zip(results, values, strict=True)]  # fmt: skip
+        yerr = [[lo * m.scale for lo, _ in spans], [hi * m.scale for _, hi in spans]]
+        bars = ax.bar(range(len(results)), values, color=colors, yerr=yerr, capsize=3)
         ax.set_title(
             f"{m.title}\n({m.unit}, {'higher' if m.higher_is_better else 'lower'} is better)"
         )
@@ -155,7 +166,8 @@ def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
             v = _shown(r.value(m.key), m)
             ax.annotate(_cell(v, m.digits), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
-        if m.key in ("tcp1", "tcp4") and max(values, default=0) > 0:
+        shown = [v for v in values if v > 0]
+        if m.key in ("tcp1", "tcp4") and shown and max(shown) > 10 * min(shown):
             ax.set_yscale("log")  # the bare veth is an order of magnitude above the tunnels
     fig.suptitle(title)
     fig.tight_layout()
