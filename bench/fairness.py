@@ -39,7 +39,7 @@ from vpnd.pki.identity import Role
 from vpnd.pki.keys import certificate_pem, generate_key, private_key_pem
 from vpnd.proto import ConfigReceived, Event, PacketsReceived, Session, SessionConfig
 from vpnd.telemetry.logsetup import setup_logging
-from vpnd.transport.connection import connect, serve
+from vpnd.transport.connection import TlsConnection, connect, serve
 from vpnd.transport.driver import SessionDriver
 from vpnd.transport.tlsctx import client_context, server_context
 
@@ -124,7 +124,7 @@ def make_pki(d: Path) -> dict[str, Path]:
 
 async def open_session(
     port: int, ca: Path, pem: Path, on_packets: Any = None
-) -> tuple[SessionDriver, asyncio.Future[None]]:
+) -> tuple[SessionDriver, TlsConnection]:
     ctx = client_context(ca=ca, cert=pem, key=pem)
     conn = await connect("127.0.0.1", port, ctx, server_hostname="gw.bench", timeout=10)
     loop = asyncio.get_running_loop()
@@ -141,15 +141,15 @@ async def open_session(
             up.set_exception(ConnectionError(message))
 
     session = Session(SessionConfig(role="client"), loop.time())
-    driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, clock=loop.time)
+    driver = SessionDriver(conn, session, on_event=on_event, on_lost=on_lost, mono=loop.time)
     driver.start()
     await asyncio.wait_for(up, 10)
-    return driver, up
+    return driver, conn
 
 
 async def flood(port: int, ca: Path, pem: Path, seconds: float) -> None:
     """alice: tiny packets, 64 per frame, as fast as the connection takes them."""
-    driver, _ = await open_session(port, ca, pem)
+    driver, conn = await open_session(port, ca, pem)
     batch = [udp_packet("10.8.0.2", "192.168.50.10", b"", sport=1000 + i) for i in range(64)]
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
@@ -160,11 +160,11 @@ async def flood(port: int, ca: Path, pem: Path, seconds: float) -> None:
             driver.session.send_packets(batch, loop.time())
         sent += 16 * 64
         driver.flush()
-        if driver.conn.write_buffer_size > 1 << 20:
-            await driver.conn.wait_writable()
+        if conn.write_buffer_size > 1 << 20:
+            await conn.wait_writable()
         else:
             await asyncio.sleep(0)
-    driver.conn.abort()
+    conn.abort()
     print(json.dumps({"sent": sent}), flush=True)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from vpnd.files.atomic import PUBLIC, atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COLORS = {"vpnd": "tab:red", "vpnd-base": "tab:orange"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,13 @@ def _shown(value: float | None, metric: Metric) -> float | None:
     return None if value is None else value * metric.scale
 
 
+def _span(samples: list[float], mid: float) -> tuple[float, float]:
+    """How far the lowest and highest sample lie below and above ``mid`` (raw units)."""
+    if not samples:
+        return 0.0, 0.0
+    return max(0.0, mid - min(samples)), max(0.0, max(samples) - mid)
+
+
 def _ratio_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -134,7 +142,7 @@ def to_json(results: Sequence[TargetResult], settings: dict[str, Any]) -> dict[s
 
 
 def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
-    """One bar chart per metric, one bar per target; vpnd highlighted."""
+    """One bar chart per metric, one bar per target; vpnd (and its baseline) highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,8 +152,12 @@ def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
     labels = [r.label for r in results]
     for ax, m in zip(axes, METRICS, strict=True):
         values = [_shown(r.value(m.key), m) or 0.0 for r in results]
-        colors = ["tab:red" if r.key == "vpnd" else "tab:gray" for r in results]
-        bars = ax.bar(range(len(results)), values, color=colors)
+        colors = [COLORS.get(r.key, "tab:gray") for r in results]
+        # Whiskers: the lowest and highest run, so two close bars show whether they overlap.
+        spans = [_span(r.samples.get(m.key) or [], v / m.scale if v else 0.0) for r, v in
+                 zip(results, values, strict=True)]  # fmt: skip
+        yerr = [[lo * m.scale for lo, _ in spans], [hi * m.scale for _, hi in spans]]
+        bars = ax.bar(range(len(results)), values, color=colors, yerr=yerr, capsize=3)
         ax.set_title(
             f"{m.title}\n({m.unit}, {'higher' if m.higher_is_better else 'lower'} is better)"
         )
@@ -154,7 +166,8 @@ def render_png(results: Sequence[TargetResult], path: Path, title: str) -> None:
             v = _shown(r.value(m.key), m)
             ax.annotate(_cell(v, m.digits), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
-        if m.key in ("tcp1", "tcp4") and max(values, default=0) > 0:
+        shown = [v for v in values if v > 0]
+        if m.key in ("tcp1", "tcp4") and shown and max(shown) > 10 * min(shown):
             ax.set_yscale("log")  # the bare veth is an order of magnitude above the tunnels
     fig.suptitle(title)
     fig.tight_layout()

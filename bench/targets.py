@@ -18,14 +18,13 @@ import yaml
 from bench.common import (
     CLIENT_UNDERLAY,
     SERVER_UNDERLAY,
-    VPNCTL,
-    VPND,
     BenchError,
     Pair,
     log_tail,
     poll,
     run_tool,
 )
+from bench.trees import Tree, current_tree
 
 OVERLAY_NET = "10.8.0.0/24"
 SERVER_OVERLAY = "10.8.0.1"
@@ -90,9 +89,15 @@ class Target:
 
 
 class Vpnd(Target):
-    key = "vpnd"
-    label = "vpnd"
+    """vpnd gateway and client, PKI by vpnctl, all three from ``tree`` (default: this one)."""
+
     tunnel = True
+
+    def __init__(self, tree: Tree | None = None) -> None:
+        super().__init__()
+        self.tree = tree or current_tree()
+        self.key = self.tree.key
+        self.label = self.tree.label
 
     def prepare(self, pair: Pair) -> None:
         super().prepare(pair)
@@ -139,19 +144,19 @@ class Vpnd(Target):
         }
         cfg = pair.workdir / "vpnd-gw.yaml"
         cfg.write_text(yaml.safe_dump(gw, sort_keys=False))
-        log = self._spawn("server", [VPND, "--config", str(cfg)], "vpnd gateway")
+        log = self._spawn("server", self.tree.command("vpnd", "--config", str(cfg)),
+                          "vpnd gateway", env=self.tree.env())  # fmt: skip
         self._wait_log(log, "listening on", "the vpnd gateway to listen")
 
     def start_client(self) -> None:
         cfg = self._pair().workdir / "vpnd-client.yaml"
         cfg.write_text(yaml.safe_dump(self.client_cfg, sort_keys=False))
-        self._spawn("client", [VPND, "--config", str(cfg)], "vpnd client")
+        self._spawn("client", self.tree.command("vpnd", "--config", str(cfg)), "vpnd client",
+                    env=self.tree.env())  # fmt: skip
 
-    @staticmethod
-    def _vpnctl(*args: str) -> None:
-        res = subprocess.run(
-            [VPNCTL, *args], capture_output=True, text=True, timeout=60, check=False
-        )
+    def _vpnctl(self, *args: str) -> None:
+        res = subprocess.run(self.tree.command("vpnctl", *args), env=self.tree.env(),
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         if res.returncode != 0:
             raise BenchError(f"vpnctl {' '.join(args[2:4])} failed: {res.stderr.strip()}")
 
@@ -304,8 +309,12 @@ class WireGuardGo(Target):
                     pass
 
 
-def all_targets() -> list[Target]:
-    return [Target(), Vpnd(), OpenVpn("udp"), OpenVpn("tcp"), WireGuardGo()]
+def all_targets(*, current: Tree | None = None, baseline: Tree | None = None) -> list[Target]:
+    """Every target; a baseline vpnd comes right after the current one."""
+    vpnds: list[Target] = [Vpnd(current)]
+    if baseline is not None:
+        vpnds.append(Vpnd(baseline))
+    return [Target(), *vpnds, OpenVpn("udp"), OpenVpn("tcp"), WireGuardGo()]
 
 
 __all__ = ["CLIENT_UNDERLAY", "OpenVpn", "Target", "Vpnd", "WireGuardGo", "all_targets"]

@@ -251,13 +251,26 @@ def _setns(name: str) -> None:
         os.close(fd)
 
 
-def gso(other_ns: str, megabytes: int) -> dict[str, Any]:
-    """Kernel TCP across two offload TUNs in two namespaces, relayed by read/write_batch.
+def _relay(src: LinuxTun, dst: LinuxTun, stats: dict[str, int], reasons: dict[str, int]) -> None:
+    """One batch from ``src`` to ``dst``: what fails validate_vnet_packet is counted, not sent."""
+    ok = []
+    for pkt in src.read_batch(64):
+        stats["packets"] += 1
+        stats["max_len"] = max(stats["max_len"], len(pkt))
+        if pkt[1]:
+            stats["gso_packets"] += 1
+        reason = validate_vnet_packet(pkt)
+        if reason is None:
+            ok.append(pkt)
+        else:
+            # Not ours to drop in this test: IPv6 noise is disabled, so report it.
+            stats["rejected"] += 1
+            reasons[reason] = reasons.get(reason, 0) + 1
+    dst.write_batch(ok)
 
-    tunA (this namespace, 10.8.0.1) <-> relay <-> tunB (``other_ns``, 10.8.0.2). Every
-    header the kernel hands us must pass validate_vnet_packet, and the kernel on the far
-    side must accept it back, so the byte stream arrives intact.
-    """
+
+def _gso_tuns(other_ns: str) -> tuple[LinuxTun, LinuxTun, socket.socket, socket.socket]:
+    """tunA + a client socket here, tunB + a listener (10.8.0.2:5201) in ``other_ns``."""
 
     async def up(name: str, addr: str) -> None:
         net = PyRoute2Configurator()
@@ -273,7 +286,17 @@ def gso(other_ns: str, megabytes: int) -> dict[str, Any]:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # lives in other_ns
     listener.bind(("10.8.0.2", 5201))
     listener.listen(1)
+    return tun_a, tun_b, client, listener
 
+
+def gso(other_ns: str, megabytes: int) -> dict[str, Any]:
+    """Kernel TCP across two offload TUNs in two namespaces, relayed by read/write_batch.
+
+    tunA (this namespace, 10.8.0.1) <-> relay <-> tunB (``other_ns``, 10.8.0.2). Every
+    header the kernel hands us must pass validate_vnet_packet, and the kernel on the far
+    side must accept it back, so the byte stream arrives intact.
+    """
+    tun_a, tun_b, client, listener = _gso_tuns(other_ns)
     payload = hashlib.sha256(b"vpnd").digest() * (megabytes * 1024 * 1024 // 32)
     client.setblocking(False)
     client.connect_ex(("10.8.0.2", 5201))
@@ -289,23 +312,8 @@ def gso(other_ns: str, megabytes: int) -> dict[str, Any]:
         wr = [client] if sent < len(payload) else []
         r, w, _ = select.select(rd, wr, [], 0.5)
         for src, dst in ((tun_a, tun_b), (tun_b, tun_a)):
-            if src.fileno() not in r:
-                continue
-            batch = src.read_batch(64)
-            ok = []
-            for pkt in batch:
-                stats["packets"] += 1
-                stats["max_len"] = max(stats["max_len"], len(pkt))
-                if pkt[1]:
-                    stats["gso_packets"] += 1
-                reason = validate_vnet_packet(pkt)
-                if reason is None:
-                    ok.append(pkt)
-                else:
-                    stats["rejected"] += 1
-                    reasons[reason] = reasons.get(reason, 0) + 1
-                    # Not ours to drop in this test: IPv6 noise is disabled, so report it.
-            dst.write_batch(ok)
+            if src.fileno() in r:
+                _relay(src, dst, stats, reasons)
         if server is None and listener in r:
             server, _ = listener.accept()
             server.setblocking(False)

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -282,11 +282,36 @@ def _safety_net() -> None:
             factory.cleanup()
 
 
-def wait_for(predicate: object, *, attempts: int = 100, interval: float = 0.05) -> bool:
-    """Poll ``predicate()`` a bounded number of times (readiness, not a timing assertion)."""
-    assert callable(predicate)
-    for _ in range(attempts):
+POLL_INTERVAL = 0.05
+
+
+def holds_within(
+    predicate: Callable[[], object], timeout: float, *, interval: float = POLL_INTERVAL
+) -> bool:
+    """True as soon as ``predicate()`` holds, False once ``timeout`` seconds passed without.
+
+    The one polling loop of the netns tests: state in another process or namespace has
+    no event to await, so it is re-checked every ``interval``; bounded in time and count.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
         if predicate():
             return True
-        time.sleep(interval)
-    return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(interval, left))  # a poll interval, not synchronisation
+    return bool(predicate())
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """Return as soon as ``predicate()`` holds; raise ``AssertionError`` naming ``what``
+    (the thing that did not happen) after ``timeout`` seconds."""
+    if not holds_within(predicate, timeout, interval=interval):
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nslib import wait_until
 from vpnlab import GW_OVERLAY, LAN, LAN_HOST, Lab
 
 from vpnd.pki.authority import issue_certificate
@@ -48,7 +49,8 @@ def test_revoking_a_connected_peer_cuts_it_within_a_second(lab: Lab) -> None:
     lab.wait_up("bob")
     alice_ping = _pinger(lab, "alice", GW_OVERLAY, 6)
     bob_ping = _pinger(lab, "bob", GW_OVERLAY, 6)
-    time.sleep(2)
+    logs = [lab.workdir / f"ping-{name}.log" for name in ("alice", "bob")]
+    wait_until(lambda: all(_reply_times(log) for log in logs), 10, "a ping reply to both")
     before = time.time()
     lab.vpnctl("revoke", "alice", "--reason", "keyCompromise")
     # The promise is about the gateway learning of it: the new CRL landing on disk.

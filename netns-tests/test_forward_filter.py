@@ -146,9 +146,8 @@ def test_outsider_cannot_route_through_the_gateway(lab: Lab) -> None:
     )
     _mallory_attacks(lab, alice)
     # 2 * PROBES crafted SYNs to the LAN, plus at least one SYN of the real connect().
-    assert lab.wait_for(lambda: _lan_seen(lab.lan) >= 2 * PROBES + 1, timeout=10), _lan_seen(
-        lab.lan
-    )
+    lan = lab.ns_of("lan")
+    assert lab.wait_for(lambda: _lan_seen(lan) >= 2 * PROBES + 1, timeout=10), _lan_seen(lan)
 
 
 def _reload(lab: Lab) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from nslib import wait_until
 from vpnlab import GW_OVERLAY, LAN, LAN_HOST, VPNCTL, Lab
 
 pytestmark = pytest.mark.netns
@@ -194,7 +195,11 @@ def test_renewed_client_certificate_rotates_without_dropping_the_tunnel(lab: Lab
         ["ping", "-n", "-i", "0.05", "-W", "1", "-c", "120", GW_OVERLAY],
         lab.workdir / "ping-rotate.log",
     )
-    time.sleep(1)
+    wait_until(
+        lambda: "bytes from" in (lab.workdir / "ping-rotate.log").read_text(),
+        10,
+        "the first ping reply before the renewal",
+    )
     lab.issue("alice")  # the admin renews: new key and certificate in the client's files
     assert lab.wait_log("alice", r"switched to the renewed certificate; the tunnel stayed up", 20)
     pinger.wait(30)

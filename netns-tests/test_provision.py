@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from nslib import NetnsFactory, wait_for
+from nslib import NetnsFactory, holds_within
 from vpnlab import GW_OVERLAY, GW_WAN, PORT, SERVER_NAME, VPNCTL, VPND, Lab
 
 from vpnd.pki.keys import load_private_key
@@ -79,8 +79,8 @@ def _start_sshd(lab: Lab, d: Path) -> tuple[Path, Path]:
     sftp_log = d / "sftp.log"
     admin = lab.hosts["admin"].ns
     probe = f"exec 3<>/dev/tcp/{site.wan_ip}/{SSH_PORT}"
-    assert wait_for(
-        lambda: admin.run(["bash", "-c", probe], check=False).returncode == 0, attempts=200
+    assert holds_within(
+        lambda: admin.run(["bash", "-c", probe], check=False).returncode == 0, 10
     ), log.read_text()
     sftp_log.touch()
     # The admin's known_hosts holds the host key we made: the out-of-band verification.

@@ -15,13 +15,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from nslib import PYTHON, Netns, NetnsFactory, veth
+from nslib import PYTHON, Netns, NetnsFactory, holds_within, veth, wait_until
 
 VPNCTL = str(Path(PYTHON).parent / "vpnctl")
 VPND = str(Path(PYTHON).parent / "vpnd")
@@ -37,7 +36,7 @@ ALLOW_ALL = {"rules": [{"from": "any", "to": "any", "proto": "any"}]}
 TCP_SINK = """
 import socket, zlib
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30)
+s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30); print("ready", flush=True)
 c, _ = s.accept(); c.settimeout(30); n = 0; crc = 0
 while n < {size}:
     chunk = c.recv(65536)
@@ -46,15 +45,9 @@ while n < {size}:
 c.sendall(f"{{n}} {{crc}}".encode()); c.close()
 """
 TCP_SOURCE = """
-import socket, time, zlib
+import socket, zlib
 payload = bytes(i % 251 for i in range({size}))
-for _ in range(100):
-    try:
-        s = socket.create_connection(("{ip}", {port}), timeout=5); break
-    except OSError:
-        time.sleep(0.1)
-else:
-    raise SystemExit("no connection")
+s = socket.create_connection(("{ip}", {port}), timeout=5)
 s.settimeout(30); s.sendall(payload); s.shutdown(socket.SHUT_WR)
 print(s.recv(100).decode(), zlib.crc32(payload))
 """
@@ -64,18 +57,12 @@ TCP_SERVE = """
 import socket
 payload = bytes(i % 251 for i in range({size}))
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30)
+s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(30); print("ready", flush=True)
 c, _ = s.accept(); c.settimeout(30); c.sendall(payload); c.close()
 """
 TCP_FETCH = """
-import socket, time, zlib
-for _ in range(100):
-    try:
-        s = socket.create_connection(("{ip}", {port}), timeout=5); break
-    except OSError:
-        time.sleep(0.1)
-else:
-    raise SystemExit("no connection")
+import socket, zlib
+s = socket.create_connection(("{ip}", {port}), timeout=5)
 s.settimeout(30); n = 0; crc = 0
 while True:
     chunk = s.recv(65536)
@@ -252,26 +239,22 @@ class Lab:
 
     def wait_log(self, name: str, pattern: str, timeout: float = 15) -> bool:
         """Wait (bounded) for a line matching ``pattern`` in the daemon's log."""
-        deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            if rx.search(self.hosts[name].log_text()):
-                return True
-            proc = self.hosts[name].proc
-            if proc is not None and proc.poll() is not None:
-                return bool(rx.search(self.hosts[name].log_text()))
-            time.sleep(0.1)
-        return False
+        host = self.hosts[name]
+
+        def seen_or_exited() -> bool:
+            return bool(rx.search(host.log_text())) or (
+                host.proc is not None and host.proc.poll() is not None
+            )
+
+        # A daemon that exited writes no more lines: stop waiting, then look once more.
+        holds_within(seen_or_exited, timeout)
+        return bool(rx.search(host.log_text()))
 
     @staticmethod
     def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:
         """Poll a condition (bounded); readiness, never a speed assertion."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.1)
-        return predicate()
+        return holds_within(predicate, timeout)
 
     def wait_up(self, name: str, timeout: float = 15) -> None:
         """Assert (bounded wait) that ``name``'s client reported its tunnel up."""
@@ -282,12 +265,7 @@ class Lab:
         return res.returncode == 0
 
     def wait_link(self, name: str, ifname: str, present: bool = True, timeout: float = 15) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.has_link(name, ifname) == present:
-                return True
-            time.sleep(0.1)
-        return False
+        return holds_within(lambda: self.has_link(name, ifname) == present, timeout)
 
     def ping(self, name: str, dst: str, count: int = 3, timeout: float = 2) -> bool:
         ns = self.lan if name == "lan" else self.hosts[name].ns
@@ -314,8 +292,10 @@ class Lab:
         self._tcp_runs += 1
         server, client = (TCP_SERVE, TCP_FETCH) if download else (TCP_SINK, TCP_SOURCE)
         sink = server.format(port=port, size=size)
-        srv = self.ns_of(dst).popen([PYTHON, "-c", sink], self.workdir / f"tcp-{port}.log")
+        log = self.workdir / f"tcp-{port}.log"
+        srv = self.ns_of(dst).popen([PYTHON, "-c", sink], log)
         try:
+            wait_until(lambda: "ready" in log.read_text(), 10, f"the TCP listener on {dst}")
             res = self.ns_of(src).run(
                 [PYTHON, "-c", client.format(ip=dst_ip, port=port, size=size)],
                 check=False,
@@ -339,7 +319,9 @@ class Lab:
             "import socket, time\n"
             "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
             f"s.bind(('0.0.0.0', {port})); s.listen(8); print('ready', flush=True)\n"
-            "time.sleep(30)\n"
+            # Accept (and drop) until killed, or 30 s without a connection.
+            "s.settimeout(30)\n"
+            "while True: s.accept()[0].close()\n"
         )
         log = self.workdir / f"listen-{port}-{self._tcp_runs}.log"
         self._tcp_runs += 1
