@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from vpnd.gateway.effects import Effect, Log
+from vpnd.gateway.effects import Log
 from vpnd.pki.identity import PeerIdentity
 from vpnd.pki.profile import describe_certificate
 
@@ -64,7 +64,7 @@ class LogBudget:
     """At most ``per_minute`` lines per key per minute; the rest are counted, then summed
     up in one line appended to ``notes`` when the key's window ends."""
 
-    def __init__(self, per_minute: int, notes: list[Effect]) -> None:
+    def __init__(self, per_minute: int, notes: list[Log]) -> None:
         self.per_minute = per_minute
         self._notes = notes
         self._windows: dict[str, _Window] = {}

@@ -149,7 +149,7 @@ class GatewayCore(Generic[P]):
         self.totals: Counter[str] = Counter()
         """bytes/packets in/out of peers that have left (live peers hold their own), so
         that exported counters only ever grow; ``clone_holddowns`` counts hold-downs started."""
-        self.notes: list[Effect] = []
+        self.notes: list[Log] = []
         """Log lines the data path produced; the shell takes them after each batch."""
         self._keys = itertools.count(1)
         self._by_cert: dict[tuple[str, int], P] = {}
