@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 from pki_fixtures import make_ca
 
 from vpnd.config import PolicyConfig
-from vpnd.gateway.core import GatewayCore, GatewaySettings, PeerState
+from vpnd.gateway.core import GatewayCore, GatewaySettings
 from vpnd.gateway.effects import Close, Effect
+from vpnd.gateway.peer_state import PeerState
 from vpnd.pki import TrustStore
 from vpnd.pki.identity import PeerIdentity, Role
 

@@ -12,7 +12,6 @@ from pki_fixtures import DAY, NOW, make_ca
 from policy_fixtures import ACK, SYN, TCP, UDP, ipv4, ipv6, tcp, udp
 
 from vpnd.config import AnyMatch, NetworkMatch, PeerMatch, PolicyConfig, Proto, RuleConfig
-from vpnd.gateway.core import PeerState
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -24,6 +23,7 @@ from vpnd.gateway.effects import (
     RemoveSources,
     SendConfig,
 )
+from vpnd.gateway.peer_state import PeerState
 from vpnd.net.vnet import VNET_HDR_LEN
 from vpnd.policy.drops import Drop
 from vpnd.proto import CloseCode
@@ -31,6 +31,7 @@ from vpnd.proto.frames import DATA_OVERHEAD
 
 LAN = "192.168.50.10"
 OVERLAY = ("10.8.0.0/24", "fd00:8::/64")
+LIMIT = 4096  # queued bytes a peer may have before its batches are dropped
 ALLOW = PolicyConfig(
     rules=(
         RuleConfig(AnyMatch(), NetworkMatch(ipaddress.ip_network("192.168.50.0/24")), Proto.ANY),
@@ -476,16 +477,16 @@ def test_a_plain_peer_gets_the_tun_form_and_an_offload_tun_prefixes_it() -> None
     (out,), _ = w.core.from_peer(alice, [pkt], False, w.now)
     assert bytes(out) == bytes(VNET_HDR_LEN) + pkt and not alice.offload
     # Back to a plain peer: the header comes off again.
-    assert [bytes(p) for p in w.core.outbound(alice, [out], 0) or []] == [pkt]
+    assert [bytes(p) for p in w.core.outbound(alice, [out], 0, LIMIT) or []] == [pkt]
 
 
 def test_a_full_queue_drops_the_batch() -> None:
     w = World()
     alice, _ = w.join(ident("alice", "10.8.0.2"))
     batch: list[bytes | memoryview] = [b"x" * 100] * 3
-    assert w.core.outbound(alice, batch, w.core.settings.peer_queue_bytes + 1) is None
+    assert w.core.outbound(alice, batch, LIMIT + 1, LIMIT) is None
     assert alice.drops["queue_full"] == 3
-    assert w.core.outbound(alice, batch, 0) is batch
+    assert w.core.outbound(alice, batch, 0, LIMIT) is batch
 
 
 def test_bytes_out_counts_only_what_the_session_sent() -> None:
@@ -502,7 +503,7 @@ def test_bytes_out_counts_only_what_the_session_sent() -> None:
 def test_an_unadmitted_peer_gets_nothing() -> None:
     w = World()
     alice = w.connect(ident("alice", "10.8.0.2"))
-    assert w.core.outbound(alice, [b"x"], 0) is None
+    assert w.core.outbound(alice, [b"x"], 0, LIMIT) is None
 
 
 def test_the_offload_flag_needs_both_ends() -> None:

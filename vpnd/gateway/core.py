@@ -1,11 +1,10 @@
-"""The gateway's decisions, without I/O: admission, the peer registry, the data path.
+"""The gateway's decisions, without I/O: admission, the peer registry, trust and policy.
 
 ``GatewayCore`` takes events (a peer verified, its HELLO, packets from a peer or the
 TUN, new trust or policy, a peer lost, a tick) with the caller's monotonic ``now`` and,
 where certificate validity needs it, wall time; it returns effects (``effects.py``) for
-its shell to carry out in order. The data path stays batch-shaped: it returns the
-packets for the TUN and one batch per destination peer, and allocates nothing per
-packet beyond those lists.
+its shell to carry out in order. The data path (``datapath.py``) shares its address
+table and firewall, and stays batch-shaped.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +29,7 @@ from vpnd.gateway.admission import (
     tunnel_config,
 )
 from vpnd.gateway.audit import LogBudget, peer_fields, presented, who
+from vpnd.gateway.datapath import DataPath
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -42,21 +42,15 @@ from vpnd.gateway.effects import (
     RemoveSources,
     SendConfig,
 )
-from vpnd.net.gso import GsoError, to_plain
-from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_vnet_packet
+from vpnd.gateway.peer_state import PeerState
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPAddress, IPNetwork, PeerIdentity, Reason, Role, VerifyError
 from vpnd.policy.addresses import AddressConflict, AddressTable
-from vpnd.policy.drops import Drop
 from vpnd.policy.firewall import Firewall, PeerView
 from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
 from vpnd.proto import CloseCode, TunnelConfig
-from vpnd.proto.frames import DATA_OVERHEAD
 
-PLAIN_VNET = plain_vnet_header()
 INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
-Packets = Sequence[bytes | memoryview]
-Batch = list[bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -85,31 +79,6 @@ class GatewaySettings:
     down (0: never); see ``vpnd.policy.takeover``."""
     holddown_window: float = 60.0
     holddown_hold: float = 600.0
-
-
-@dataclass(eq=False)
-class PeerState:
-    """What the core knows of one connected peer: identity, admission, counters."""
-
-    key: int
-    identity: PeerIdentity
-    remote: str
-    connected_at: float
-    chain: tuple[bytes, ...] = field(default=(), repr=False)
-    """The DER chain the peer presented, to re-verify when the trusted CAs change."""
-    view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
-    """What the firewall sees of this peer: its name and groups."""
-    admitted: bool = False
-    offload: bool = False
-    """DATA to and from this peer carries virtio headers (both ends offload)."""
-    drops: Counter[str] = field(default_factory=Counter)
-    packets_in: int = 0
-    packets_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-    def __hash__(self) -> int:
-        return self.key
 
 
 P = TypeVar("P", bound=PeerState)
@@ -157,8 +126,15 @@ class GatewayCore(Generic[P]):
         self._takeovers = TakeoverGuard(
             settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
         )
-        self._denied_log = LogBudget(20, self.notes)
         self._refusal_log = LogBudget(10, self.notes)
+        self.datapath: DataPath[P] = DataPath(
+            self.table, self.firewall, self.drops, self.notes, tun_vnet=tun_vnet
+        )
+        # Bound once: the shell's per-batch calls go straight to the data path.
+        self.from_peer = self.datapath.from_peer
+        self.from_tun = self.datapath.from_tun
+        self.outbound = self.datapath.outbound
+        self.sent = self.datapath.sent
 
     # ---- connections -----------------------------------------------------------------
 
@@ -490,116 +466,6 @@ class GatewayCore(Generic[P]):
 
     def _fields(self, peer: PeerState) -> dict[str, object]:
         return peer_fields(peer.identity, peer.remote)
-
-    # ---- data path -------------------------------------------------------------------
-
-    def from_peer(
-        self, peer: P, packets: Packets, vnet: bool, now: float
-    ) -> tuple[Batch, dict[P, Batch]]:
-        """Judge a batch from ``peer``: the packets for the TUN, and a batch per peer.
-
-        Packets are returned in the TUN's form (header-prefixed on an offload TUN).
-        """
-        to_tun: Batch = []
-        to_peers: dict[P, Batch] = {}
-        lookup = self.table.lookup_raw
-        off = VNET_HDR_LEN if vnet else 0
-        prefix = self.tun_vnet and not vnet
-        drops = peer.drops
-        check = self.firewall.check_packet
-        for pkt in packets:
-            if vnet and (bad := validate_vnet_packet(pkt)) is not None:
-                drops[bad] += 1
-                continue
-            addrs = ip_src_dst(pkt, off)
-            if addrs is None:
-                drops[Drop.NOT_IP] += 1
-                continue
-            src, dst = addrs
-            if lookup(src) is not peer:
-                drops[Drop.SPOOFED_SOURCE] += 1
-                continue
-            other = lookup(dst)
-            denied = check(
-                pkt, offset=off, src=peer.view, dst=other.view if other else None, now=now
-            )
-            if denied is not None:
-                drops[denied] += 1
-                self._log_denied(peer, pkt, off, denied, now)
-                continue
-            peer.packets_in += 1
-            peer.bytes_in += len(pkt) - off
-            item = PLAIN_VNET + pkt if prefix else pkt
-            if other is None:
-                to_tun.append(item)
-            elif other is peer:
-                drops[Drop.HAIRPIN] += 1
-            else:
-                to_peers.setdefault(other, []).append(item)
-        return to_tun, to_peers
-
-    def _log_denied(
-        self, peer: P, pkt: bytes | memoryview, off: int, reason: str, now: float
-    ) -> None:
-        # Rate-limited: a peer scanning the LAN must not flood the log.
-        if self._denied_log.allow(peer.identity.name, now):
-            what = self.firewall.describe(pkt, off)
-            self.notes.append(Log(INFO, f"denied {what} ({reason})", peer.key))
-
-    def from_tun(self, packets: Packets, now: float) -> dict[P, Batch]:
-        """Judge a batch read from the TUN: one batch per destination peer."""
-        lookup = self.table.lookup_raw
-        check = self.firewall.check_packet
-        off = VNET_HDR_LEN if self.tun_vnet else 0
-        drops = self.drops
-        batches: dict[P, Batch] = {}
-        for pkt in packets:
-            addrs = ip_src_dst(pkt, off)
-            if addrs is None:
-                drops[Drop.TUN_NOT_IP] += 1
-                continue
-            owner = lookup(addrs[1])
-            if owner is None:
-                drops[Drop.NO_ROUTE] += 1
-                continue
-            # From the gateway/LAN side only replies to tracked flows get through.
-            denied = check(pkt, offset=off, src=None, dst=owner.view, now=now)
-            if denied is not None:
-                drops[f"tun_{denied}"] += 1
-                continue
-            batches.setdefault(owner, []).append(pkt)
-        return batches
-
-    def outbound(self, peer: P, packets: Batch, backlog: int) -> Batch | None:
-        """Packets (in the TUN's form) for ``peer`` in the form it takes, or None to drop
-        them all; ``backlog`` is what its stream has not sent yet."""
-        if not peer.admitted:
-            return None
-        if backlog > self.settings.peer_queue_bytes:
-            # One slow peer must not stall the others or grow memory: drop, like a router.
-            peer.drops[Drop.QUEUE_FULL] += len(packets)
-            return None
-        if self.tun_vnet and not peer.offload:
-            plain: Batch = []
-            for pkt in packets:
-                try:
-                    plain.extend(to_plain(pkt))
-                except GsoError as err:
-                    peer.drops[err.reason] += 1
-            return plain
-        return packets
-
-    def sent(self, peer: P, packets: Batch, refused: int, max_frame: int) -> None:
-        """The session queued ``packets`` but ``refused`` of them (too big for a frame
-        of ``max_frame``, or too short): count only what went out."""
-        peer.packets_out += len(packets) - refused
-        if not refused:
-            peer.bytes_out += sum(len(p) for p in packets)
-            return
-        peer.drops[Drop.OVERSIZE] += refused
-        largest = max_frame - DATA_OVERHEAD
-        shortest = VNET_HDR_LEN if peer.offload else 1
-        peer.bytes_out += sum(n for p in packets if shortest <= (n := len(p)) <= largest)
 
 
 def _root_set(trust: TrustStore) -> set[bytes]:

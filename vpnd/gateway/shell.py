@@ -20,7 +20,7 @@ from typing import Protocol
 from vpnd.config import PolicyConfig
 from vpnd.gateway.admission import IPInterface
 from vpnd.gateway.audit import fmt_remote, host_of
-from vpnd.gateway.core import GatewayCore, GatewaySettings, PeerState
+from vpnd.gateway.core import GatewayCore, GatewaySettings
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -34,6 +34,7 @@ from vpnd.gateway.effects import (
     SendConfig,
 )
 from vpnd.gateway.kernel_sync import KernelQueue
+from vpnd.gateway.peer_state import PeerState
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
@@ -476,7 +477,9 @@ class Gateway:
     def _to_peer(self, peer: Peer, packets: list[bytes | memoryview]) -> None:
         """Queue packets (in the TUN's form) to one peer, in the form that peer takes."""
         driver = peer.driver
-        out = self.core.outbound(peer, packets, driver.conn.backlog_bytes)
+        out = self.core.outbound(
+            peer, packets, driver.conn.backlog_bytes, self.core.settings.peer_queue_bytes
+        )
         if out is None:
             return
         session = driver.session
