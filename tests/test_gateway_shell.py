@@ -16,7 +16,7 @@ from pki_fixtures import NOW, make_ca
 
 from vpnd.gateway.shell import Gateway
 from vpnd.net.fakes import FakeFirewall, FakeNetConfigurator, FakeTun
-from vpnd.pki.identity import IPNetwork
+from vpnd.net.nftables import Source
 from vpnd.proto import ConfigReceived, Session, SessionConfig, SessionState
 
 PEER = ("192.0.2.7", 40000)
@@ -74,7 +74,7 @@ class HeldFirewall(FakeFirewall):
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def add_sources(self, sources: Sequence[str | IPNetwork]) -> None:
+    async def add_sources(self, sources: Sequence[Source]) -> None:
         self.entered.set()
         await self.gate.wait()
         await super().add_sources(sources)
