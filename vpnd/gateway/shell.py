@@ -375,6 +375,8 @@ class Gateway:
                     self._send_config(effect, later=False)
                 case _:
                     self._kernel_effect(effect)
+        if self.core.notes:  # a log budget's summary line, from any event
+            self._take_notes()
 
     def _kernel_effect(self, effect: Effect) -> None:
         match effect:
