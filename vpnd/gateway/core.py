@@ -119,7 +119,8 @@ class GatewayCore(Generic[P]):
         """bytes/packets in/out of peers that have left (live peers hold their own), so
         that exported counters only ever grow; ``clone_holddowns`` counts hold-downs started."""
         self.notes: list[Log] = []
-        """Log lines the data path produced; the shell takes them after each batch."""
+        """Log lines outside any event's effects (denied packets, log-budget summaries):
+        the shell takes them after each batch and each event."""
         self._keys = itertools.count(1)
         self._by_cert: dict[tuple[str, int], P] = {}
         self._by_name: dict[tuple[str, str], P] = {}
