@@ -25,6 +25,7 @@ from vpnd.net.vnet import (
     VNET_HDR_LEN,
     validate_vnet_packet,
 )
+from vpnd.policy.drops import Drop
 
 _IPPROTO_UDP = 17
 _TCP_FIN = 0x01
@@ -52,6 +53,10 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 class GsoError(ValueError):
     """The packet cannot be turned into plain packets (it would fail validation)."""
+
+    def __init__(self, reason: Drop) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def to_plain(pkt: bytes | memoryview) -> list[bytes | memoryview]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from vpnd.policy.drops import Drop
+
 VNET_HDR_LEN = 10
 _HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 
@@ -74,64 +76,88 @@ def _ip_header_len(pkt: bytes | memoryview, off: int, size: int) -> tuple[int, i
     return None
 
 
-def validate_vnet_packet(pkt: bytes | memoryview) -> str | None:
+def validate_vnet_packet(pkt: bytes | memoryview) -> Drop | None:
     """None if ``pkt`` (header + IP packet) is safe to write to an offload TUN, else a drop reason.
 
     Never raises, whatever the bytes.
     """
     n = len(pkt)
     if n < VNET_HDR_LEN + 1:
-        return "vnet_short"
+        return Drop.VNET_SHORT
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(pkt, 0)
     size = n - VNET_HDR_LEN
     if flags & ~_KNOWN_FLAGS or flags == _KNOWN_FLAGS:
-        return "vnet_bad_flags"
+        return Drop.VNET_BAD_FLAGS
     base = gso_type & ~GSO_ECN
     if base not in (GSO_NONE, GSO_TCPV4, GSO_TCPV6) or (gso_type & GSO_ECN and base == GSO_NONE):
-        return "vnet_bad_gso_type"
+        return Drop.VNET_BAD_GSO_TYPE
     if hdr_len > size:
-        return "vnet_bad_hdr_len"
+        return Drop.VNET_BAD_HDR_LEN
     ip = _ip_header_len(pkt, VNET_HDR_LEN, size)
     if ip is None:
-        return "vnet_not_ip"
+        return Drop.VNET_NOT_IP
     version, l3_len, proto = ip
     if flags & F_NEEDS_CSUM:
         # The checksum position must be the real TCP/UDP checksum field. A peer that
         # points it elsewhere (at the ports, say) would have whoever completes the sum
         # rewrite those bytes *after* the firewall judged the packet.
-        # (GSO packets get the same check, TCP only, below.)
+        # (GSO packets get the same check, TCP only, in ``_check_gso``.)
         if base == GSO_NONE:
             want = _CSUM_FIELD.get(proto)
             if want is None or csum_start != l3_len or csum_offset != want:
-                return "vnet_bad_csum_offsets"
+                return Drop.VNET_BAD_CSUM_OFFSETS
             if l3_len + want + 2 > size:
-                return "vnet_bad_csum_offsets"
+                return Drop.VNET_BAD_CSUM_OFFSETS
     elif csum_start or csum_offset:
         # The kernel zeroes these unless the checksum is partial; anything else is forged.
-        return "vnet_bad_csum_offsets"
+        return Drop.VNET_BAD_CSUM_OFFSETS
     if base == GSO_NONE:
-        if gso_size:
-            return "vnet_gso_size"
-        return None
-    # A GSO super-packet: TCP only, over the IP version the type names.
+        return Drop.VNET_GSO_SIZE if gso_size else None
+    return _check_gso(
+        pkt,
+        base=base,
+        flags=flags,
+        gso_size=gso_size,
+        csum_start=csum_start,
+        csum_offset=csum_offset,
+        version=version,
+        l3_len=l3_len,
+        proto=proto,
+    )
+
+
+def _check_gso(
+    pkt: bytes | memoryview,
+    *,
+    base: int,
+    flags: int,
+    gso_size: int,
+    csum_start: int,
+    csum_offset: int,
+    version: int,
+    l3_len: int,
+    proto: int,
+) -> Drop | None:
+    """A GSO super-packet: TCP only, over the IP version the type names."""
+    size = len(pkt) - VNET_HDR_LEN
     if gso_size in (0, _GSO_BY_FRAGS):
-        return "vnet_gso_size"
+        return Drop.VNET_GSO_SIZE
     if (base == GSO_TCPV4) != (version == 4):
-        return "vnet_gso_ip_version"
+        return Drop.VNET_GSO_IP_VERSION
     if proto != _IPPROTO_TCP:
-        return "vnet_gso_not_tcp"
+        return Drop.VNET_GSO_NOT_TCP
     if not flags & F_NEEDS_CSUM:
-        return "vnet_gso_needs_csum"
+        return Drop.VNET_GSO_NEEDS_CSUM
     if csum_start != l3_len or csum_offset != _TCP_CSUM_OFFSET:
-        return "vnet_bad_csum_offsets"
+        return Drop.VNET_BAD_CSUM_OFFSETS
     tcp_off = VNET_HDR_LEN + l3_len
     if size < l3_len + 20:
-        return "vnet_bad_tcp_header"
+        return Drop.VNET_BAD_TCP_HEADER
     doff = (pkt[tcp_off + 12] >> 4) * 4
     if doff < 20 or l3_len + doff > size:
-        return "vnet_bad_tcp_header"
+        return Drop.VNET_BAD_TCP_HEADER
     if gso_size < MIN_MSS[version] - (doff - 20):
-        return "vnet_gso_size_small"
+        return Drop.VNET_GSO_SIZE_SMALL
     return None
 
 

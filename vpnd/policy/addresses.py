@@ -1,16 +1,15 @@
 """Which peer owns which overlay address, and which sources a peer may send from.
 
 Pure data structure: the gateway's data path asks ``lookup(dst)`` for every packet
-(longest-prefix match over peer addresses and routed subnets) and
-``source_allowed(owner, src)`` for anti-spoofing (WireGuard's cryptokey routing rule:
-a packet from a peer must carry a source that routes back to that same peer).
+(longest-prefix match over peer addresses and routed subnets), and ``lookup(src)`` for
+anti-spoofing (WireGuard's cryptokey routing rule: a packet from a peer must carry a
+source that routes back to that same peer).
 
 Addresses are kept as raw bytes so the per-packet lookup does no ipaddress parsing.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -99,14 +98,6 @@ class AddressTable(Generic[K]):
                 plist.sort(reverse=True)
         self._owned.setdefault(owner, []).extend(nets)
 
-    def replace(self, old: K, new: K) -> None:
-        """Move everything ``old`` owns to ``new`` in one step (duplicate-session takeover)."""
-        nets = self._owned.pop(old, [])
-        for net in nets:
-            raw = net.network_address.packed
-            self._by_len[len(raw)][net.prefixlen][raw] = _Entry(net, new)
-        self._owned.setdefault(new, []).extend(nets)
-
     def remove(self, owner: K) -> list[IPNetwork]:
         nets = self._owned.pop(owner, [])
         for net in nets:
@@ -133,11 +124,3 @@ class AddressTable(Generic[K]):
 
     def lookup(self, addr: IPAddress) -> K | None:
         return self.lookup_raw(addr.packed)
-
-    def source_allowed(self, owner: K, src: bytes) -> bool:
-        """Anti-spoofing: does ``src`` route back to ``owner``?"""
-        return self.lookup_raw(src) == owner
-
-
-def host_network(addr: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(addr)

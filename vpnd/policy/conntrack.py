@@ -113,11 +113,6 @@ class ConntrackTable:
         if own is not None and entry.fwd in own:
             own.move_to_end(entry.fwd)
 
-    def peer_flows(self, name: str) -> int:
-        """How many tracked flows the peer ``name`` initiated."""
-        own = self._by_peer.get(name)
-        return len(own) if own is not None else 0
-
     def add(self, entry: Entry, now: float) -> None:
         """Insert ``entry`` (replacing any entry on its keys), evicting the LRU if full."""
         lru = self._lru

@@ -85,6 +85,7 @@ from vpnd.config.schema import (
     RuleConfig,
 )
 from vpnd.policy.conntrack import ConntrackTable, Entry, FragmentTable, Key
+from vpnd.policy.drops import Drop
 from vpnd.policy.packet import (
     ICMP_REPLIES,
     ICMP_REQUESTS,
@@ -148,12 +149,11 @@ class _Rule:
             return False
         if not self.from_groups <= src.groups:
             return False
-        if self.ports:
-            for lo, hi in self.ports:
-                if lo <= dport <= hi:
-                    break
-            else:
-                return False
+        if self.ports and not any(lo <= dport <= hi for lo, hi in self.ports):
+            return False
+        return self._to_matches(dst, dst_addr)
+
+    def _to_matches(self, dst: PeerView | None, dst_addr: bytes) -> bool:
         if self.to_any:
             return True
         if self.to_net is not None:
@@ -318,7 +318,7 @@ class Firewall:
             if self._frags.allowed((flow.src, flow.dst, flow.frag_id), names, now):
                 self._counts["allowed_fragment"] += 1
                 return None
-            return self._drop("fragment")
+            return self._drop(Drop.FRAGMENT)
         if flow.inner is not None:
             verdict = self._check_related(flow, flow.inner, src, dst, now)
         else:
@@ -353,21 +353,20 @@ class Firewall:
                 self._ct.remove(entry)
             # Else the sides are not the flow's peers (a re-leased address, or a source
             # spoofed on the TUN side): judge the packet as new and keep the flow.
+        return self._new_flow(flow, key, src, dst, now)
+
+    def _new_flow(
+        self, flow: Flow, key: Key, src: PeerView | None, dst: PeerView | None, now: float
+    ) -> str | None:
+        """A packet of no tracked flow: the rules decide, and an allowed one is tracked."""
         if src is None:
-            return self._drop("not_tracked")
+            return self._drop(Drop.NOT_TRACKED)  # the TUN side opens no flows
+        denied = self._rule_verdict(flow, src, dst)
+        if denied is not None:
+            return self._drop(denied)
+        self._counts["allowed_new"] += 1
         icmp_type = flow.icmp_type
         version = flow.version
-        if icmp_type is not None and icmp_type in ICMP_REPLIES[version]:
-            return self._drop("not_tracked")
-        kind_key = (version, flow.proto)
-        if dst is None and flow.dst in self._local:
-            if not self._rules.allows(kind_key, src, dst, flow.dst, flow.dport, host_only=True):
-                if self._rules.allows(kind_key, src, dst, flow.dst, flow.dport):
-                    return self._drop("gateway_host_needs_exact_rule")
-                return self._drop("policy")
-        elif not self._rules.allows(kind_key, src, dst, flow.dst, flow.dport):
-            return self._drop("policy")
-        self._counts["allowed_new"] += 1
         if icmp_type is not None:
             reply = ICMP_REQUESTS[version].get(icmp_type)
             if reply is None:
@@ -392,6 +391,24 @@ class Firewall:
         self._ct.add(entry, now)
         return None
 
+    def _rule_verdict(self, flow: Flow, src: PeerView, dst: PeerView | None) -> Drop | None:
+        """Why the rules refuse a new flow from a peer, or None if one allows it."""
+        icmp_type = flow.icmp_type
+        version = flow.version
+        if icmp_type is not None and icmp_type in ICMP_REPLIES[version]:
+            return Drop.NOT_TRACKED
+        kind_key = (version, flow.proto)
+        allows = self._rules.allows
+        if dst is None and flow.dst in self._local:
+            if allows(kind_key, src, dst, flow.dst, flow.dport, host_only=True):
+                return None
+            if allows(kind_key, src, dst, flow.dst, flow.dport):
+                return Drop.GATEWAY_HOST_NEEDS_EXACT_RULE
+            return Drop.POLICY
+        if not allows(kind_key, src, dst, flow.dst, flow.dport):
+            return Drop.POLICY
+        return None
+
     def _tcp_ending(self, entry: Entry, flags: int, forward: bool) -> bool:
         """Apply FIN/RST to ``entry``; True if this SYN must start a new flow instead."""
         if flags & TCP_RST:
@@ -414,17 +431,17 @@ class Firewall:
         # The quoted packet was sent by the error's recipient, along a tracked flow; the
         # error must come back from that flow's other side.
         if inner.src != flow.dst:
-            return self._drop("icmp_untracked")
+            return self._drop(Drop.ICMP_UNTRACKED)
         hit = self._ct.index.get(_key(inner))
         if hit is None:
-            return self._drop("icmp_untracked")
+            return self._drop(Drop.ICMP_UNTRACKED)
         entry, names = hit
         if (
             now - entry.last >= entry.timeout
             or names[0] != (dst.name if dst is not None else None)
             or names[1] != (src.name if src is not None else None)
         ):
-            return self._drop("icmp_untracked")
+            return self._drop(Drop.ICMP_UNTRACKED)
         self._counts["allowed_related"] += 1
         return None
 

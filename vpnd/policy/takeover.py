@@ -65,10 +65,6 @@ class TakeoverGuard:
         st.times.append(now)
         return Verdict.ALLOW
 
-    def held(self, key: Hashable, now: float) -> bool:
-        st = self._state.get(key)
-        return st is not None and now < st.held_until
-
     def _forget_stale(self, now: float) -> None:
         """Bounded memory: drop keys with nothing recent, then the oldest if still full."""
         if len(self._state) < self.MAX_KEYS:

@@ -1,0 +1,473 @@
+"""The gateway's decisions, without I/O: admission, the peer registry, trust and policy.
+
+``GatewayCore`` takes events (a peer verified, its HELLO, packets from a peer or the
+TUN, new trust or policy, a peer lost, a tick) with the caller's monotonic ``now`` and,
+where certificate validity needs it, wall time; it returns effects (``effects.py``) for
+its shell to carry out in order. The data path (``datapath.py``) shares its address
+table and firewall, and stays batch-shaped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from cryptography.hazmat.primitives import hashes
+
+from vpnd.config import PolicyConfig
+from vpnd.gateway.admission import (
+    IPInterface,
+    bad_route,
+    outside_overlay,
+    reserved_address,
+    tunnel_config,
+)
+from vpnd.gateway.audit import LogBudget, peer_fields, presented, who
+from vpnd.gateway.datapath import DataPath
+from vpnd.gateway.effects import (
+    AddRoute,
+    AddSources,
+    Audit,
+    Close,
+    Effect,
+    Log,
+    Refuse,
+    RemoveRoute,
+    RemoveSources,
+    SendConfig,
+)
+from vpnd.gateway.peer_state import PeerState
+from vpnd.pki import TrustStore, check_revocation, verify_peer
+from vpnd.pki.identity import IPAddress, IPNetwork, PeerIdentity, Reason, Role, VerifyError
+from vpnd.policy.addresses import AddressConflict, AddressTable
+from vpnd.policy.firewall import Firewall, PeerView
+from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
+from vpnd.proto import CloseCode, TunnelConfig
+
+INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway needs from the config, already validated."""
+
+    tun_name: str
+    mtu: int
+    overlay_networks: tuple[IPNetwork, ...]
+    gateway_addresses: tuple[IPInterface, ...]
+    push_routes: tuple[IPNetwork, ...] = ()
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_frame: int = 262144
+    max_sessions: int = 10000
+    peer_queue_bytes: int = 4 * 1024 * 1024
+    max_unadmitted: int = 256
+    """Verified TLS sessions that have not yet sent HELLO: bounded like handshakes."""
+    duplicate: str = "replace"
+    peer_turn_packets: int = 32
+    """Packets (GSO segments counted one by one) from one peer per event-loop turn; then
+    its connection yields so other peers and the TUN are served (fair sharing)."""
+    holddown_takeovers: int = 5
+    """Takeovers of one certificate within ``holddown_window`` before newcomers are held
+    down (0: never); see ``vpnd.policy.takeover``."""
+    holddown_window: float = 60.0
+    holddown_hold: float = 600.0
+
+
+P = TypeVar("P", bound=PeerState)
+
+
+class GatewayCore(Generic[P]):
+    """The peer registry, the address table, the firewall and the counters.
+
+    ``P`` is the shell's peer record (a ``PeerState`` with its connection attached), so
+    the data path hands back the very objects the shell sends to.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        trust: TrustStore,
+        policy: PolicyConfig | None = None,
+        tun_vnet: bool = False,
+        sources: bool = False,
+    ) -> None:
+        """``tun_vnet``: the TUN carries virtio headers. ``sources``: a kernel
+        anti-spoofing set exists, so CONFIG waits for it (``AddSources.then``)."""
+        self.settings = settings
+        self.trust = trust
+        self.trust_error: str | None = None
+        """Set while the revocation data cannot be used: every new peer is refused."""
+        self.policy = policy or PolicyConfig()
+        self.firewall = Firewall(self.policy)
+        self.tun_vnet = tun_vnet
+        self.sources = sources
+        self.stopping = False
+        self.peers: dict[int, P] = {}
+        self.table: AddressTable[P] = AddressTable()
+        self.drops: Counter[str] = Counter()
+        self.handshakes: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
+        """bytes/packets in/out of peers that have left (live peers hold their own), so
+        that exported counters only ever grow; ``clone_holddowns`` counts hold-downs started."""
+        self.notes: list[Log] = []
+        """Log lines outside any event's effects (denied packets, log-budget summaries):
+        the shell takes them after each batch and each event."""
+        self._keys = itertools.count(1)
+        self._by_cert: dict[tuple[str, int], P] = {}
+        self._by_name: dict[tuple[str, str], P] = {}
+        self._takeovers = TakeoverGuard(
+            settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
+        )
+        self._refusal_log = LogBudget(10, self.notes)
+        self.datapath: DataPath[P] = DataPath(
+            self.table, self.firewall, self.drops, self.notes, tun_vnet=tun_vnet
+        )
+        # Bound once: the shell's per-batch calls go straight to the data path.
+        self.from_peer = self.datapath.from_peer
+        self.from_tun = self.datapath.from_tun
+        self.outbound = self.datapath.outbound
+        self.sent = self.datapath.sent
+
+    # ---- connections -----------------------------------------------------------------
+
+    def next_key(self) -> int:
+        return next(self._keys)
+
+    def verify(
+        self, chain: tuple[bytes, ...], remote: str, host: str, *, wall: float, now: float
+    ) -> PeerIdentity | list[Effect]:
+        """A TLS handshake completed: the verified identity, or the effects refusing it."""
+        if len(self.peers) - len(self.table) >= self.settings.max_unadmitted:
+            self.handshakes["refused_resource_limit"] += 1
+            return [Refuse(CloseCode.RESOURCE_LIMIT, "too many sessions setting up")]
+        if self.trust_error is not None:
+            # Revocation data is missing or unusable: fail closed for new peers.
+            err = VerifyError(Reason.CRL_MISSING, self.trust_error)
+            return self._refuse_unverified(chain, remote, host, err, now)
+        try:
+            return verify_peer(
+                chain, now=dt.datetime.fromtimestamp(wall, dt.UTC), role=Role.PEER, trust=self.trust
+            )
+        except VerifyError as err:
+            return self._refuse_unverified(chain, remote, host, err, now)
+
+    def _refuse_unverified(
+        self, chain: tuple[bytes, ...], remote: str, host: str, err: VerifyError, now: float
+    ) -> list[Effect]:
+        self.handshakes[f"refused_{err.reason.value}"] += 1
+        out: list[Effect] = []
+        if self._refusal_log.allow(host, now):
+            found = presented(chain[0] if chain else None)
+            fields = {"event": "auth_refused", "remote": remote, "reason": err.reason.value}
+            out.append(Audit(WARNING, f"refused {remote}{who(found)}: {err}", {**fields, **found}))
+        # The handshake already succeeded, so no TLS alert can carry our reason: a
+        # CLOSE frame does, and the client prints it.
+        out.append(Refuse(CloseCode.AUTH_FAILED, err.reason.value))
+        return out
+
+    def tls_refused(
+        self,
+        remote: str,
+        host: str,
+        reason: str,
+        text: str,
+        der: bytes | None,
+        *,
+        by_peer: bool,
+        now: float,
+    ) -> list[Effect]:
+        """OpenSSL refused a handshake (and sent the alert): count and audit it."""
+        self.handshakes[f"refused_{reason}"] += 1
+        if not self._refusal_log.allow(host, now):
+            return []  # counted above; a flood from one address must not flood the log
+        found = presented(der)
+        fields = {"event": "auth_refused", "remote": remote, "reason": reason, "by_peer": by_peer}
+        msg = f"refused {remote}{who(found)} in the TLS handshake: {text}"
+        return [Audit(WARNING, msg, {**fields, **found})]
+
+    def add(self, peer: P) -> list[Effect]:
+        """A verified peer's session started; it holds nothing until its HELLO."""
+        ident = peer.identity
+        peer.view = PeerView(ident.name, ident.groups)
+        self.peers[peer.key] = peer
+        addrs = ", ".join(str(a) for a in ident.addresses)
+        return [Log(INFO, f"authenticated serial {ident.serial_hex}, addresses {addrs}", peer.key)]
+
+    # ---- admission -------------------------------------------------------------------
+
+    def hello(self, peer: P, *, offload: bool, now: float) -> list[Effect]:
+        """The peer's HELLO arrived: admit it (addresses, routes, CONFIG) or close it."""
+        ident = peer.identity
+        networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
+        s = self.settings
+        why = outside_overlay(networks[: len(ident.addresses)], s.overlay_networks)
+        if why is not None:
+            return [Close(peer.key, CloseCode.POLICY, why)]
+        why = reserved_address(ident.addresses, s.overlay_networks, s.gateway_addresses)
+        if why is not None:
+            fields = {"event": "auth_refused", "reason": "reserved_address"}
+            return [
+                Audit(WARNING, f"refused {ident.name}: {why}", {**fields, **self._fields(peer)}),
+                Close(peer.key, CloseCode.POLICY, why),
+            ]
+        why = bad_route(ident.routes, s.overlay_networks, s.push_routes)
+        if why is not None:
+            return [Close(peer.key, CloseCode.POLICY, why)]
+        out: list[Effect] = []
+        old = self._predecessor(peer, now, out)
+        if out:
+            return out
+        if old is None and len(self.table) >= s.max_sessions:
+            return [Close(peer.key, CloseCode.RESOURCE_LIMIT, "gateway is at its session limit")]
+        try:
+            self.table.conflicts(networks, ignore=old)
+        except AddressConflict as err:
+            return self._conflict(peer, err)
+        if old is not None:
+            self._take_over(peer, old, networks, now, out)
+        else:
+            self.table.add(peer, networks)
+        self._accept(peer, networks, offload, out)
+        return out
+
+    def _predecessor(self, peer: P, now: float, out: list[Effect]) -> P | None:
+        """The session ``peer`` replaces (same certificate, or an older one of the same
+        peer), or None; a refusal goes into ``out``."""
+        ident = peer.identity
+        # O(1): admission cost must not grow with the number of connected peers.
+        old = self._by_cert.get((ident.issuer, ident.serial))
+        if old is None:
+            # The same peer (name, CA) with another certificate: a renewal. The newer
+            # certificate takes over without a gap; an older one (a stale copy, maybe a
+            # leaked one) never evicts the newer.
+            old = self._by_name.get((ident.issuer, ident.name))
+            # Newer means issued later, not valid longer: a lost laptop's long-lived
+            # certificate must not beat the fresh one issued to replace it.
+            if old is not None and (ident.not_before, ident.serial) < (
+                old.identity.not_before,
+                old.identity.serial,
+            ):
+                msg = "a newer certificate of this peer is already connected"
+                out.append(Close(peer.key, CloseCode.ADDRESS_CONFLICT, msg))
+            return old
+        if self.settings.duplicate == "reject":
+            out.append(Close(peer.key, CloseCode.REPLACED, "this certificate is already connected"))
+            return old
+        guard, s = self._takeovers, self.settings  # a reload may have changed them
+        guard.takeovers, guard.window, guard.hold = (
+            s.holddown_takeovers,
+            s.holddown_window,
+            s.holddown_hold,
+        )
+        verdict = guard.takeover((ident.issuer, ident.serial), now)
+        if verdict is Verdict.ALLOW:
+            return old
+        self.handshakes["refused_clone_holddown"] += 1
+        if verdict is Verdict.HOLD_START:
+            self.totals["clone_holddowns"] += 1
+            msg = (
+                f"holding down {ident.name} from {peer.remote}: {CLONE_REASON} "
+                f"(the session from {old.remote} stays)"
+            )
+            fields = {
+                "event": "clone_holddown",
+                "reason": "possible_copy",
+                "holder_remote": old.remote,
+            }
+            out.append(Audit(WARNING, msg, {**fields, **self._fields(peer)}))
+        out.append(Close(peer.key, CloseCode.POLICY, CLONE_REASON))
+        return old
+
+    def _conflict(self, peer: P, err: AddressConflict) -> list[Effect]:
+        # Our own log may name both peers; the refused peer learns only the address
+        # (its certificate claims it), never who holds it.
+        holder = err.owner.identity if isinstance(err.owner, PeerState) else None
+        held_by = f"{holder.name} (serial {holder.serial_hex})" if holder else "another peer"
+        fields = {
+            "event": "auth_refused",
+            "reason": "address_conflict",
+            "network": str(err.network),
+            "holder": holder.name if holder else "?",
+            "holder_serial": holder.serial_hex if holder else "?",
+        }
+        name = peer.identity.name
+        return [
+            Log(WARNING, f"refused: {err.network} is already owned by {held_by}", peer.key),
+            Audit(
+                WARNING,
+                f"refused {name}: address conflict with {held_by}",
+                {**fields, **self._fields(peer)},
+            ),
+            Close(peer.key, CloseCode.ADDRESS_CONFLICT, f"{err.network} is held by another peer"),
+        ]
+
+    def _take_over(
+        self, peer: P, old: P, networks: list[IPNetwork], now: float, out: list[Effect]
+    ) -> None:
+        # Atomic takeover: the shell runs nothing between these lines, so no packet sees
+        # a moment where two sessions (or none) own the addresses.
+        ident = peer.identity
+        stale = [n for n in self.table.networks_of(old) if n not in networks]
+        self.table.remove(old)
+        self.table.add(peer, networks)
+        if self.sources and stale:
+            out.append(RemoveSources(tuple(stale)))
+        if stale or old.identity.groups != ident.groups:
+            # Flows opened under the old certificate are judged again as the new one.
+            self.apply_policy(self.policy, now=now)
+        renewal = old.identity.serial != ident.serial or old.identity.issuer != ident.issuer
+        why = "renewed certificate" if renewal else "newer connection"
+        out.append(Log(INFO, f"replaced by a {why} from {peer.remote}", old.key))
+        fields = {"event": "replaced", "old_serial": old.identity.serial_hex}
+        out.append(
+            Audit(INFO, f"{ident.name} replaced by a {why}", {**fields, **self._fields(peer)})
+        )
+        out.extend(RemoveRoute(n) for n in old.identity.routes if n not in ident.routes)
+        out.append(Close(old.key, CloseCode.REPLACED, f"replaced by a {why}"))
+
+    def _accept(self, peer: P, networks: list[IPNetwork], offload: bool, out: list[Effect]) -> None:
+        ident = peer.identity
+        peer.admitted = True
+        self._by_cert[(ident.issuer, ident.serial)] = peer
+        self._by_name[(ident.issuer, ident.name)] = peer
+        peer.offload = self.tun_vnet and offload
+        self.handshakes["accepted"] += 1
+        out.extend(AddRoute(peer.key, n) for n in ident.routes)
+        out.append(
+            Audit(INFO, f"accepted {ident.name}", {"event": "auth_accepted", **self._fields(peer)})
+        )
+        config = SendConfig(peer.key, self.tunnel_config(peer))
+        # CONFIG only once the kernel's anti-spoofing set admits the peer's sources,
+        # else its first packets would die in nftables.
+        out.append(AddSources(tuple(networks), then=config) if self.sources else config)
+
+    def tunnel_config(self, peer: PeerState) -> TunnelConfig:
+        s = self.settings
+        return tunnel_config(
+            peer.identity,
+            overlays=s.overlay_networks,
+            gateway=s.gateway_addresses,
+            pushed=s.push_routes,
+            mtu=s.mtu,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_timeout=s.keepalive_timeout,
+            offload=peer.offload,
+        )
+
+    def lost(self, peer: P, message: str) -> list[Effect]:
+        """The peer's session ended: free what it held, keep its counters in the totals."""
+        self.peers.pop(peer.key, None)
+        ident = peer.identity
+        cert_key = (ident.issuer, ident.serial)
+        if self._by_cert.get(cert_key) is peer:
+            del self._by_cert[cert_key]
+        name_key = (ident.issuer, ident.name)
+        if self._by_name.get(name_key) is peer:
+            del self._by_name[name_key]
+        if not peer.admitted:
+            return []
+        self.drops.update(peer.drops)
+        self.totals.update(
+            bytes_in=peer.bytes_in,
+            bytes_out=peer.bytes_out,
+            packets_in=peer.packets_in,
+            packets_out=peer.packets_out,
+        )
+        peer.admitted = False
+        owned = self.table.networks_of(peer)
+        self.table.remove(peer)
+        if owned:  # not when a newer session took the addresses over
+            for addr in ident.addresses:
+                self.firewall.forget_address(addr.packed)
+            self.firewall.forget_peer(ident.name)
+        out: list[Effect] = [RemoveRoute(n) for n in owned if n in ident.routes]
+        if self.sources and owned and not self.stopping:
+            out.append(RemoveSources(tuple(owned)))
+        freed = ", ".join(str(n) for n in owned)
+        out.append(Log(INFO, f"disconnected ({message}), freed {freed}", peer.key))
+        return out
+
+    # ---- operations ------------------------------------------------------------------
+
+    def kick(self, name: str, reason: str) -> list[Effect]:
+        """Close every session of the named peer."""
+        out: list[Effect] = []
+        for peer in [p for p in self.peers.values() if p.identity.name == name]:
+            fields = {"event": "kick", "reason_text": reason, **self._fields(peer)}
+            out.append(Audit(WARNING, f"kicked {name}: {reason}", fields))
+            out.append(Close(peer.key, CloseCode.KICKED, reason))
+        return out
+
+    def apply_trust(self, trust: TrustStore, *, wall: float) -> tuple[list[str], list[Effect]]:
+        """Adopt new CA/CRL data; the names of the live sessions it ends, and the effects.
+
+        Only revocation ends a live session here: a stale CRL refuses *new* peers (the
+        verifier does that) but does not cut peers verified while it was fresh.
+        """
+        cas_changed = _root_set(trust) != _root_set(self.trust)
+        self.trust = trust
+        self.trust_error = None
+        now = dt.datetime.fromtimestamp(wall, dt.UTC)
+        closed: list[str] = []
+        out: list[Effect] = []
+        for peer in list(self.peers.values()):
+            try:
+                if cas_changed:
+                    # A CA taken out of the bundle (say, compromised) ends its peers'
+                    # sessions too: re-verify the chain each presented.
+                    verify_peer(peer.chain, now=now, role=Role.PEER, trust=trust)
+                check_revocation(peer.identity, trust, now=now)
+            except VerifyError as err:
+                if err.reason in (Reason.CRL_STALE, Reason.CRL_MISSING):
+                    continue  # fail closed for new peers; verified sessions stay
+                closed.append(peer.identity.name)
+                revoked = err.reason is Reason.REVOKED
+                why = "certificate revoked" if revoked else f"no longer trusted ({err.reason})"
+                fields = {"event": "revoked_close", "detail": err.detail, **self._fields(peer)}
+                out.append(Audit(WARNING, f"closing {peer.identity.name}: {why}", fields))
+                code = CloseCode.REVOKED if revoked else CloseCode.AUTH_FAILED
+                out.append(Close(peer.key, code, err.detail))
+        return closed, out
+
+    def refuse_new_peers(self, reason: str) -> list[Effect]:
+        """Revocation data became unusable: fail closed for new peers until fixed."""
+        changed = self.trust_error != reason
+        self.trust_error = reason
+        return [Log(ERROR, f"REFUSING ALL NEW PEERS: {reason}")] if changed else []
+
+    def apply_policy(self, policy: PolicyConfig, *, now: float) -> int:
+        """Adopt new rules; tracked flows they no longer allow are cut at once."""
+        self.policy = policy
+        return self.firewall.replace_policy(policy, now=now, peers=self._view)
+
+    def host_addresses(self, found: Sequence[IPAddress]) -> int:
+        """This host's addresses as netlink reads them; returns how many flows were cut."""
+        overlay = {a.ip for a in self.settings.gateway_addresses}
+        local = frozenset(a.packed for a in found if a not in overlay)
+        if local == self.firewall.local_addresses:
+            return 0
+        return self.firewall.set_local_addresses(local, peers=self._view)
+
+    def tick(self, now: float) -> int:
+        """Every few seconds: expire idle flows; returns how many."""
+        return self.firewall.expire(now)
+
+    def _view(self, addr: bytes) -> PeerView | None:
+        owner = self.table.lookup_raw(addr)
+        return owner.view if owner is not None else None
+
+    def _fields(self, peer: PeerState) -> dict[str, object]:
+        return peer_fields(peer.identity, peer.remote)
+
+
+def _root_set(trust: TrustStore) -> set[bytes]:
+    return {r.fingerprint(hashes.SHA256()) for r in trust.roots}

@@ -1,0 +1,34 @@
+"""What the gateway core keeps of one connected peer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vpnd.pki.identity import PeerIdentity
+from vpnd.policy.firewall import PeerView
+
+
+@dataclass(eq=False)
+class PeerState:
+    """What the core knows of one connected peer: identity, admission, counters."""
+
+    key: int
+    identity: PeerIdentity
+    remote: str
+    connected_at: float
+    chain: tuple[bytes, ...] = field(default=(), repr=False)
+    """The DER chain the peer presented, to re-verify when the trusted CAs change."""
+    view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
+    """What the firewall sees of this peer: its name and groups."""
+    admitted: bool = False
+    offload: bool = False
+    """DATA to and from this peer carries virtio headers (both ends offload)."""
+    drops: Counter[str] = field(default_factory=Counter)
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def __hash__(self) -> int:
+        return self.key
