@@ -18,7 +18,7 @@ import pytest
 from pki_fixtures import DAY
 from service_fixtures import REAL, FakeEdges, Site
 
-from vpnd.service import daemon
+from vpnd.service import daemon, preflight
 
 
 def free_port() -> int:
@@ -32,7 +32,7 @@ def free_port() -> int:
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
     monkeypatch.setenv("VPND_RUNTIME_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(daemon, "setup_logging", lambda *a: None)  # keep caplog's handler
-    monkeypatch.setattr(daemon.preflight, "has_cap_net_admin", lambda *a: True)
+    monkeypatch.setattr(preflight, "has_cap_net_admin", lambda *a: True)
     return Site(tmp_path)
 
 
