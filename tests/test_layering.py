@@ -51,7 +51,14 @@ def test_proto_does_not_import_pki() -> None:
 
 
 def test_vpnctl_needs_no_kernel_libraries() -> None:
-    allowed = ("vpnd.pki", "vpnd.control", "vpnd.config", "vpnd.files.atomic", "vpnd")
+    allowed = (
+        "vpnd.pki",
+        "vpnd.control",
+        "vpnd.config",
+        "vpnd.files.atomic",
+        "vpnd.files.passphrase",
+        "vpnd",
+    )
     for path in _files("vpnctl"):
         for mod in _imports(path):
             if mod.startswith("vpnd"):
