@@ -142,11 +142,11 @@ def test_revocation_is_applied_even_if_the_tls_context_cannot_be_rebuilt(
     def broken_context(crl: Path | None) -> ssl.SSLContext:
         raise RuntimeError("gw.key does not match gw.pem")  # mid-update of the gateway's files
 
-    w._make_context = broken_context  # type: ignore[method-assign]
+    w._make_context = broken_context
     _write_crl(ca, tmp_path / "crl.pem", number=2, next_update=REAL_NOW + 7 * DAY, revoked=(7,))
     w.check()
     assert len(rec.trusts) == 1  # the live sessions were re-checked (revoked ones closed)
     assert rec.broken and "TLS context" in rec.broken[-1]  # and new peers are refused
-    w._make_context = rec.make_context  # type: ignore[method-assign]
+    w._make_context = rec.make_context
     w.check()  # retried on the next poll, without any file change
     assert w.broken is None and rec.contexts[-1] == tmp_path / "crl.pem"
