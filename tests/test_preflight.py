@@ -167,8 +167,9 @@ def test_key_that_does_not_match_the_certificate(site: Site) -> None:
 
 
 def test_encrypted_key_needs_and_honours_the_passphrase_file(site: Site) -> None:
-    assert not isinstance(site.gw.key, rsa.RSAPrivateKey)  # the fixture CA issues EC keys
-    (site.dir / "gw.key").write_bytes(private_key_pem(site.gw.key, b"s3cret"))  # stays 0600
+    key = site.gw.key
+    assert not isinstance(key, rsa.RSAPrivateKey)  # the vpnd profile has no RSA keys
+    (site.dir / "gw.key").write_bytes(private_key_pem(key, b"s3cret"))  # stays 0600
     one_problem(site.run(site.gateway()), "pki.key:", "pki.key_passphrase_file")
     (site.dir / "pass").write_bytes(b"s3cret\n")
     (site.dir / "pass").chmod(0o600)

@@ -22,6 +22,7 @@ from vpnctl import argparsing as types
 from vpnctl import control_commands, provision_cli, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
+from vpnd.files.passphrase import PassphraseError, read_passphrase
 from vpnd.pki.crl import REASONS
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.issue_terms import (
@@ -115,13 +116,9 @@ def _pki_path(args: argparse.Namespace) -> Path:
 
 def _read_passphrase(path: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read passphrase file {path}: {exc.strerror or exc}") from None
-    first = data.split(b"\n", 1)[0].removesuffix(b"\r")
-    if not first:
-        raise CliError(f"passphrase file {path} is empty (its first line is the passphrase)")
-    return first
+        return read_passphrase(path)
+    except PassphraseError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _passphrase_source(args: argparse.Namespace) -> str | None:

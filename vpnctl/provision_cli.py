@@ -43,6 +43,7 @@ from vpnctl.ssh_remote import (
     ssh_session,
 )
 from vpnctl.ssh_target import SshTarget, TargetError, parse_ssh_target
+from vpnd.files.passphrase import PassphraseError, read_passphrase
 from vpnd.pki.pkidir import PkiDir
 
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
@@ -198,13 +199,9 @@ class _Identities:
 
 def _read_passphrase(path: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ProvisionError(f"cannot read passphrase file {path}: {exc.strerror or exc}") from None
-    first = data.split(b"\n", 1)[0].removesuffix(b"\r")
-    if not first:
-        raise ProvisionError(f"passphrase file {path} is empty (its first line is the passphrase)")
-    return first
+        return read_passphrase(path)
+    except PassphraseError as exc:
+        raise ProvisionError(str(exc)) from None
 
 
 def _options(

@@ -183,29 +183,7 @@ def _one_line(text: str) -> str:
 def main(argv: list[str], out: TextIO, err: TextIO) -> int:
     """Run vpnd with ``argv`` (without the program name); return the exit code."""
     try:
-        args = build_parser().parse_args(argv)
-        if args.version:
-            out.write(f"vpnd {__version__}\n")
-            return 0
-        if args.check:
-            if args.command is not None:
-                raise UsageError(
-                    f"--check validates a daemon config; it does not go with {args.command}"
-                )
-            if args.config is None:
-                raise UsageError("--check needs --config FILE")
-            return _check(args.config, out, err)
-        if args.command == "keygen":
-            if args.config is not None:
-                raise UsageError("--config runs the daemon; it does not go with keygen")
-            return _keygen(args, out)
-        if args.command == "cleanup":
-            if args.config is not None and args.cleanup_config is not None:
-                raise UsageError("give --config once, after 'cleanup'")
-            return _cleanup(args.cleanup_config or args.config, out, err)
-        if args.config is None:
-            raise UsageError("give --config FILE to run the daemon, or a command (see --help)")
-        return _daemon(args.config, err)
+        return _dispatch(build_parser().parse_args(argv), out, err)
     except HelpRequested as help_:
         out.write(help_.text)
         return 0
@@ -219,6 +197,31 @@ def main(argv: list[str], out: TextIO, err: TextIO) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         err.write(f"vpnd: error: {where}{_one_line(exc.strerror or str(exc))}\n")
         return 1
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.version:
+        out.write(f"vpnd {__version__}\n")
+        return 0
+    if args.check:
+        if args.command is not None:
+            raise UsageError(
+                f"--check validates a daemon config; it does not go with {args.command}"
+            )
+        if args.config is None:
+            raise UsageError("--check needs --config FILE")
+        return _check(args.config, out, err)
+    if args.command == "keygen":
+        if args.config is not None:
+            raise UsageError("--config runs the daemon; it does not go with keygen")
+        return _keygen(args, out)
+    if args.command == "cleanup":
+        if args.config is not None and args.cleanup_config is not None:
+            raise UsageError("give --config once, after 'cleanup'")
+        return _cleanup(args.cleanup_config or args.config, out, err)
+    if args.config is None:
+        raise UsageError("give --config FILE to run the daemon, or a command (see --help)")
+    return _daemon(args.config, err)
 
 
 def run() -> None:

@@ -278,6 +278,49 @@ def dns_name(ctx: Context, path: str, value: object) -> str:
     return value.lower()
 
 
+class _BadEndpoint(Exception):
+    """Why a ``host:port`` string is wrong: the tail of the error message."""
+
+
+def _split_endpoint(value: str) -> tuple[str, str, bool]:
+    """(host, port, bracketed) of ``host:port`` or ``[v6]:port``."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise _BadEndpoint(", which has no ]:port")
+        return host, port, True
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise _BadEndpoint(", which has no :port")
+    if ":" in host:
+        raise _BadEndpoint(", an IPv6 address must be in brackets")
+    return host, port, False
+
+
+def _endpoint_host(host: str, *, bracketed: bool, ip_only: bool) -> str:
+    if bracketed:
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise _BadEndpoint(", whose [...] does not hold an IPv6 address") from None
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    if ip_only:
+        raise _BadEndpoint(f", whose host {host!r} is not an IP address")
+    problem = dns_name_problem(host) if host else "is empty"
+    if problem:
+        raise _BadEndpoint(f", whose host {problem}")
+    return host.lower()
+
+
+def _endpoint_port(port: str) -> int:
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise _BadEndpoint(", whose port is not 1..65535")
+    return int(port)
+
+
 def host_port(*, ip_only: bool) -> Reader[HostPort]:
     """``host:port`` or ``[v6]:port``. With ``ip_only`` the host must be an IP literal
     (an address to bind), else a DNS name is allowed too (an address to connect to)."""
@@ -285,39 +328,14 @@ def host_port(*, ip_only: bool) -> Reader[HostPort]:
     expected = f'"host:port" with {host_kind} and a port 1..65535 (IPv6: "[::1]:4443")'
 
     def read(ctx: Context, path: str, value: object) -> HostPort:
-        def bad(why: str) -> ConfigError:
-            return ctx.error(path, f"expected {expected}, got {describe(value)}{why}")
-
-        if not isinstance(value, str):
-            raise bad("")
-        if value.startswith("["):
-            host, sep, port = value[1:].partition("]:")
-            if not sep:
-                raise bad(", which has no ]:port")
-            try:
-                address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host)
-            except ValueError:
-                raise bad(", whose [...] does not hold an IPv6 address") from None
-        else:
-            host, sep, port = value.rpartition(":")
-            if not sep:
-                raise bad(", which has no :port")
-            if ":" in host:
-                raise bad(", an IPv6 address must be in brackets")
-            try:
-                address = ipaddress.IPv4Address(host)
-            except ValueError:
-                if ip_only:
-                    raise bad(f", whose host {host!r} is not an IP address") from None
-                problem = dns_name_problem(host) if host else "is empty"
-                if problem:
-                    raise bad(f", whose host {problem}") from None
-                if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
-                    raise bad(", whose port is not 1..65535") from None
-                return HostPort(host.lower(), int(port))
-        if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
-            raise bad(", whose port is not 1..65535")
-        return HostPort(str(address), int(port))
+        try:
+            if not isinstance(value, str):
+                raise _BadEndpoint("")
+            host, port, bracketed = _split_endpoint(value)
+            name = _endpoint_host(host, bracketed=bracketed, ip_only=ip_only)
+            return HostPort(name, _endpoint_port(port))
+        except _BadEndpoint as why:
+            raise ctx.error(path, f"expected {expected}, got {describe(value)}{why}") from None
 
     return read
 

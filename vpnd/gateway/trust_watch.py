@@ -23,13 +23,13 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vpnd.files.atomic import atomic_write
+from vpnd.files.watch import FileWatch, poll
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.crl import CrlRollback, crl_number, crl_numbers, crl_rollbacks
 from vpnd.pki.identity import PkiError
@@ -37,18 +37,6 @@ from vpnd.pki.identity import PkiError
 log = logging.getLogger("vpnd.trust")
 
 POLL_INTERVAL = 0.2
-
-Fingerprint = tuple[int, int, int, int] | None
-
-
-def _stat(path: Path | None) -> Fingerprint:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1, -1, -1)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +136,7 @@ class TrustWatcher:
         self.allow_rollback = allow_rollback
         self.rollback_refused: str | None = None
         """Why the CRL on disk was last refused as older than the one in use, or None."""
-        self._seen: tuple[Fingerprint, Fingerprint] = (None, None)
+        self._files = FileWatch(lambda: (self.ca, self.crl))
         self.trust: TrustStore | None = None
         self.context: ssl.SSLContext | None = None
         self.crl_state: CrlState | None = None
@@ -158,7 +146,7 @@ class TrustWatcher:
 
     def load(self) -> TrustStore:
         """First load at start-up: raises PkiError (the daemon refuses to start)."""
-        self._seen = (_stat(self.ca), _stat(self.crl))
+        self._files.mark()
         trust = load_trust_store(self.ca, self.crl, allow_stale_crl=self.allow_stale)
         self.numbers.load()
         rollbacks = self._rollbacks(trust)
@@ -228,18 +216,17 @@ class TrustWatcher:
             self._task = None
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            try:
-                self.check()
-            except Exception:  # the watcher must survive anything a file can do
-                log.exception("trust watcher failed; retrying")
+        await poll(POLL_INTERVAL, self._step)
+
+    async def _step(self) -> None:
+        try:
+            self.check()
+        except Exception:  # the watcher must survive anything a file can do
+            log.exception("trust watcher failed; retrying")
 
     def check(self) -> None:
         """One poll: reload on change, and notice a CRL going stale."""
-        seen = (_stat(self.ca), _stat(self.crl))
-        if seen != self._seen:
-            self._seen = seen
+        if self._files.changed():
             self.reload()
             return
         state = self.crl_state
@@ -281,7 +268,7 @@ class TrustWatcher:
         try:
             self._adopt(trust)
         except Exception as err:  # e.g. the gateway's own cert and key mid-update
-            self._seen = (None, None)  # try again on the next poll
+            self._files.forget()  # try again on the next poll
             self.broken = f"cannot build the TLS context: {err}"
             log.error("%s: refusing new peers until it can", self.broken)
             self._on_broken(self.broken)

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from vpnd.config import ClientConfig, CrlStale, GatewayConfig, HostPort
+from vpnd.files.passphrase import PassphraseError, read_passphrase
 from vpnd.net.ownership import LinkOwner, alias_owner, classify_link
 from vpnd.pki import TrustStore, load_trust_store, verify_chain
 from vpnd.pki.crl import crl_number, crl_problem, load_crls
@@ -107,11 +108,10 @@ def _passphrase(path: Path | None, report: Report) -> bytes | bool | None:
     if path is None:
         return None
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        report.problems.append(f"pki.key_passphrase_file: cannot read {path}: {err.strerror}")
+        return read_passphrase(path)
+    except PassphraseError as err:
+        report.problems.append(f"pki.key_passphrase_file: {err}")
         return False
-    return data.splitlines()[0] if data else b""
 
 
 def _public_der(key: object) -> bytes:
@@ -124,41 +124,14 @@ def _public_der(key: object) -> bytes:
 
 def _check_identity(cfg: GatewayConfig | ClientConfig, now: dt.datetime, report: Report) -> None:
     gateway = isinstance(cfg, GatewayConfig)
-    mode = "gateway" if gateway else "client"
     pki = cfg.pki
-    try:
-        chain = load_certificates(pki.cert)
-    except PkiError as err:
-        report.problems.append(f"pki.cert: {err}")
-        chain = []
-    passphrase = _passphrase(pki.key_passphrase_file, report)
-    key = None
-    if passphrase is not False:
-        assert passphrase is None or isinstance(passphrase, bytes)
-        try:
-            key = load_private_key(pki.key, passphrase)
-        except PkiError as err:
-            text = str(err).replace("give --passphrase-file", "set pki.key_passphrase_file")
-            report.problems.append(f"pki.key: {text}")
-    if chain and key is not None and _public_der(chain[0]) != _public_der(key):
-        report.problems.append(
-            f"pki.key: {pki.key} is not the key of the certificate {_label(chain[0])} in "
-            f"{pki.cert}: give the key that was made with this certificate's CSR"
-        )
+    chain, passphrase = _check_key_pair(pki.cert, pki.key, pki.key_passphrase_file, report)
     try:
         roots = load_certificates(pki.ca)
     except PkiError as err:
         report.problems.append(f"pki.ca: {err}")
         return
-    crls: list[x509.CertificateRevocationList] = []
-    if gateway:
-        assert isinstance(cfg, GatewayConfig) and pki.crl is not None
-        crls = _check_crls(cfg, roots, now, report)
-    elif pki.crl is not None:
-        try:
-            crls = load_crls(pki.crl)
-        except PkiError as err:
-            report.problems.append(f"pki.crl: {err}")
+    crls = _held_crls(cfg, roots, now, report)
     try:
         # Only well-signed CRLs; staleness and gaps were judged above.
         trust = load_trust_store(pki.ca, None, crl_required=False)
@@ -175,30 +148,74 @@ def _check_identity(cfg: GatewayConfig | ClientConfig, now: dt.datetime, report:
         _check_own_certificate(chain, trust, gateway, pki.cert, pki.ca, now, report)
     if report.problems:
         return  # OpenSSL would only repeat them, less clearly
+    if _check_tls_context(cfg, passphrase if isinstance(passphrase, bytes) else None, report):
+        leaf = chain[0]
+        report.ok.append(
+            f"{'gateway' if gateway else 'client'} certificate {_label(leaf)} valid until "
+            f"{leaf.not_valid_after_utc.date().isoformat()}, matches its key, chains to pki.ca"
+        )
+
+
+def _check_key_pair(
+    cert: Path, key_path: Path, passphrase_file: Path | None, report: Report
+) -> tuple[list[x509.Certificate], bytes | bool | None]:
+    """The certificate chain and the passphrase (False: unreadable), key match checked."""
     try:
-        if gateway:
+        chain = load_certificates(cert)
+    except PkiError as err:
+        report.problems.append(f"pki.cert: {err}")
+        chain = []
+    passphrase = _passphrase(passphrase_file, report)
+    key = None
+    if passphrase is not False:
+        assert passphrase is None or isinstance(passphrase, bytes)
+        try:
+            key = load_private_key(key_path, passphrase)
+        except PkiError as err:
+            text = str(err).replace("give --passphrase-file", "set pki.key_passphrase_file")
+            report.problems.append(f"pki.key: {text}")
+    if chain and key is not None and _public_der(chain[0]) != _public_der(key):
+        report.problems.append(
+            f"pki.key: {key_path} is not the key of the certificate {_label(chain[0])} in "
+            f"{cert}: give the key that was made with this certificate's CSR"
+        )
+    return chain, passphrase
+
+
+def _held_crls(
+    cfg: GatewayConfig | ClientConfig,
+    roots: Sequence[x509.Certificate],
+    now: dt.datetime,
+    report: Report,
+) -> list[x509.CertificateRevocationList]:
+    if isinstance(cfg, GatewayConfig):
+        assert cfg.pki.crl is not None
+        return _check_crls(cfg, roots, now, report)
+    if cfg.pki.crl is None:
+        return []
+    try:
+        return load_crls(cfg.pki.crl)
+    except PkiError as err:
+        report.problems.append(f"pki.crl: {err}")
+        return []
+
+
+def _check_tls_context(
+    cfg: GatewayConfig | ClientConfig, passphrase: bytes | None, report: Report
+) -> bool:
+    """Does OpenSSL accept the files as a TLS context of the mode?"""
+    pki = cfg.pki
+    try:
+        if isinstance(cfg, GatewayConfig):
             server_context(
-                ca=pki.ca,
-                cert=pki.cert,
-                key=pki.key,
-                crl=pki.crl,
-                key_passphrase=passphrase if isinstance(passphrase, bytes) else None,
+                ca=pki.ca, cert=pki.cert, key=pki.key, crl=pki.crl, key_passphrase=passphrase
             )
         else:
-            client_context(
-                ca=pki.ca,
-                cert=pki.cert,
-                key=pki.key,
-                key_passphrase=passphrase if isinstance(passphrase, bytes) else None,
-            )
+            client_context(ca=pki.ca, cert=pki.cert, key=pki.key, key_passphrase=passphrase)
     except TlsConfigError as err:
         report.problems.append(f"pki: {err}")
-        return
-    leaf = chain[0]
-    report.ok.append(
-        f"{mode} certificate {_label(leaf)} valid until "
-        f"{leaf.not_valid_after_utc.date().isoformat()}, matches its key, chains to pki.ca"
-    )
+        return False
+    return True
 
 
 def _check_own_certificate(  # noqa: PLR0917 - one private call site
@@ -310,27 +327,32 @@ def _check_crls(
             )
     for root in roots:
         mine = [c for c in good if c.issuer == root.subject]
-        if not mine:
-            continue
-        crl = max(mine, key=crl_number)
-        next_update = crl.next_update_utc
-        if crl.last_update_utc > now:
-            report.problems.append(
-                f"pki.crl: CRL #{crl_number(crl)} of {_crl_label(crl)} is not valid before "
-                f"{crl.last_update_utc.isoformat()}: check the clock"
-            )
-        elif next_update is not None and next_update < now:
-            text = (
-                f"pki.crl: CRL #{crl_number(crl)} of {_crl_label(crl)} is stale: its "
-                f"nextUpdate was {next_update.isoformat()}; publish a fresh one (vpnctl crl)"
-            )
-            if cfg.pki.crl_stale == CrlStale.ALLOW:
-                report.warnings.append(f"{text} (accepted: pki.crl_stale is 'allow')")
-            else:
-                report.problems.append(text)
-        elif next_update is not None:
-            report.ok.append(f"CRL #{crl_number(crl)} fresh until {next_update.date().isoformat()}")
+        if mine:
+            _check_fresh(cfg, max(mine, key=crl_number), now, report)
     return good
+
+
+def _check_fresh(
+    cfg: GatewayConfig, crl: x509.CertificateRevocationList, now: dt.datetime, report: Report
+) -> None:
+    """The newest CRL of a CA: valid now, and not past its nextUpdate."""
+    next_update = crl.next_update_utc
+    if crl.last_update_utc > now:
+        report.problems.append(
+            f"pki.crl: CRL #{crl_number(crl)} of {_crl_label(crl)} is not valid before "
+            f"{crl.last_update_utc.isoformat()}: check the clock"
+        )
+    elif next_update is not None and next_update < now:
+        text = (
+            f"pki.crl: CRL #{crl_number(crl)} of {_crl_label(crl)} is stale: its "
+            f"nextUpdate was {next_update.isoformat()}; publish a fresh one (vpnctl crl)"
+        )
+        if cfg.pki.crl_stale == CrlStale.ALLOW:
+            report.warnings.append(f"{text} (accepted: pki.crl_stale is 'allow')")
+        else:
+            report.problems.append(text)
+    elif next_update is not None:
+        report.ok.append(f"CRL #{crl_number(crl)} fresh until {next_update.date().isoformat()}")
 
 
 # --- ports, links, capabilities ----------------------------------------------------------
