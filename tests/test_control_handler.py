@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ipaddress
 from collections import Counter
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,10 +25,6 @@ T = TypeVar("T")
 CA = make_ca()
 OWN = CA.issue("gw1", role=Role.GATEWAY, dns_names=["gw.example"], not_after=NOW + 90 * DAY).cert
 T0 = NOW.timestamp()
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @dataclass(frozen=True)
@@ -147,9 +141,9 @@ def control(
     )
 
 
-def test_status(gateway: FakeGateway) -> None:
+async def test_status(gateway: FakeGateway) -> None:
     crl = crl_summary(CA.crl(number=4, this_update=NOW - DAY, next_update=NOW + 7 * DAY), T0)
-    info = run(control(gateway, crl=crl).status())
+    info = await control(gateway, crl=crl).status()
     assert info.role == "gateway" and info.tun == "vpn0" and info.listen == "0.0.0.0:4443"
     assert info.uptime_s == 7200
     assert info.sessions == 3  # carol is not admitted yet
@@ -175,9 +169,9 @@ def test_cert_summary_counts_whole_days_down() -> None:
     assert cert_summary(cert, T0 + 3 * 86400).days_left == -2
 
 
-def test_peers(gateway: FakeGateway) -> None:
+async def test_peers(gateway: FakeGateway) -> None:
     clock = Clock()
-    peers = run(control(gateway, clock).peers())
+    peers = await control(gateway, clock).peers()
     assert [(p.name, p.serial) for p in peers] == [("alice", "a1"), ("alice", "a2"), ("bob", "b0")]
     bob = peers[2]
     assert bob.addresses == ["10.77.0.3"] and bob.groups == ["dev", "ops"]
@@ -188,20 +182,20 @@ def test_peers(gateway: FakeGateway) -> None:
     assert bob.cert_days_left == 29
     assert bob.fingerprint == "b0" * 32
     clock.now += 86400
-    assert run(control(gateway, clock).peers())[2].cert_days_left == 28
+    assert (await control(gateway, clock).peers())[2].cert_days_left == 28
 
 
-def test_kick(gateway: FakeGateway) -> None:
+async def test_kick(gateway: FakeGateway) -> None:
     ctl = control(gateway)
-    assert run(ctl.kick("alice", "")).closed == 2
+    assert (await ctl.kick("alice", "")).closed == 2
     assert gateway.kicks == [("alice", "kicked by an administrator")]
     with pytest.raises(ControlError) as info:
-        run(ctl.kick("mallory", "bye"))
+        await ctl.kick("mallory", "bye")
     assert info.value.code is ErrorCode.NOT_FOUND
     assert info.value.message == "no connected peer named 'mallory'"
 
 
-def test_reload_maps_invalid_config(gateway: FakeGateway) -> None:
+async def test_reload_maps_invalid_config(gateway: FakeGateway) -> None:
     async def bad_config() -> ReloadReport:
         raise ConfigError("gateway.yaml", "tun.mtu", "expected 576..65535, got 1")
 
@@ -212,17 +206,17 @@ def test_reload_maps_invalid_config(gateway: FakeGateway) -> None:
         raise RuntimeError("bug")
 
     with pytest.raises(ControlError) as info:
-        run(control(gateway, reload=bad_config).reload())
+        await control(gateway, reload=bad_config).reload()
     assert info.value.code is ErrorCode.INVALID_CONFIG
     assert info.value.message == (
         "gateway.yaml: tun.mtu: expected 576..65535, got 1 (the running config is unchanged)"
     )
     with pytest.raises(ControlError) as info:
-        run(control(gateway, reload=bad_crl).reload())
+        await control(gateway, reload=bad_crl).reload()
     assert info.value.code is ErrorCode.INVALID_CONFIG
     with pytest.raises(RuntimeError):  # the server turns this into 'internal'
-        run(control(gateway, reload=bug).reload())
-    assert run(control(gateway).reload()).changed == ["policy: 3 rules -> 2 rules"]
+        await control(gateway, reload=bug).reload()
+    assert (await control(gateway).reload()).changed == ["policy: 3 rules -> 2 rules"]
 
 
 def test_metrics_snapshot(gateway: FakeGateway) -> None:

@@ -7,7 +7,6 @@ Kernel state is read from a fake /sys/class/net directory, so nothing here needs
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import os
 import socket
@@ -15,11 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_vpnd as run_cli
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki_fixtures import DAY, NOW, Leaf, make_ca
 
-from vpnd import cli
 from vpnd.config import load_config
 from vpnd.pki import Role, crl_pem, private_key_pem
 from vpnd.service.preflight import Report, check, has_cap_net_admin, link_owner
@@ -241,12 +240,6 @@ def test_cap_net_admin_is_read_from_proc_status(tmp_path: Path) -> None:
 
 
 # --- the CLI: vpnd --check --config FILE ---------------------------------------------
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _dated_site(tmp_path: Path) -> Site:

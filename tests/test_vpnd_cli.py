@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import functools
 import os
 import subprocess
 import sys
@@ -10,26 +10,17 @@ import types
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_error_line as one_error_line
+from cli_helpers import run_vpnd as run
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from vpnd import __version__, cli
+from vpnd import __version__
 from vpnd.pki.authority import verify_csr
 from vpnd.pki.keys import load_csr, load_private_key
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_error_line(err: str) -> None:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vpnd: error: ")
+assert_one_error_line = functools.partial(one_error_line, program="vpnd")
 
 
 def keygen(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
