@@ -46,6 +46,11 @@ class FakePeer:
 
 
 @dataclass
+class FakeFirewall:
+    stats: dict[str, int]
+
+
+@dataclass
 class FakeGateway:
     peers: dict[int, FakePeer] = field(default_factory=dict)
     handshakes: Counter[str] = field(default_factory=Counter)
@@ -53,6 +58,7 @@ class FakeGateway:
     settings: Settings = field(default_factory=Settings)
     totals: Counter[str] = field(default_factory=Counter)
     kicks: list[tuple[str, str]] = field(default_factory=list)
+    firewall: FakeFirewall = field(default_factory=lambda: FakeFirewall({"entries": 4}))
 
     def kick(self, name: str, reason: str) -> int:
         self.kicks.append((name, reason))
@@ -233,6 +239,7 @@ def test_metrics_snapshot(gateway: FakeGateway) -> None:
         CertExpiry("peer", "bob", 30 * 86400.0 - 1),
     )
     assert snap.crl_next_update_seconds == 1234.0
+    assert snap.firewall == {"entries": 4}
     assert control(gateway).metrics_snapshot().crl_next_update_seconds is None
 
 

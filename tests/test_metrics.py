@@ -27,6 +27,15 @@ SNAP = MetricsSnapshot(
         CertExpiry("peer", "alice", -5.0),
     ),
     crl_next_update_seconds=3600.0,
+    firewall={
+        "allowed_new": 5,
+        "allowed_tracked": 40,
+        "dropped_policy_denied": 3,
+        "entries": 2,
+        "evicted": 1,
+        "evicted_peer_limit": 6,
+        "expired": 9,
+    },
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -92,6 +101,13 @@ async def test_scrape_exposes_every_metric() -> None:
         ("vpnd_certificate_expiry_seconds", frozenset({("kind", "peer"), ("name", "alice")})): -5,
         ("vpnd_crl_next_update_seconds", frozenset()): 3600,
         ("vpnd_clone_holddowns_total", frozenset()): 0,
+        # The firewall's own counters; its drops are already in vpnd_drops_total.
+        ("vpnd_firewall_allowed_total", frozenset({("how", "new")})): 5,
+        ("vpnd_firewall_allowed_total", frozenset({("how", "tracked")})): 40,
+        ("vpnd_conntrack_entries", frozenset()): 2,
+        ("vpnd_conntrack_evicted_total", frozenset({("why", "table_full")})): 1,
+        ("vpnd_conntrack_evicted_total", frozenset({("why", "peer_limit")})): 6,
+        ("vpnd_conntrack_expired_total", frozenset()): 9,
     }
     assert got == expected
 

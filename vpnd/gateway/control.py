@@ -42,6 +42,11 @@ class SettingsView(Protocol):
     def tun_name(self) -> str: ...
 
 
+class FirewallView(Protocol):
+    @property
+    def stats(self) -> Mapping[str, int]: ...
+
+
 class GatewayView(Protocol):
     """What the bridge needs of a ``vpnd.gateway.Gateway``."""
 
@@ -55,6 +60,8 @@ class GatewayView(Protocol):
     def settings(self) -> SettingsView: ...
     @property
     def totals(self) -> Mapping[str, int]: ...
+    @property
+    def firewall(self) -> FirewallView: ...
     def kick(self, name: str, reason: str) -> int: ...
 
 
@@ -183,4 +190,5 @@ class GatewayControl:
             cert_expiry=tuple(expiry),
             crl_next_update_seconds=None if crl is None else crl.seconds_left,
             clone_holddowns=totals.get("clone_holddowns", 0),
+            firewall=dict(self.gateway.firewall.stats),
         )

@@ -50,6 +50,9 @@ class MetricsSnapshot:
     """None: no CRL loaded."""
     clone_holddowns: int = 0
     """Hold-downs started: one certificate kept taking its own session over (a copy)."""
+    firewall: Mapping[str, int] = field(default_factory=dict)
+    """``Firewall.stats``: ``allowed_<how>`` verdicts, conntrack ``entries``, ``evicted``,
+    ``evicted_peer_limit`` and ``expired`` (its ``dropped_*`` are already in ``drops``)."""
 
 
 class SnapshotCollector:
@@ -112,12 +115,42 @@ class SnapshotCollector:
             value=snap.clone_holddowns,
         )
 
+        yield from _firewall_metrics(snap.firewall)
+
         if snap.crl_next_update_seconds is not None:
             yield GaugeMetricFamily(
                 "vpnd_crl_next_update_seconds",
                 "seconds until the CRL's nextUpdate (negative: stale)",
                 value=snap.crl_next_update_seconds,
             )
+
+
+def _firewall_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:
+    allowed = CounterMetricFamily(
+        "vpnd_firewall_allowed",
+        "packets the firewall passed, by how: a new flow, a tracked one, a related ICMP "
+        "error or a fragment",
+        labels=["how"],
+    )
+    for key, count in sorted(stats.items()):
+        if key.startswith("allowed_"):
+            allowed.add_metric([key.removeprefix("allowed_")], count)
+    yield allowed
+    yield GaugeMetricFamily(
+        "vpnd_conntrack_entries", "flows the firewall tracks now", value=stats.get("entries", 0)
+    )
+    evicted = CounterMetricFamily(
+        "vpnd_conntrack_evicted",
+        "tracked flows evicted to make room: the table was full (table_full) or one peer "
+        "held its maximum (peer_limit)",
+        labels=["why"],
+    )
+    evicted.add_metric(["table_full"], stats.get("evicted", 0))
+    evicted.add_metric(["peer_limit"], stats.get("evicted_peer_limit", 0))
+    yield evicted
+    yield CounterMetricFamily(
+        "vpnd_conntrack_expired", "tracked flows that timed out", value=stats.get("expired", 0)
+    )
 
 
 class MetricsError(Exception):
