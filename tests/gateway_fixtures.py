@@ -105,8 +105,12 @@ class World:
         return self.core.hello(peer, offload=offload, now=self.now)
 
     def join(self, identity: PeerIdentity) -> tuple[PeerState, list[Effect]]:
+        """Connect, HELLO, and (when admitted) the shell's sending of CONFIG."""
         peer = self.connect(identity)
-        return peer, self.hello(peer)
+        effects = self.hello(peer)
+        if peer.admitted:
+            assert not self.core.configured(peer)  # nothing could be held yet
+        return peer, effects
 
     def lose(self, peer: PeerState, effects: Sequence[Effect]) -> list[Effect]:
         """The shell saw the session end that ``effects`` closed."""

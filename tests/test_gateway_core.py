@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway_fixtures import T0, World, closes, ident, of_type
 from pki_fixtures import DAY, NOW, make_ca
 from policy_fixtures import ACK, SYN, TCP, UDP, ipv4, ipv6, tcp, udp
+from proto_fixtures import established_gateway
 
 from vpnd.config import AnyMatch, NetworkMatch, PeerMatch, PolicyConfig, Proto, RuleConfig
 from vpnd.gateway.effects import (
@@ -492,12 +493,43 @@ def test_a_full_queue_drops_the_batch() -> None:
 def test_bytes_out_counts_only_what_the_session_sent() -> None:
     w = World()
     alice, _ = w.join(ident("alice", "10.8.0.2"))
-    max_frame = 2000
-    big = b"x" * (max_frame - DATA_OVERHEAD + 1)
-    w.core.sent(alice, [b"y" * 100, big, b"z" * 50], 1, max_frame)
-    assert (alice.packets_out, alice.bytes_out, alice.drops["oversize"]) == (2, 150, 1)
-    w.core.sent(alice, [b"y" * 10], 0, max_frame)
-    assert (alice.packets_out, alice.bytes_out) == (3, 160)
+    session = established_gateway()
+    c = session.counters
+    big = b"x" * (session.config.max_frame - DATA_OVERHEAD + 1)
+    refused = session.send_packets([b"y" * 100, big, b"z" * 50], w.now)
+    w.core.sent(alice, c.packets_out, c.packet_bytes_out, refused, closed=session.closed)
+    assert (alice.packets_out, alice.bytes_out, dict(alice.drops)) == (2, 150, {"oversize": 1})
+    # A closed session refuses everything: nothing counts as sent, and it is not oversize.
+    session.close(CloseCode.NORMAL, "bye", w.now)
+    before = (c.packets_out, c.packet_bytes_out)
+    refused = session.send_packets([b"y" * 10, b"z" * 10], w.now)
+    w.core.sent(
+        alice,
+        c.packets_out - before[0],
+        c.packet_bytes_out - before[1],
+        refused,
+        closed=session.closed,
+    )
+    assert (alice.packets_out, alice.bytes_out) == (2, 150)
+    assert dict(alice.drops) == {"oversize": 1, "closed": 2}
+
+
+def test_packets_for_a_peer_awaiting_config_are_held_then_released() -> None:
+    # A renewal takes the addresses over at once, but CONFIG waits for the nft set: a
+    # reply from the LAN in between must neither reach a session that cannot take DATA
+    # yet nor be lost.
+    w = World(sources=True)
+    alice = w.connect(ident("alice", "10.8.0.2"))
+    effects = w.hello(alice)
+    assert alice.admitted and not alice.configured
+    assert not of_type(effects, SendConfig)  # it rides on AddSources.then
+    batch: list[bytes | memoryview] = [b"a" * 100, b"b" * 100]
+    assert w.core.outbound(alice, batch, 0, LIMIT) is None
+    assert w.core.outbound(alice, [b"c" * (LIMIT - 200 + 1)], 0, LIMIT) is None  # over: dropped
+    assert alice.drops["queue_full"] == 1
+    assert [bytes(p) for p in w.core.configured(alice)] == [b"a" * 100, b"b" * 100]
+    assert w.core.outbound(alice, batch, 0, LIMIT) is batch  # configured: straight through
+    assert w.core.configured(alice) == []
 
 
 def test_an_unadmitted_peer_gets_nothing() -> None:

@@ -136,6 +136,7 @@ class GatewayCore(Generic[P]):
         self.from_tun = self.datapath.from_tun
         self.outbound = self.datapath.outbound
         self.sent = self.datapath.sent
+        self.configured = self.datapath.configured
 
     # ---- connections -----------------------------------------------------------------
 

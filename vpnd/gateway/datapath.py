@@ -20,7 +20,6 @@ from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_
 from vpnd.policy.addresses import AddressTable
 from vpnd.policy.drops import Drop
 from vpnd.policy.firewall import Firewall
-from vpnd.proto.frames import DATA_OVERHEAD
 
 PLAIN_VNET = plain_vnet_header()
 Packets = Sequence[bytes | memoryview]
@@ -124,8 +123,9 @@ class DataPath(Generic[P]):
         return batches
 
     def outbound(self, peer: P, packets: Batch, backlog: int, limit: int) -> Batch | None:
-        """Packets (in the TUN's form) for ``peer`` in the form it takes, or None to drop
-        them all; ``backlog`` is what its stream has not sent yet, ``limit`` its most."""
+        """Packets (in the TUN's form) for ``peer`` in the form it takes, or None when
+        there is nothing to send now; ``backlog`` is what its stream has not sent yet,
+        ``limit`` its most. Before CONFIG the packets are held (up to ``limit`` bytes)."""
         if not peer.admitted:
             return None
         if backlog > limit:
@@ -139,17 +139,32 @@ class DataPath(Generic[P]):
                     plain.extend(to_plain(pkt))
                 except GsoError as err:
                     peer.drops[err.reason] += 1
-            return plain
+            packets = plain
+        if not peer.configured:
+            self._hold(peer, packets, limit)
+            return None
         return packets
 
-    def sent(self, peer: P, packets: Batch, refused: int, max_frame: int) -> None:
-        """The session queued ``packets`` but ``refused`` of them (too big for a frame
-        of ``max_frame``, or too short): count only what went out."""
-        peer.packets_out += len(packets) - refused
-        if not refused:
-            peer.bytes_out += sum(len(p) for p in packets)
+    def _hold(self, peer: P, packets: Batch, limit: int) -> None:
+        size = sum(len(p) for p in packets)
+        if peer.held_bytes + size > limit:
+            peer.drops[Drop.QUEUE_FULL] += len(packets)
             return
-        peer.drops[Drop.OVERSIZE] += refused
-        largest = max_frame - DATA_OVERHEAD
-        shortest = VNET_HDR_LEN if peer.offload else 1
-        peer.bytes_out += sum(n for p in packets if shortest <= (n := len(p)) <= largest)
+        peer.held.extend(packets)
+        peer.held_bytes += size
+
+    def configured(self, peer: P) -> Batch:
+        """CONFIG went out to ``peer``: from now on it takes DATA. Returns the packets
+        held for it meanwhile, to send at once."""
+        peer.configured = True
+        held, peer.held, peer.held_bytes = peer.held, [], 0
+        return held
+
+    def sent(self, peer: P, packets: int, nbytes: int, refused: int, *, closed: bool) -> None:
+        """The session queued ``packets`` of ``nbytes`` IP bytes and refused ``refused``:
+        too big for a frame, or all of them because it is ``closed``. (Packets shorter
+        than a virtio header cannot get here: every one passed an IP header check.)"""
+        peer.packets_out += packets
+        peer.bytes_out += nbytes
+        if refused:
+            peer.drops[Drop.SESSION_CLOSED if closed else Drop.OVERSIZE] += refused

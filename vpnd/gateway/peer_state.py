@@ -22,6 +22,12 @@ class PeerState:
     view: PeerView = field(default_factory=lambda: PeerView("", frozenset()))
     """What the firewall sees of this peer: its name and groups."""
     admitted: bool = False
+    configured: bool = False
+    """CONFIG went out: the session takes DATA. Until then packets for it are held."""
+    held: list[bytes | memoryview] = field(default_factory=list, repr=False)
+    """Packets for this peer that arrived between admission and CONFIG (a renewal takes
+    the addresses over while the nft set update runs), sent right after CONFIG."""
+    held_bytes: int = 0
     offload: bool = False
     """DATA to and from this peer carries virtio headers (both ends offload)."""
     drops: Counter[str] = field(default_factory=Counter)

@@ -396,6 +396,9 @@ class Gateway:
         if peer is None or not peer.admitted or peer.driver.session.closed:
             return
         peer.driver.session.send_config(effect.config, self._mono())
+        held = self.core.configured(peer)
+        if held:
+            self._send_out(peer, held)
         if later:
             peer.driver.pump()
 
@@ -482,12 +485,22 @@ class Gateway:
         out = self.core.outbound(
             peer, packets, driver.conn.backlog_bytes, self.core.settings.peer_queue_bytes
         )
-        if out is None:
-            return
-        session = driver.session
-        refused = session.send_packets(out, self._mono(), vnet=peer.offload)
-        self.core.sent(peer, out, refused, session.config.max_frame)
-        driver.flush()
+        if out is not None:
+            self._send_out(peer, out)
+
+    def _send_out(self, peer: Peer, packets: list[bytes | memoryview]) -> None:
+        session = peer.driver.session
+        counters = session.counters
+        sent, nbytes = counters.packets_out, counters.packet_bytes_out
+        refused = session.send_packets(packets, self._mono(), vnet=peer.offload)
+        self.core.sent(
+            peer,
+            counters.packets_out - sent,
+            counters.packet_bytes_out - nbytes,
+            refused,
+            closed=session.closed,
+        )
+        peer.driver.flush()
 
     def _take_notes(self) -> None:
         notes = self.core.notes[:]

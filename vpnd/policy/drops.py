@@ -16,6 +16,7 @@ class Drop(StrEnum):
     HAIRPIN = "hairpin"
     QUEUE_FULL = "queue_full"
     OVERSIZE = "oversize"
+    SESSION_CLOSED = "closed"
     NO_ROUTE = "no_route"
     TUN_NOT_IP = "tun_not_ip"
     # The firewall's verdicts (from the TUN side they are counted with a ``tun_`` prefix).

@@ -171,6 +171,8 @@ class SessionCounters:
     bytes_out: int = 0
     packets_in: int = 0
     packets_out: int = 0
+    packet_bytes_out: int = 0
+    """The IP bytes of the packets queued (virtio headers and framing not counted)."""
     drops: dict[str, int] = field(default_factory=dict)
     """Reason -> count: "oversize", "short" (empty, or shorter than a virtio_net_hdr)
     and "closed" for packets not sent; "extension" for skipped unknown frames."""
@@ -333,7 +335,6 @@ class Session:
         shortest = VNET_HDR_LEN if vnet else 1
         flags = FLAG_VNET if vnet else 0
         out = self._out
-        start_out = self._out_len
         total = 0
         pack_len = U32.pack
         frame_at = -1
@@ -368,8 +369,11 @@ class Session:
             self._count_unsendable(oversize, short)
         if frames:
             counters.frames_out += frames
-            counters.bytes_out += self._out_len - start_out
+            counters.bytes_out += total
             counters.packets_out += sent
+            # Framing is fixed-size, so the packets' own bytes follow without a sum.
+            overhead = frames * (HEADER_SIZE + 1) + sent * (PACKET_PREFIX_SIZE + shortest - 1)
+            counters.packet_bytes_out += total - overhead
             self._last_sent = now
         return oversize + short
 
