@@ -129,7 +129,6 @@ async def test_reload_applies_live_settings_and_names_the_restart_keys(
     )
     report = await running.reload()
     assert report.changed == [
-        "mtu: 1400 -> 1300",
         "push_routes: [] -> [192.168.50.0/24]",
         "keepalive_interval: 10.0 -> 5.0",
         "keepalive_timeout: 30.0 -> 20.0",
@@ -146,6 +145,7 @@ async def test_reload_applies_live_settings_and_names_the_restart_keys(
     ]
     assert gateway.settings.push_routes == (ipaddress.ip_network("192.168.50.0/24"),)
     assert gateway.settings.max_sessions == 10 and gateway.settings.tun_name == TUN
+    assert gateway.settings.mtu == 1400  # a restart key: CONFIG keeps the TUN's real MTU
     assert running.config.handshake_timeout == 5
     assert (await running.reload()).changed == []  # the same file again: nothing to do
 

@@ -494,6 +494,9 @@ class GatewayService:
         assert gateway is not None
         current = gateway.settings
         wanted = gateway_settings(new, current.overlay_networks, current.gateway_addresses)
+        # The TUN's name and MTU are restart keys (plan_reload): the running TUN keeps
+        # them, so CONFIG must keep promising the MTU the TUN really has.
+        wanted = dataclasses.replace(wanted, tun_name=current.tun_name, mtu=current.mtu)
         if wanted != current:
             report.changed.extend(settings_lines(current, wanted))
-            gateway.settings = dataclasses.replace(wanted, tun_name=current.tun_name)
+            gateway.settings = wanted
