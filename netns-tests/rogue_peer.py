@@ -25,11 +25,11 @@ async def main(argv: list[str]) -> int:
     host, _, port = server.rpartition(":")
     ctx = client_context(ca=Path(ca), cert=Path(cert), key=Path(key))
     conn = await connect(host, int(port), ctx, server_hostname=server_name, timeout=10)
-    session = Session(SessionConfig(role="client"), time.time())
+    session = Session(SessionConfig(role="client"), time.monotonic())
     got: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
 
     def on_data(data: bytes) -> None:
-        session.receive_data(data, time.time())
+        session.receive_data(data, time.monotonic())
         while (ev := session.next_event()) is not None:
             if isinstance(ev, ConfigReceived) and not got.done():
                 got.set_result({"address": str(ev.config.address)})
@@ -37,14 +37,22 @@ async def main(argv: list[str]) -> int:
         if out:
             conn.write(out)
 
-    conn.set_receiver(on_data, lambda _exc: None)
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_close(_exc: Exception | None) -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    conn.set_receiver(on_data, on_close)
     conn.write(session.data_to_send())  # HELLO
     config = await asyncio.wait_for(got, 10)
-    session.send_packets([bytes.fromhex(p) for p in packets], time.time())
+    session.send_packets([bytes.fromhex(p) for p in packets], time.monotonic())
     conn.write(session.data_to_send())
-    await asyncio.sleep(1.0)  # let them reach the gateway before we hang up
     print(json.dumps({"config": config, "sent": len(packets)}))
+    # close() flushes what is queued, then ends TLS; the loop must live until the
+    # connection is really gone, or the DATA could die unsent with it.
     conn.close()
+    await asyncio.wait_for(ended, 10)
     return 0
 
 

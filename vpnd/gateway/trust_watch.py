@@ -1,6 +1,6 @@
 """Keeps the gateway's CA bundle and CRL current: live revocation, fail-closed on bad data.
 
-The CRL file is watched by polling ``stat()`` (inode, size, mtime) every 0.2 s rather
+The CRL file is watched by polling ``stat()`` (inode, size, mtime, ctime) every 0.2 s rather
 than with inotify: `vpnctl revoke` replaces it by rename, admins copy it in over NFS or
 config management, and a poll catches every one of those within the 1 s guarantee
 while costing one syscall per tick. A changed file is loaded and checked, and then:

@@ -2,7 +2,7 @@
 
 Async so the daemon's event loop never blocks. We use pyroute2's native
 ``AsyncIPRoute``: it runs on the caller's loop with no thread, whereas the sync
-``IPRoute`` refuses to be built inside a running loop (PLATFORM.md) and would need a
+``IPRoute`` refuses to be built inside a running loop (pyroute2 0.9 raises) and would need a
 thread hop per call. Every netlink failure becomes a NetError naming the object and
 the errno, e.g. ``route 10.9.0.0/24 via vpn0: link is down (ENETDOWN)``.
 """

@@ -29,7 +29,7 @@ __all__ = [
 
 TUN_PATH = "/dev/net/tun"
 
-# ioctl numbers and flags (linux/if_tun.h), verified in PLATFORM.md.
+# ioctl numbers and flags from linux/if_tun.h (checked against the running kernel).
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8

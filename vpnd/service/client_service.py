@@ -190,10 +190,6 @@ class ClientService:
         sdnotify.ready(f"connecting to {cfg.server}")
         self.started = True
 
-    def _watched(self) -> tuple[Path, ...]:
-        pki = self.config.pki
-        return (pki.cert, pki.key, pki.ca)
-
     def _make_context(self) -> ssl.SSLContext:
         pki = self.config.pki
         return client_context(ca=pki.ca, cert=pki.cert, key=pki.key, key_passphrase=self.passphrase)

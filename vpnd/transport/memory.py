@@ -8,6 +8,11 @@ writes after the end are dropped. ``backlog_bytes`` counts what was written but 
 yet delivered, so a reader that stops reading makes the writer's backlog grow, as
 with a socket. No certificate is checked here: the chains are what each side
 *presents*, and verifying them is the owner's job.
+
+Two differences from TLS, on purpose: ``resume_delivery`` delivers on the next loop turn
+(TLS delivers what it has buffered at once, re-entrantly), and ``backlog_bytes`` is all
+that is undelivered (TLS counts only what the kernel's socket buffer has not taken).
+Tests of behaviour that depends on either run over real TLS.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def server_context(
     _load_chain(ctx, cert, key, key_passphrase)
     _load_trust(ctx, ca, "CA")
     if crl is not None:
-        # cafile=, not cadata=: only the file loader picks up CRLs (PLATFORM.md).
+        # cafile=, not cadata=: CPython's cadata loader takes certificates only; the file
+        # loader (X509_LOOKUP_file) also reads the CRLs.
         _load_trust(ctx, crl, "CRL")
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     # No session tickets: a resumed session would skip certificate (and CRL) checks.
