@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import struct
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -13,6 +14,7 @@ from policy_fixtures import ACK, SYN, TCP, UDP, ipv4, ipv6, tcp, udp
 from proto_fixtures import established_gateway
 
 from vpnd.config import AnyMatch, NetworkMatch, PeerMatch, PolicyConfig, Proto, RuleConfig
+from vpnd.gateway.datapath import charge_turn
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -544,3 +546,36 @@ def test_the_offload_flag_needs_both_ends() -> None:
         peer = w.connect(ident("alice", "10.8.0.2"))
         (send,) = of_type(w.hello(peer, offload=hello), SendConfig)
         assert peer.offload is expect and send.config.offload is expect
+
+
+@pytest.mark.parametrize(
+    ("used", "sizes", "vnet", "serve", "left"),
+    [
+        # (packets already charged this turn, the batch, vnet?, served now or None, after)
+        (0, [1] * 10, False, None, 10),  # fits: charged, nothing held back
+        (30, [1] * 10, False, 2, 0),  # two fit, the rest waits for the next turn
+        (32, [1] * 3, False, 0, 0),  # already spent: nothing now
+        (0, [1] * 32, False, 32, 0),  # exactly the budget: spent, the next batch waits
+        (0, [20, 20], True, 2, 0),  # GSO: 20 + 20 segments pass 32 on the second packet
+        (0, [20, 1], True, None, 21),
+    ],
+)
+def test_the_fair_share_budget_of_a_loop_turn(
+    used: int, sizes: list[int], vnet: bool, serve: int | None, left: int
+) -> None:
+    peer = w_peer()
+    peer.turn_packets = used
+    packets = [tso(segments) if vnet else b"p" for segments in sizes]
+    assert charge_turn(peer, packets, vnet, budget=32) == serve
+    assert peer.turn_packets == left
+    assert peer.turn_yields == (0 if serve is None else 1)
+
+
+def w_peer() -> PeerState:
+    return World().connect(ident("alice", "10.8.0.2"))
+
+
+def tso(segments: int, mss: int = 100) -> bytes:
+    """A TCPv4 GSO super-packet (virtio header first) that segments into ``segments``."""
+    ip = ipv4("10.8.0.2", LAN, TCP, tcp(1, 2, ACK) + b"x" * (mss * segments))
+    return bytes([1, 1]) + struct.pack("<HHHH", 40, mss, 20, 16) + ip

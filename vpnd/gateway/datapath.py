@@ -16,7 +16,13 @@ from vpnd.gateway.audit import LogBudget
 from vpnd.gateway.effects import Log
 from vpnd.gateway.peer_state import PeerState
 from vpnd.net.gso import GsoError, to_plain
-from vpnd.net.vnet import VNET_HDR_LEN, ip_src_dst, plain_vnet_header, validate_vnet_packet
+from vpnd.net.vnet import (
+    VNET_HDR_LEN,
+    ip_src_dst,
+    plain_vnet_header,
+    validate_vnet_packet,
+    vnet_segments,
+)
 from vpnd.policy.addresses import AddressTable
 from vpnd.policy.drops import Drop
 from vpnd.policy.firewall import Firewall
@@ -168,3 +174,26 @@ class DataPath(Generic[P]):
         peer.bytes_out += nbytes
         if refused:
             peer.drops[Drop.SESSION_CLOSED if closed else Drop.OVERSIZE] += refused
+
+
+def charge_turn(peer: PeerState, packets: Packets, vnet: bool, budget: int) -> int | None:
+    """Charge a decoded batch to ``peer``'s fair share of this loop turn: ``budget``
+    packets, a GSO super-packet costing its segments. None: all of it fits. Else how
+    many of ``packets`` to serve now (the budget is spent and starts afresh next turn)."""
+    used = peer.turn_packets
+    if vnet:
+        n = len(packets)
+        for i, pkt in enumerate(packets):
+            used += vnet_segments(pkt)
+            if used >= budget:
+                n = i + 1
+                break
+    else:
+        n = min(len(packets), max(0, budget - used))
+        used += n
+    if used < budget:
+        peer.turn_packets = used
+        return None
+    peer.turn_packets = 0
+    peer.turn_yields += 1
+    return n

@@ -35,6 +35,10 @@ class PeerState:
     packets_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    turn_packets: int = 0
+    """Packets charged to this peer in the current loop turn (``charge_turn``)."""
+    turn_yields: int = 0
+    """How often this peer's budget ran out and the other peers were served first."""
 
     def __hash__(self) -> int:
         return self.key

@@ -21,6 +21,7 @@ from vpnd.config import PolicyConfig
 from vpnd.gateway.admission import IPInterface
 from vpnd.gateway.audit import fmt_remote, host_of
 from vpnd.gateway.core import GatewayCore, GatewaySettings
+from vpnd.gateway.datapath import charge_turn
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -39,7 +40,6 @@ from vpnd.net.errors import NetError, TunError
 from vpnd.net.netlink import NetConfigurator
 from vpnd.net.nftables import Firewall as KernelFirewall
 from vpnd.net.tun import TunDevice
-from vpnd.net.vnet import vnet_segments
 from vpnd.pki import TrustStore
 from vpnd.pki.identity import IPNetwork
 from vpnd.policy.addresses import AddressTable
@@ -74,10 +74,6 @@ class Peer(PeerState):
 
     driver: SessionDriver
     log: PeerLogger
-    turn_packets: int = 0
-    """Packets charged to this peer since it last ran out of budget (``Gateway._serve``)."""
-    turn_yields: int = 0
-    """How often this peer's budget ran out and the other peers were served first."""
     waiting: bool = False
     """Over budget: delivery paused until the next loop turn."""
     backlog: deque[tuple[Sequence[bytes | memoryview], bool]] = field(default_factory=deque)
@@ -437,23 +433,8 @@ class Gateway:
         self._serve(peer, packets, vnet)
 
     def _serve(self, peer: Peer, packets: Sequence[bytes | memoryview], vnet: bool) -> None:
-        budget = self.settings.peer_turn_packets
-        used = peer.turn_packets
-        if vnet:
-            n = len(packets)
-            for i, pkt in enumerate(packets):
-                used += vnet_segments(pkt)
-                if used >= budget:
-                    n = i + 1
-                    break
-        else:
-            n = min(len(packets), max(0, budget - used))
-            used += n
-        if used < budget:
-            peer.turn_packets = used
-        else:
-            peer.turn_packets = 0
-            peer.turn_yields += 1
+        n = charge_turn(peer, packets, vnet, self.settings.peer_turn_packets)
+        if n is not None:  # the budget is spent: the rest waits for the next loop turn
             peer.waiting = True
             if n < len(packets):
                 peer.backlog.appendleft((packets[n:], vnet))
