@@ -98,13 +98,16 @@ def _tuns_recorded(runtime_dir: Path, netns: str) -> list[str]:
     return sorted(names)
 
 
-async def _cleanup(tuns: list[str] | None, runtime_dir: Path, out: TextIO) -> int:
+async def _cleanup(
+    tuns: list[str] | None, runtime_dir: Path, out: TextIO, net: NetConfigurator | None = None
+) -> int:
+    """``net``: the netlink edge (the real one by default; a fake in unit tests)."""
     from vpnd.net.netlink import PyRoute2Configurator  # noqa: PLC0415
 
     ns = netns_id()
     names = tuns if tuns is not None else _tuns_recorded(runtime_dir, ns)
     ledger = SysctlLedger(runtime_dir, netns=ns)
-    net = PyRoute2Configurator()
+    net = net or PyRoute2Configurator()
     code = 0
     undone = 0
     try:
