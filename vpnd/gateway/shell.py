@@ -79,9 +79,6 @@ class Peer(PeerState):
     backlog: deque[tuple[Sequence[bytes | memoryview], bool]] = field(default_factory=deque)
     """Decoded packets held over to the next turn, oldest first (bounded by one read slice)."""
 
-    def __hash__(self) -> int:
-        return self.key
-
 
 class TunWriter(Protocol):
     def write_batch(self, packets: Sequence[bytes | memoryview]) -> int: ...
@@ -120,7 +117,6 @@ class Gateway:
         self._kernel = KernelQueue()
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
-        self._stopping = False
         self._ticker: asyncio.Task[None] | None = None
 
     # ---- what the core owns, as the daemon, control bridge and tests read it ----------
@@ -193,7 +189,7 @@ class Gateway:
 
     async def stop(self, reason: str = "gateway shutting down") -> None:
         """Tell every peer, then remove everything we added to the kernel."""
-        self._stopping = self.core.stopping = True
+        self.core.stopping = True
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -216,7 +212,7 @@ class Gateway:
 
     def on_connection(self, stream: Stream) -> None:
         """A TLS handshake completed (OpenSSL checked chain, EKU and CRL): verify fully."""
-        if self._stopping:
+        if self.core.stopping:
             stream.close()
             return
         core = self.core
