@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from vpnd.pki import inventory_schema
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
-from vpnd.pki.inventory_schema import SCHEMA_VERSION, create_schema, migrate_v1
+from vpnd.pki.inventory_schema import create_schema, migrate_v1
+
+SCHEMA_VERSION: Final = inventory_schema.SCHEMA_VERSION
 
 # How long a writer waits for another vpnctl holding the lock; bounded on purpose.
 LOCK_TIMEOUT_S = 30.0
