@@ -489,6 +489,10 @@ class PkiDir:
         finally:
             inv.close()
 
+    def signing_key(self) -> PrivateKey:
+        """The root CA key, decrypted with the passphrase this PkiDir was given."""
+        return self._ca_key()
+
     def _ca_key(self) -> PrivateKey:
         if not self.ca_key_path.exists():
             raise PkiError(f"no CA key in {self.path} ({CA_KEY} missing)")
