@@ -288,7 +288,7 @@ def _cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(json.dumps([render.listed_json(c) for c in certs], indent=2) + "\n")
     else:
-        out.write(render.list_table(certs))
+        out.write(render.list_table(certs, pki.now()))
     return 0
 
 
