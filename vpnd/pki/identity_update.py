@@ -8,13 +8,14 @@ of the certificate still in use. Nothing is signed here, so no CA key is needed.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vpnd.pki.authority import ca_networks
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
 from vpnd.pki.inventory import IdentityRecord, Inventory
-from vpnd.pki.issue_terms import certificate_terms
+from vpnd.pki.issue_terms import certificate_terms, next_renewal
 from vpnd.pki.leases import check_in_networks, choose_addresses
 from vpnd.pki.names import canonical_group, canonical_name
 from vpnd.pki.pkidir import PkiDir
@@ -26,6 +27,9 @@ class IdentityChange:
 
     before: IdentityRecord
     after: IdentityRecord
+    renews_at: dt.datetime | None = None
+    """When the current certificate renews (and picks the change up); None if it has none
+    that is valid."""
 
     @property
     def changed(self) -> tuple[str, ...]:
@@ -88,7 +92,11 @@ def update_identity(
         if after != before:
             after = dataclasses.replace(after, updated_at=now)
             inv.put_identity(after)
-    return IdentityChange(before=before, after=after)
+        current = inv.get(after.current_serial) if after.current_serial else None
+    renews_at = None
+    if current is not None and current.is_valid(now):
+        renews_at = next_renewal(current.not_before, current.not_after)
+    return IdentityChange(before=before, after=after, renews_at=renews_at)
 
 
 def _identity(inv: Inventory, cn: str) -> IdentityRecord:
