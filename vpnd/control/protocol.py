@@ -41,6 +41,7 @@ class Command(enum.StrEnum):
     PEERS = "peers"
     KICK = "kick"
     RELOAD = "reload"
+    RENEW = "renew"
     RENEW_HINT = "renew-hint"
     """Gateway: send RENEW_HINT to a connected peer (``vpnctl update --now``); args as kick."""
 

@@ -102,6 +102,7 @@ def load_trust_store(
     *,
     allow_stale_crl: bool = False,
     crl_required: bool | None = None,
+    extra_crls: Sequence[str | os.PathLike[str]] = (),
 ) -> TrustStore:
     """Load trusted CA certificates (PEM bundle) and, optionally, their CRLs.
 
@@ -118,6 +119,10 @@ def load_trust_store(
                 f"{ca_path}: certificate {cn or cert.subject.rfc4514_string()!r} is not a CA"
             )
     crls = load_crls(crl_path) if crl_path is not None else []
+    # The online issuer's CRL (written by the gateway): checked against the issuer cert
+    # in each chain, as every intermediate's CRL is.
+    for extra in extra_crls:
+        crls += load_crls(extra)
     for crl in crls:
         issuers = [r for r in roots if r.subject == crl.issuer]
         problems = [crl_problem(crl, r) for r in issuers]
