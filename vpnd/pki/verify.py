@@ -43,7 +43,7 @@ from vpnd.pki.identity import (
 )
 from vpnd.pki.keys import fingerprint, load_certificates
 from vpnd.pki.names import canonical_dns_name, canonical_name
-from vpnd.pki.profile import peer_attributes_of
+from vpnd.pki.profile import generation_of, peer_attributes_of
 from vpnd.pki.strength import weak_key, weak_signature
 
 log = logging.getLogger("vpnd.pki")
@@ -203,6 +203,7 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
     _check_leaf_cn(leaf)
     try:
         peer_attributes_of(leaf)
+        generation_of(leaf)
     except PkiError as exc:
         raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
 
@@ -527,6 +528,7 @@ def verify_peer(
     cns = _common_names(leaf)
     try:
         attrs = peer_attributes_of(leaf)
+        generation = generation_of(leaf)
     except PkiError as exc:
         raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
     san = _san(leaf)
@@ -546,6 +548,7 @@ def verify_peer(
         chain_serials=tuple(
             (cert.issuer.rfc4514_string(), cert.serial_number) for cert in built[:-1]
         ),
+        generation=generation,
     )
 
 
