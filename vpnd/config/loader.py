@@ -12,15 +12,20 @@ from vpnd.config.errors import ConfigError
 from vpnd.config.files import FileProblem, read_limited
 from vpnd.config.policy import decode_utf8, read_policy
 from vpnd.config.schema import (
+    DEFAULT_RENEWED_LIFETIME,
     MIN_MAX_FRAME,
     ClientConfig,
+    ClientRenewalConfig,
     Config,
     CrlRollback,
     CrlStale,
     DuplicateHolddownConfig,
     DuplicatePolicy,
+    EnrollmentConfig,
     GatewayConfig,
+    GatewayRenewalConfig,
     IPNetwork,
+    IssuerConfig,
     KeepaliveConfig,
     LimitsConfig,
     LogConfig,
@@ -44,6 +49,7 @@ from vpnd.config.validate import (
     choice,
     describe,
     dns_name,
+    duration,
     existing_file,
     file_path,
     host_port,
@@ -64,6 +70,7 @@ COMMON_KEYS = (
     "metrics",
     "log",
     "limits",
+    "renewal",
 )
 GATEWAY_KEYS = (
     "listen",
@@ -75,6 +82,7 @@ GATEWAY_KEYS = (
     "state_dir",
     "policy",
     "nftables",
+    "enrollment",
 )
 CLIENT_KEYS = ("server", "server_name", "reconnect")
 PKI_KEYS = (
@@ -86,7 +94,12 @@ PKI_KEYS = (
     "crl_stale",
     "crl_rollback",
     "expiry_warning_days",
+    "issuer",
+    "inventory",
+    "inventory_poll",
 )
+GATEWAY_PKI_KEYS = ("issuer", "inventory", "inventory_poll")
+ISSUER_KEYS = ("cert", "key", "crl", "key_passphrase_file")
 
 _TUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
@@ -157,7 +170,10 @@ def parse_config(data: object, *, source: str, base_dir: Path, check_files: bool
             state_dir=top.get("state_dir", file_path, defaults.state_dir),
             policy=top.section("policy", read_policy, PolicyConfig()),
             nftables=top.section("nftables", _nftables, NftablesConfig()),
+            renewal=top.section("renewal", _gateway_renewal, GatewayRenewalConfig()),
+            enrollment=top.section("enrollment", _enrollment, EnrollmentConfig()),
         )
+        _check_online_signing(ctx, gateway)
         return dataclasses.replace(gateway, warnings=tuple(ctx.warnings))
     client = ClientConfig(
         **common,
@@ -168,6 +184,7 @@ def parse_config(data: object, *, source: str, base_dir: Path, check_files: bool
             "server_name", dns_name, "the DNS name in the gateway certificate to pin"
         ),
         reconnect=top.section("reconnect", _reconnect, ReconnectConfig()),
+        renewal=top.section("renewal", _client_renewal, ClientRenewalConfig()),
     )
     return dataclasses.replace(client, warnings=tuple(ctx.warnings))
 
@@ -202,7 +219,14 @@ def _pki(ctx: Context, path: str, value: object, mode: Mode) -> PkiConfig:
         crl_stale=s.get("crl_stale", choice(CrlStale), CrlStale.DENY),
         crl_rollback=s.get("crl_rollback", choice(CrlRollback), CrlRollback.DENY),
         expiry_warning_days=s.get("expiry_warning_days", integer(0, 3650), 14),
+        issuer=s.get("issuer", nullable(_issuer), None),
+        inventory=s.get("inventory", nullable(existing_file()), None),
+        inventory_poll=s.get("inventory_poll", duration(0, 60), 1.0),
     )
+    if mode is Mode.CLIENT:
+        for key in GATEWAY_PKI_KEYS:
+            if key in s.data:
+                raise ctx.error(s.at(key), "valid only in gateway mode; remove it")
     if pki.crl_rollback is CrlRollback.ALLOW:
         ctx.warn(
             s.at("crl_rollback"),
@@ -211,6 +235,76 @@ def _pki(ctx: Context, path: str, value: object, mode: Mode) -> PkiConfig:
     if pki.crl_stale is CrlStale.ALLOW:
         ctx.warn(s.at("crl_stale"), "allow: a CRL past its nextUpdate will still be trusted")
     return pki
+
+
+def _issuer(ctx: Context, path: str, value: object) -> IssuerConfig:
+    s = Section(ctx, path, value, ISSUER_KEYS, what="the issuing CA's cert, key and crl")
+    cert = s.require("cert", existing_file(), "the issuing CA certificate (vpnctl ca issuer)")
+    crl = s.get("crl", file_path, cert.with_name("issuer-crl.pem"))
+    return IssuerConfig(
+        cert=cert,
+        key=s.require("key", existing_file(secret=True), "the issuing CA's key, mode 0600"),
+        crl=crl,
+        key_passphrase_file=s.get(
+            "key_passphrase_file", nullable(existing_file(secret=True)), None
+        ),
+    )
+
+
+def _gateway_renewal(ctx: Context, path: str, value: object) -> GatewayRenewalConfig:
+    keys = ("enabled", "lifetime", "quarantine_grace")
+    s = Section(ctx, path, value, keys, what="in-tunnel renewal settings")
+    lifetime = s.get(
+        "lifetime", duration(10, 397 * _DAY, lo_inclusive=True), DEFAULT_RENEWED_LIFETIME
+    )
+    grace = s.get("quarantine_grace", duration(0, 90 * _DAY, lo_inclusive=True), 0.0)
+    if lifetime < 3600:
+        ctx.warn(s.at("lifetime"), f"{lifetime:g} s is very short: every peer renews that often")
+    return GatewayRenewalConfig(
+        enabled=s.get("enabled", boolean, False), lifetime=lifetime, quarantine_grace=grace
+    )
+
+
+def _enrollment(ctx: Context, path: str, value: object) -> EnrollmentConfig:
+    s = Section(ctx, path, value, ("enabled", "rate", "burst"), what="invite enrollment settings")
+    d = EnrollmentConfig()
+    return EnrollmentConfig(
+        enabled=s.get("enabled", boolean, d.enabled),
+        rate=s.get("rate", seconds(0, 10_000), d.rate),
+        burst=s.get("burst", integer(1, 10_000), d.burst),
+    )
+
+
+def _client_renewal(ctx: Context, path: str, value: object) -> ClientRenewalConfig:
+    s = Section(ctx, path, value, ("enabled", "at"), what="certificate renewal settings")
+    return ClientRenewalConfig(
+        enabled=s.get("enabled", boolean, True), at=s.get("at", _lifetime_fraction, 0.67)
+    )
+
+
+def _lifetime_fraction(ctx: Context, path: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.1 <= value <= 0.95:
+        raise ctx.error(
+            path, f"expected a fraction of the lifetime from 0.1 to 0.95, got {describe(value)}"
+        )
+    return float(value)
+
+
+def _check_online_signing(ctx: Context, cfg: GatewayConfig) -> None:
+    """Renewal and enrollment sign online: they need the issuer and the inventory."""
+    for section, on in (("renewal", cfg.renewal.enabled), ("enrollment", cfg.enrollment.enabled)):
+        if not on:
+            continue
+        if cfg.pki.issuer is None:
+            raise ctx.error(
+                f"{section}.enabled", "needs pki.issuer (create one with: vpnctl ca issuer)"
+            )
+        if cfg.pki.inventory is None:
+            raise ctx.error(f"{section}.enabled", "needs pki.inventory (the CA's inventory.sqlite)")
+    if cfg.renewal.quarantine_grace > 0 and not cfg.renewal.enabled:
+        raise ctx.error(
+            "renewal.quarantine_grace", "quarantine only admits peers to renew: set renewal.enabled"
+        )
 
 
 def _tun(ctx: Context, path: str, value: object) -> TunConfig:

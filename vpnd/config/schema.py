@@ -164,6 +164,18 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """The online issuing intermediate a gateway signs renewals and enrollments with."""
+
+    cert: Path
+    key: Path
+    """0600; a key readable by others is refused."""
+    crl: Path
+    """The issuer's CRL, written by the gateway (revoked and superseded serials)."""
+    key_passphrase_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PkiConfig:
     ca: Path
     """CA bundle: the trust anchors."""
@@ -175,6 +187,12 @@ class PkiConfig:
     crl_stale: CrlStale = CrlStale.DENY
     crl_rollback: CrlRollback = CrlRollback.DENY
     expiry_warning_days: int = 14
+    issuer: IssuerConfig | None = None
+    """Gateway only: sign renewals and enrollments online (``vpnctl ca issuer``)."""
+    inventory: Path | None = None
+    """Gateway only: the CA's inventory (SQLite), read for groups, generations, supersede."""
+    inventory_poll: float = 1.0
+    """Seconds between checks of the inventory for changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +277,40 @@ class NftablesConfig:
     addresses a policy rule names exactly. Off only for debugging: warned loudly."""
 
 
+DEFAULT_RENEWED_LIFETIME = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRenewalConfig:
+    """Automatic in-tunnel renewal, signed by ``pki.issuer`` with terms from the inventory."""
+
+    enabled: bool = False
+    lifetime: float = DEFAULT_RENEWED_LIFETIME
+    """Seconds a renewed certificate lives."""
+    quarantine_grace: float = 0.0
+    """Seconds after expiry a not-revoked, not-superseded peer may still connect, only to
+    renew; 0 disables quarantine."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentConfig:
+    """Invitation-token enrollment on the gateway's listener (no client certificate)."""
+
+    enabled: bool = False
+    rate: float = 5.0
+    """Enrollment attempts per second, all sources together."""
+    burst: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRenewalConfig:
+    """When the client renews its own certificate over the tunnel."""
+
+    enabled: bool = True
+    at: float = 0.67
+    """Fraction of the lifetime after which renewal starts (jittered by a few percent)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommonConfig:
     """What both modes have."""
@@ -291,6 +343,8 @@ class GatewayConfig(CommonConfig):
     """Where the gateway keeps what must survive a restart (the CRL numbers seen)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     nftables: NftablesConfig = field(default_factory=NftablesConfig)
+    renewal: GatewayRenewalConfig = field(default_factory=GatewayRenewalConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,6 +354,7 @@ class ClientConfig(CommonConfig):
     server_name: str
     """The DNS SAN the gateway certificate must carry (pinned)."""
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    renewal: ClientRenewalConfig = field(default_factory=ClientRenewalConfig)
 
 
 Config = GatewayConfig | ClientConfig

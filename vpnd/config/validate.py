@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from vpnd.config.durations import DurationError, format_duration, parse_duration
 from vpnd.config.errors import ConfigError
 from vpnd.config.files import FileProblem, check_readable
 from vpnd.config.schema import HostPort, IPNetwork
@@ -154,6 +155,26 @@ def seconds(lo: float, hi: float, *, lo_inclusive: bool = False) -> Reader[float
         low_ok = number >= lo if lo_inclusive else number > lo
         if not (math.isfinite(number) and low_ok and number <= hi):
             raise ctx.error(path, f"expected {expected}, got {describe(value)}")
+        return number
+
+    return read
+
+
+def duration(lo: float, hi: float, *, lo_inclusive: bool = False) -> Reader[float]:
+    """Seconds as a number, or a string such as ``90s``, ``30m``, ``24h``, ``7d``."""
+    as_seconds = seconds(lo, hi, lo_inclusive=lo_inclusive)
+    shown = f"{'>=' if lo_inclusive else '>'} {format_duration(lo)} and <= {format_duration(hi)}"
+
+    def read(ctx: Context, path: str, value: object) -> float:
+        if not isinstance(value, str):
+            return as_seconds(ctx, path, value)
+        try:
+            number = parse_duration(value)
+        except DurationError as err:
+            raise ctx.error(path, str(err)) from None
+        low_ok = number >= lo if lo_inclusive else number > lo
+        if not (low_ok and number <= hi):
+            raise ctx.error(path, f"expected a duration {shown}, got {describe(value)}")
         return number
 
     return read
