@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import control_commands, provision_cli, render
+from vpnctl import control_commands, invite_cli, provision_cli, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.files.passphrase import PassphraseError, read_passphrase
@@ -416,6 +416,7 @@ def build_parser() -> CliParser:
 
     control_commands.register(sub)  # status, peers, kick, reload
     provision_cli.register(command, _signing_pki, lambda a: PkiDir(_pki_path(a)))  # enroll, deploy
+    invite_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # invite, invites
     return parser
 
 
