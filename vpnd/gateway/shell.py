@@ -22,6 +22,7 @@ from vpnd.gateway.admission import IPInterface
 from vpnd.gateway.audit import fmt_remote, host_of
 from vpnd.gateway.core import GatewayCore, GatewaySettings
 from vpnd.gateway.datapath import charge_turn
+from vpnd.gateway.enrollment import EnrollmentHandler
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -118,6 +119,9 @@ class Gateway:
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._ticker: asyncio.Task[None] | None = None
+        self.enrollment: EnrollmentHandler | None = None
+        """Set when ``enrollment.enabled``: connections without a client certificate go
+        there (and only there); without it they are refused like any unverified peer."""
 
     # ---- what the core owns, as the daemon, control bridge and tests read it ----------
 
@@ -190,6 +194,8 @@ class Gateway:
     async def stop(self, reason: str = "gateway shutting down") -> None:
         """Tell every peer, then remove everything we added to the kernel."""
         self.core.stopping = True
+        if self.enrollment is not None:
+            await self.enrollment.close()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -215,9 +221,14 @@ class Gateway:
         if self.core.stopping:
             stream.close()
             return
+        chain = tuple(stream.peer_chain())
+        if not chain and self.enrollment is not None:
+            # No client certificate (the context allows that only with enrollment on):
+            # enrollment is all this connection can do, never a session.
+            self.enrollment.accept(stream)
+            return
         core = self.core
         remote = fmt_remote(stream.peername)
-        chain = tuple(stream.peer_chain())
         now = self._mono()
         found = core.verify(chain, remote, host_of(stream.peername), wall=self._clock(), now=now)
         if isinstance(found, list):

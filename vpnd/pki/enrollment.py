@@ -75,6 +75,8 @@ class Enrolled:
     cert_pem: bytes
     """The leaf, then the issuer chain: what the peer presents in its handshake."""
     not_after: dt.datetime
+    server: str
+    """The gateway address the invite was made for (host:port), for client.yaml."""
 
     @property
     def serial_hex(self) -> str:
@@ -118,6 +120,7 @@ def redeem_invite(
         serial=cert.serial_number,
         cert_pem=certificate_pem(cert) + signer.chain_pem,
         not_after=cert.not_valid_after_utc,
+        server=invite.server,
     )
 
 
