@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +145,14 @@ async def _guarded(where: str, aw: Awaitable[EnrollMessage], timeout: float) -> 
     except TlsError as err:
         raise EnrollError(f"TLS with the gateway at {where} failed: {err}") from None
     except OSError as err:
-        raise EnrollError(
-            f"cannot reach the gateway at {where}: {err.strerror or err or 'connection failed'}"
-        ) from None
+        raise EnrollError(f"cannot reach the gateway at {where}: {_os_reason(err)}") from None
+
+
+def _os_reason(err: OSError) -> str:
+    # asyncio words a refused connect as "Connect call failed (addr)": say what failed.
+    if err.errno is not None and err.errno > 0:
+        return os.strerror(err.errno)
+    return str(err.strerror or err or "connection failed")
 
 
 def _alert_line(where: str, alert: str) -> str:
