@@ -17,6 +17,7 @@ from vpnd.control.results import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewResult,
     StatusInfo,
 )
 from vpnd.control.server import ControlServer
@@ -98,6 +99,9 @@ class FakeHandler:
         if self.reload_error is not None:
             raise self.reload_error
         return self.reload_report
+
+    async def renew(self) -> RenewResult:
+        return RenewResult(True, "1f", "ab" * 32, "2026-07-01T12:00:00+00:00", "renewed")
 
 
 class ServerThread:

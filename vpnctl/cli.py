@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import control_commands, invite_cli, provision_cli, render
+from vpnctl import control_commands, invite_cli, issuer_cli, provision_cli, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.files.passphrase import PassphraseError, read_passphrase
@@ -349,6 +349,7 @@ def build_parser() -> CliParser:
         help="how long each signed CRL stays valid (nextUpdate), stored in the inventory",
     )
     _add_passphrase_option(p)
+    issuer_cli.register(command, ca_sub, _signing_pki, _add_passphrase_option)
 
     p = command(
         "issue",

@@ -18,6 +18,8 @@ from vpnd.control.messages import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewalStatus,
+    RenewResult,
     StatusInfo,
 )
 from vpnd.control.summaries import cert_summary, days_left, iso_utc
@@ -35,6 +37,15 @@ class ClientView(Protocol):
     @property
     def drops(self) -> Mapping[str, int]: ...
     def counters(self) -> SessionCounters | None: ...
+
+
+class RenewalView(Protocol):
+    """What the client bridge uses of a ``vpnd.client.renewal.Renewer``."""
+
+    def status(self) -> RenewalStatus: ...
+    async def renew_now(self) -> object | None: ...
+    @property
+    def last_error(self) -> str | None: ...
 
 
 class ClientControl:
@@ -56,6 +67,7 @@ class ClientControl:
         ca_cert: x509.Certificate,
         reload: Callable[[], Awaitable[ReloadReport]],
         clock: Callable[[], float] = time.time,
+        renewer: RenewalView | None = None,
     ) -> None:
         self.client = client
         self.started_at = started_at
@@ -65,6 +77,7 @@ class ClientControl:
         self.ca_cert = ca_cert
         self._reload = reload
         self._clock = clock
+        self.renewer = renewer
 
     async def status(self) -> StatusInfo:
         now = self._clock()
@@ -87,6 +100,7 @@ class ClientControl:
             ca=cert_summary(self.ca_cert, now),
             crl=None,
             policy_rules=0,
+            renewal=self.renewer.status() if self.renewer is not None else None,
         )
 
     async def peers(self) -> list[PeerInfo]:
@@ -117,6 +131,24 @@ class ClientControl:
 
     async def kick(self, name: str, reason: str) -> KickResult:
         raise ControlError(ErrorCode.BAD_REQUEST, "kick is a gateway command; this is a client")
+
+    async def renew(self) -> RenewResult:
+        """Renew our certificate over the tunnel now; the answer names the certificate
+        in use afterwards. A failure is an error reply with the one-line reason."""
+        if self.renewer is None:
+            raise ControlError(ErrorCode.BAD_REQUEST, "this client has no renewer")
+        renewed = await self.renewer.renew_now()
+        if renewed is None:
+            why = self.renewer.last_error or "see the log"
+            raise ControlError(ErrorCode.BUSY, f"renewal failed: {why} (retried with backoff)")
+        cert = cert_summary(self._own_cert(), self._clock())
+        return RenewResult(
+            renewed=True,
+            serial=cert.serial,
+            fingerprint=cert.fingerprint,
+            not_after=cert.not_after,
+            message="renewed; the tunnel moved onto the new certificate",
+        )
 
     async def reload(self) -> ReloadReport:
         try:

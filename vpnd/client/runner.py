@@ -31,10 +31,15 @@ from vpnd.proto import (
     CloseCode,
     ConfigReceived,
     Event,
+    LocalProtocolError,
     PacketsReceived,
+    RenewalIssued,
+    RenewalRefused,
+    RenewHint,
     Session,
     SessionConfig,
     SessionCounters,
+    SessionState,
     TunnelConfig,
     describe_close,
 )
@@ -66,8 +71,19 @@ _PERMANENT_ALERTS = {
     "access_denied",
 }
 
+RenewalAnswer = RenewalIssued | RenewalRefused
+
+RETIRE_TIMEOUT = 10.0
+"""Seconds a superseded session is kept receive-only after a make-before-break switch,
+waiting for the gateway to close it (it does at takeover); then we close it."""
+
 Connector = Callable[[], Awaitable[Stream]]
 """Opens a stream to the gateway: ``connect()`` over TLS, or an in-memory pipe in tests."""
+
+
+class RenewalUnavailable(Exception):
+    """No session can carry a renewal request now (none live, one switching, or one
+    already outstanding), or it ended before the gateway answered. One line."""
 
 
 class LocalError(Exception):
@@ -126,6 +142,8 @@ class Outcome:
     """This session was replaced by a newer one on the same TUN (certificate rotation)."""
     fatal: bool = False
     """A permanent local problem (see ``LocalError``): the client stops, it does not retry."""
+    retry_now: bool = False
+    """We closed the session to reconnect at once (e.g. after renewing in quarantine)."""
 
 
 class Client:
@@ -185,6 +203,14 @@ class Client:
         self._routed: tuple[tuple[IPNetwork, ...], AddressTable[bool]] | None = None
         self.fatal: str | None = None
         """Why the client cannot go on (its TUN vanished): the daemon exits non-zero."""
+        self.on_renew_hint: Callable[[RenewHint], None] | None = None
+        """Told of every RENEW_HINT (the renewer starts a renewal)."""
+        self.quarantined = False
+        """The live session was admitted only to renew (our certificate expired)."""
+        self._renew_waiter: tuple[SessionDriver, int, asyncio.Future[RenewalAnswer]] | None = None
+        self._reconnect_now = False
+        self._retiring: set[SessionDriver] = set()
+        self._tun_paused = False
 
     def stop(self) -> None:
         """Stop now: an in-flight connect or TLS handshake is cancelled, a backoff wait
@@ -194,6 +220,8 @@ class Client:
         self._stop.set()
         if self._driver is not None:
             self._driver.close(CloseCode.SHUTDOWN, "client stopping")
+        for old in list(self._retiring):
+            old.close(CloseCode.SHUTDOWN, "client stopping")
 
     def reconfigure(self, settings: ClientSettings) -> list[str]:
         """Adopt new settings (reload); the live tunnel is re-established only when a
@@ -221,6 +249,8 @@ class Client:
                 delay = self.settings.initial_delay
             wait = self.settings.max_delay if outcome.permanent else delay
             wait *= 0.5 + self._rng.random() / 2
+            if outcome.retry_now:
+                wait = 0.0
             log.info("reconnecting in %.1f s", wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)
@@ -237,6 +267,10 @@ class Client:
         fatal, self._fatal = self._fatal, None
         if fatal is not None:
             return Outcome(outcome.established, True, fatal, fatal=True)
+        if self._reconnect_now:
+            self._reconnect_now = False
+            outcome.retry_now = True
+            outcome.permanent = False
         return outcome
 
     async def _open(self) -> Stream | Outcome:
@@ -322,8 +356,15 @@ class Client:
                     on_config(cfg)
                 case PacketsReceived(packets=packets, vnet=vnet):
                     self._to_tun(packets, vnet)
+                case RenewalIssued() | RenewalRefused():
+                    assert driver is not None
+                    self._renewal_answer(driver, event)
+                case RenewHint():
+                    self._renew_hint(event)
 
         def on_lost(code: int, message: str, exc: BaseException | None) -> None:
+            if driver is not None:
+                self._session_gone(driver)
             if done.done():
                 return
             if driver is not None and (
@@ -333,33 +374,114 @@ class Client:
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
                 return
-            if self._fatal is not None:  # we closed it: the caller reports why, once
-                done.set_result(Outcome(state["established"], True, self._fatal, fatal=True))
-                return
-            ended = driver.session.close_event if driver is not None else None
-            if self._stop.is_set() and ended is not None and not ended.by_peer:
-                # Our own stop (SIGTERM): not "the gateway is shutting down".
-                text = f"stopped: closed the session to the gateway {self.settings.server}"
-                log.info("%s", text)
-                done.set_result(Outcome(state["established"], False, text))
-                return
-            if isinstance(exc, TlsAlertReceived):
-                out = self._alert_outcome(exc.alert)
-                done.set_result(Outcome(state["established"], out.permanent, out.message))
-                return
-            if code >= 0:
-                text = describe_close(code, message)
-                permanent = code in _PERMANENT
-            else:
-                text = f"lost the connection to the gateway: {message}"
-                permanent = False
-            (log.error if permanent else log.warning)("%s", text)
-            done.set_result(Outcome(state["established"], permanent, text))
+            assert driver is not None
+            done.set_result(self._lost_outcome(driver, state["established"], code, message, exc))
 
         driver = SessionDriver(
             conn, session, on_event=on_event, on_lost=on_lost, mono=self._mono, wall=self._clock
         )
         return driver, done
+
+    def _lost_outcome(
+        self,
+        driver: SessionDriver,
+        established: bool,
+        code: int,
+        message: str,
+        exc: BaseException | None,
+    ) -> Outcome:
+        """How a session that ended (not superseded) is reported and retried."""
+        if self._fatal is not None:  # we closed it: the caller reports why, once
+            return Outcome(established, True, self._fatal, fatal=True)
+        ended = driver.session.close_event
+        if self._stop.is_set() and ended is not None and not ended.by_peer:
+            # Our own stop (SIGTERM): not "the gateway is shutting down".
+            text = f"stopped: closed the session to the gateway {self.settings.server}"
+            log.info("%s", text)
+            return Outcome(established, False, text)
+        if self._reconnect_now and ended is not None and not ended.by_peer:
+            text = f"reconnecting to the gateway {self.settings.server}: {ended.message}"
+            log.info("%s", text)
+            return Outcome(established, False, text, retry_now=True)
+        if isinstance(exc, TlsAlertReceived):
+            out = self._alert_outcome(exc.alert)
+            return Outcome(established, out.permanent, out.message)
+        if code >= 0:
+            text = describe_close(code, message)
+            permanent = code in _PERMANENT
+        else:
+            text = f"lost the connection to the gateway: {message}"
+            permanent = False
+        (log.error if permanent else log.warning)("%s", text)
+        return Outcome(established, permanent, text)
+
+    # ---- in-tunnel renewal ----------------------------------------------------------
+
+    async def request_renewal(self, csr_der: bytes) -> RenewalAnswer:
+        """Send a CSR over the live (or quarantined) session; the gateway's answer, or a
+        local ``RenewalRefused`` (TIMEOUT) if it does not come in time. Raises
+        ``RenewalUnavailable`` (one line) when no session can carry it."""
+        driver = self._driver
+        if driver is None or self._rotation is not None:
+            raise RenewalUnavailable("no live session to the gateway")
+        if driver.session.state not in (SessionState.ESTABLISHED, SessionState.QUARANTINED):
+            raise RenewalUnavailable("the session to the gateway is not set up yet")
+        if self._renew_waiter is not None:
+            raise RenewalUnavailable("a renewal is already in progress")
+        try:
+            request_id = driver.session.request_renewal(csr_der, driver.now())
+        except LocalProtocolError as err:
+            raise RenewalUnavailable(str(err)) from None
+        answer: asyncio.Future[RenewalAnswer] = asyncio.get_running_loop().create_future()
+        self._renew_waiter = (driver, request_id, answer)
+        driver.pump()
+        try:
+            return await answer
+        finally:
+            if self._renew_waiter is not None and self._renew_waiter[2] is answer:
+                self._renew_waiter = None
+
+    def _renewal_answer(self, driver: SessionDriver, event: RenewalAnswer) -> None:
+        waiter = self._renew_waiter
+        if waiter is None or waiter[0] is not driver or waiter[1] != event.request_id:
+            return
+        self._renew_waiter = None
+        if not waiter[2].done():
+            waiter[2].set_result(event)
+
+    def _renew_hint(self, hint: RenewHint) -> None:
+        if hint.quarantined and not self.quarantined:
+            self.quarantined = True
+            log.warning(
+                "the gateway admitted us only to renew our expired certificate (%s): renewing",
+                hint.reason or "no reason given",
+            )
+        else:
+            log.info("the gateway asks us to renew: %s", hint.reason or "no reason given")
+        if self.on_renew_hint is not None:
+            self.on_renew_hint(hint)
+
+    def _session_gone(self, driver: SessionDriver) -> None:
+        self._retiring.discard(driver)
+        waiter = self._renew_waiter
+        if waiter is not None and waiter[0] is driver:
+            self._renew_waiter = None
+            if not waiter[2].done():
+                waiter[2].set_exception(
+                    RenewalUnavailable("the session ended before the gateway answered")
+                )
+        if driver is self._driver:
+            self.quarantined = False
+
+    def reconnect_now(self, reason: str) -> bool:
+        """Close the live session and connect again at once (e.g. after renewing in
+        quarantine, or when a renewed certificate could not be switched to live)."""
+        driver = self._driver
+        if driver is None or self._stop.is_set():
+            return False
+        self._reconnect_now = True
+        driver.close(CloseCode.NORMAL, reason)
+        return True
 
     async def _serve(self, conn: Stream) -> Outcome:
         def bring_up(cfg: TunnelConfig) -> None:
@@ -413,6 +535,10 @@ class Client:
             driver, done = self._start_session(
                 opened, lambda cfg: None if got.done() else got.set_result(cfg)
             )
+            # From our HELLO on the new session until its CONFIG the gateway may move our
+            # addresses at any moment: hold outgoing packets in the kernel's TUN queue
+            # rather than send them on a session that is being replaced.
+            self._pause_tun()
             driver.start()
             waiting: set[asyncio.Future[Any]] = {got, done}
             finished, _ = await asyncio.wait(
@@ -439,16 +565,44 @@ class Client:
             self._driver = driver
             self.config = cfg
             self.gateway = self._pending_gateway
-            old.close(CloseCode.NORMAL, "switched to a renewed certificate")
+            self._retire(old)
             log.info("switched to the renewed certificate; the tunnel stayed up")
             return True
         finally:
+            self._resume_tun()
             if result is None and driver is not None:
                 driver.close(CloseCode.NORMAL, "rotation abandoned")  # idempotent
             if not self._rotation.done():
                 self._rotation.set_result(result)
             if result is None and (self._driver is old and old is not None):
                 self._rotation = None  # nothing superseded: back to normal
+
+    def _retire(self, old: SessionDriver) -> None:
+        """Keep a superseded session receive-only: what the gateway sent on it before
+        the takeover still reaches the TUN. The gateway closes it at the takeover; if it
+        does not within ``RETIRE_TIMEOUT``, we do."""
+        if old.session.closed:
+            return
+        self._retiring.add(old)
+        loop = asyncio.get_running_loop()
+        loop.call_later(
+            RETIRE_TIMEOUT, old.close, CloseCode.NORMAL, "switched to a renewed certificate"
+        )
+
+    def _pause_tun(self) -> None:
+        tun = self.tun
+        if tun is not None and not self._tun_paused:
+            self._tun_paused = True
+            asyncio.get_running_loop().remove_reader(tun.fileno())
+
+    def _resume_tun(self) -> None:
+        if not self._tun_paused:
+            return
+        self._tun_paused = False
+        tun = self.tun
+        if tun is not None and self.connected.is_set():
+            asyncio.get_running_loop().add_reader(tun.fileno(), self._on_tun_readable)
+            self._on_tun_readable()  # what queued up while paused
 
     def _same_tunnel(self, cfg: TunnelConfig) -> bool:
         cur = self.config
@@ -527,6 +681,8 @@ class Client:
         self.connected.clear()
         self.gateway = None
         self.connected_since = None
+        self.quarantined = False
+        self._tun_paused = False
         tun, self.tun = self.tun, None
         cfg, self.config = self.config, None
         if tun is None:

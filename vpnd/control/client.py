@@ -19,7 +19,14 @@ from vpnd.control.protocol import (
     decode_response,
     encode_request,
 )
-from vpnd.control.results import KickResult, PeerInfo, ReloadReport, StatusInfo, peers_from_json
+from vpnd.control.results import (
+    KickResult,
+    PeerInfo,
+    ReloadReport,
+    RenewResult,
+    StatusInfo,
+    peers_from_json,
+)
 
 T = TypeVar("T")
 
@@ -134,6 +141,9 @@ class ControlClient:
 
     def reload(self) -> ReloadReport:
         return self._shaped(ReloadReport.from_json, self.call("reload"))
+
+    def renew(self) -> RenewResult:
+        return self._shaped(RenewResult.from_json, self.call("renew"))
 
     def _shaped(self, parse: Callable[[object], T], doc: dict[str, Any]) -> T:
         try:

@@ -41,6 +41,7 @@ class Command(enum.StrEnum):
     PEERS = "peers"
     KICK = "kick"
     RELOAD = "reload"
+    RENEW = "renew"
 
 
 class ControlError(Exception):

@@ -58,6 +58,46 @@ class CrlSummary(ResultShape):
 
 
 @dataclass(frozen=True, slots=True)
+class RenewalStatus(ResultShape):
+    """A client's automatic renewal of its own certificate."""
+
+    WHAT: ClassVar[str] = "renewal"
+
+    enabled: bool
+    state: str
+    """scheduled, renewing, backoff, waiting for the tunnel, or disabled."""
+    cert_age_s: float
+    """Seconds since the certificate's notBefore."""
+    not_after: str
+    """ISO 8601 UTC."""
+    generation: int | None
+    """The certificate's generation counter, when it carries one."""
+    next_renewal: str
+    """ISO 8601 UTC, "now", or empty when disabled."""
+    renewals: int
+    """Successful renewals since start."""
+    failures: int
+    """Consecutive failed attempts."""
+    last_error: str | None
+    last_renewed: str | None
+    quarantined: bool
+    """The gateway admitted us only to renew (our certificate expired)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewResult(ResultShape):
+    """The ``renew`` result (client): the certificate now in use."""
+
+    WHAT: ClassVar[str] = "renew"
+
+    renewed: bool
+    serial: str
+    fingerprint: str
+    not_after: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatusInfo(ResultShape):
     WHAT: ClassVar[str] = "status"
 
@@ -76,6 +116,8 @@ class StatusInfo(ResultShape):
     ca: CertSummary
     crl: CrlSummary | None
     policy_rules: int
+    renewal: RenewalStatus | None = None
+    """Clients: automatic certificate renewal (absent on gateways)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,14 @@ from vpnd.control.protocol import (
     encode_response,
     kick_args,
 )
-from vpnd.control.results import KickResult, PeerInfo, ReloadReport, StatusInfo, peers_to_json
+from vpnd.control.results import (
+    KickResult,
+    PeerInfo,
+    ReloadReport,
+    RenewResult,
+    StatusInfo,
+    peers_to_json,
+)
 
 log = logging.getLogger("vpnd.control")
 
@@ -43,6 +50,7 @@ class ControlHandler(Protocol):
     async def peers(self) -> list[PeerInfo]: ...
     async def kick(self, name: str, reason: str) -> KickResult: ...
     async def reload(self) -> ReloadReport: ...
+    async def renew(self) -> RenewResult: ...
 
 
 class ControlServerError(Exception):
@@ -213,6 +221,8 @@ class ControlServer:
                     raise ControlError(ErrorCode.BUSY, "a reload is already running")
                 async with self._reload_lock:
                     return (await self.handler.reload()).to_json()
+            case Command.RENEW:
+                return (await self.handler.renew()).to_json()
         raise ControlError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {req.cmd!r}")
 
 

@@ -23,6 +23,7 @@ from vpnd.control.messages import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewResult,
     StatusInfo,
 )
 from vpnd.control.summaries import (
@@ -159,6 +160,12 @@ class GatewayControl:
             extra={"event": "reload", "changed": report.changed, "closed": report.closed},
         )
         return report
+
+    async def renew(self) -> RenewResult:
+        raise ControlError(
+            ErrorCode.BAD_REQUEST,
+            "renew is a client command; a gateway's certificate comes from vpnctl issue",
+        )
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """For ``MetricsExporter(snapshot=...)``."""

@@ -28,12 +28,15 @@ from vpnd.gateway.effects import (
     AddSources,
     Audit,
     Close,
+    Drain,
     Effect,
     Log,
+    Quarantine,
     Refuse,
     RemoveRoute,
     RemoveSources,
     SendConfig,
+    Supersede,
 )
 from vpnd.gateway.kernel_sync import KernelQueue
 from vpnd.gateway.peer_state import PeerState
@@ -81,6 +84,14 @@ class Peer(PeerState):
     """Decoded packets held over to the next turn, oldest first (bounded by one read slice)."""
 
 
+class Lifecycle(Protocol):
+    """What the shell hands certificate-lifecycle work to (blocking work, off the loop)."""
+
+    def supersede(self, effect: Supersede) -> None: ...
+
+    def renew(self, peer: Peer, request_id: int, csr_der: bytes) -> None: ...
+
+
 class TunWriter(Protocol):
     def write_batch(self, packets: Sequence[bytes | memoryview]) -> int: ...
 
@@ -119,6 +130,8 @@ class Gateway:
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._ticker: asyncio.Task[None] | None = None
+        self.lifecycle: Lifecycle | None = None
+        """Renewal signing and inventory writes (``vpnd.gateway.renewals``), if enabled."""
         self.enrollment: EnrollmentHandler | None = None
         """Set when ``enrollment.enabled``: connections without a client certificate go
         there (and only there); without it they are refused like any unverified peer."""
@@ -376,10 +389,27 @@ class Gateway:
                     _close_now(stream, code, message, self._mono())
                 case SendConfig():
                     self._send_config(effect, later=False)
+                case Drain() | Quarantine() | Supersede():
+                    self._lifecycle_effect(effect)
                 case _:
                     self._kernel_effect(effect)
         if self.core.notes:  # a log budget's summary line, from any event
             self._take_notes()
+
+    def _lifecycle_effect(self, effect: Drain | Quarantine | Supersede) -> None:
+        peers = self.core.peers
+        match effect:
+            case Drain(key=key, seconds=seconds, code=code, message=message):
+                if (peer := peers.get(key)) is not None:
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(seconds, peer.driver.close, code, message)
+            case Quarantine(key=key, seconds=seconds):
+                if (peer := peers.get(key)) is not None:
+                    now = self._mono()
+                    peer.driver.session.quarantine(now, now + seconds)
+            case Supersede():
+                if self.lifecycle is not None:
+                    self.lifecycle.supersede(effect)
 
     def _kernel_effect(self, effect: Effect) -> None:
         match effect:

@@ -105,9 +105,12 @@ def create_ca(
     key: PrivateKey,
     not_before: dt.datetime,
     not_after: dt.datetime,
-    path_length: int = 0,
+    path_length: int = 1,
 ) -> x509.Certificate:
-    """A self-signed CA whose name constraints permit exactly the overlay ``networks``."""
+    """A self-signed CA whose name constraints permit exactly the overlay ``networks``.
+
+    Path length 1: room for exactly one issuing CA below it (``vpnctl ca issuer``).
+    """
     cn = canonical_name(name)
     nets = _networks(networks)
     signer = _check_ca_key(key)

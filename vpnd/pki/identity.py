@@ -58,6 +58,10 @@ class Reason(enum.StrEnum):
     MALFORMED = "malformed"
     NAME_MISMATCH = "name_mismatch"
     """A gateway certificate does not carry the name the client pinned (server_name)."""
+    SUPERSEDED = "superseded"
+    """A renewal replaced this certificate (inventory / CRL reason superseded)."""
+    POSSIBLE_COPY = "possible_copy"
+    """An older generation than the peer's current, valid certificate: a clone."""
 
 
 class PkiError(Exception):

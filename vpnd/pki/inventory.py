@@ -495,9 +495,20 @@ class Inventory:
 
     def next_crl_number(self) -> int:
         """Increment and return the CRL counter (RFC 5280: monotonically increasing)."""
+        return self._next_counter("crl_number")
+
+    def issuer_crl_number(self) -> int:
+        """The last CRLNumber of the issuing CA's CRL (0: none signed yet)."""
+        return int(self._meta("issuer_crl_number"))
+
+    def next_issuer_crl_number(self) -> int:
+        """Increment and return the issuing CA's CRL counter (its own, apart from the root's)."""
+        return self._next_counter("issuer_crl_number")
+
+    def _next_counter(self, key: str) -> int:
         self._require_tx()
-        number = self.crl_number() + 1
-        self._conn.execute("UPDATE meta SET value = ? WHERE key = 'crl_number'", (str(number),))
+        number = int(self._meta(key)) + 1
+        self._write("UPDATE meta SET value = ? WHERE key = ?", (str(number), key))
         return number
 
     def set_crl_days(self, days: int) -> None:

@@ -10,6 +10,8 @@ Version 2 adds, for issue 13 (renewal, supersede, enrollment):
   (groups, addresses, routes), its current serial and generation; ``pending`` until an
   invite is redeemed;
 * ``invites``: one-time enrollment invitations (the secret only as a hash);
+* ``meta.issuer_crl_number``: the CRLNumber counter of the issuing CA's CRL (the root's
+  stays ``meta.crl_number``);
 * ``meta.change_stamp``: bumped by triggers on every write to those three tables, so a
   gateway polling the file sees "something changed" with one cheap read.
 
@@ -83,6 +85,7 @@ CREATE TABLE invites (
 );
 CREATE INDEX invites_by_name ON invites (name);
 INSERT INTO meta (key, value) VALUES ('change_stamp', '0');
+INSERT INTO meta (key, value) VALUES ('issuer_crl_number', '0');
 """
 
 _STAMPED_TABLES = ("certificates", "identities", "invites")

@@ -32,6 +32,8 @@ from vpnd.pki.issue_terms import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
     certificate_terms,
+    identity_of,
+    next_generation,
     positive_days,
     record_of,
     refuse_name_collision,
@@ -351,9 +353,11 @@ class PkiDir:
                 dns_names=terms.dns_names,
                 not_before=window.not_before,
                 not_after=window.not_after,
+                generation=next_generation(inv, cn),
             )
-            record = record_of(cert, issued_at=now)
+            record = record_of(cert, issued_at=now, issuer_fp=fingerprint(ca_cert))
             inv.add(record)
+            inv.put_identity(identity_of(record, now=now))
             files = write(cert)
         return Issued(record=record, certificate=cert, files=files, warnings=window.warnings)
 
@@ -484,6 +488,10 @@ class PkiDir:
             yield inv
         finally:
             inv.close()
+
+    def signing_key(self) -> PrivateKey:
+        """The root CA key, decrypted with the passphrase this PkiDir was given."""
+        return self._ca_key()
 
     def _ca_key(self) -> PrivateKey:
         if not self.ca_key_path.exists():

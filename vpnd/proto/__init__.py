@@ -11,6 +11,10 @@ from vpnd.proto.events import (
     Event,
     HelloReceived,
     PacketsReceived,
+    RenewalIssued,
+    RenewalRefused,
+    RenewalRequested,
+    RenewHint,
     SessionClosed,
 )
 from vpnd.proto.frames import DEFAULT_MAX_FRAME, VNET_HDR_LEN, FrameType
@@ -23,6 +27,7 @@ from vpnd.proto.messages import (
     IPNetwork,
     TunnelConfig,
 )
+from vpnd.proto.renewal_frames import RefusalCode, RenewalFrame
 from vpnd.proto.session import Session, SessionConfig, SessionCounters, SessionState
 
 __all__ = [
@@ -42,7 +47,13 @@ __all__ = [
     "LocalProtocolError",
     "PacketsReceived",
     "ProtocolError",
+    "RefusalCode",
     "RemoteProtocolError",
+    "RenewHint",
+    "RenewalFrame",
+    "RenewalIssued",
+    "RenewalRefused",
+    "RenewalRequested",
     "Session",
     "SessionClosed",
     "SessionConfig",

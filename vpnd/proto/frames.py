@@ -28,7 +28,9 @@ Types
     ``0x05 PONG``   the PING payload it answers
     ``0x06 CLOSE``  ``u16 code`` (see ``CloseCode``) + UTF-8 message <= 512 bytes
     ``0x80-0xFF``   ignorable extensions: a receiver that does not know one skips it
-                    (room for in-tunnel renewal, a UDP data-channel handshake, ...)
+                    (room for a UDP data-channel handshake, ...). In-tunnel renewal
+                    uses 0x90-0x93, see ``vpnd.proto.renewal_frames``; a receiver that
+                    knows them parses them strictly, with the fixed limits below.
 
     Any other type below 0x80 is a protocol error.
 """
@@ -48,6 +50,21 @@ JSON_MAX = 8192
 PING_MAX = 64
 CLOSE_MESSAGE_MAX = 512
 EXTENSION_MIN = 0x80
+
+# In-tunnel renewal (vpnd.proto.renewal_frames): types and fixed payload limits.
+RENEW_REQUEST = 0x90
+RENEW_ISSUED = 0x91
+RENEW_REFUSED = 0x92
+RENEW_HINT = 0x93
+RENEW_CSR_MAX = 16384
+RENEW_PEM_MAX = 16384
+RENEW_TEXT_MAX = 512
+_RENEW_NAMES = {
+    RENEW_REQUEST: "RENEW_REQUEST",
+    RENEW_ISSUED: "RENEW_ISSUED",
+    RENEW_REFUSED: "RENEW_REFUSED",
+    RENEW_HINT: "RENEW_HINT",
+}
 
 FLAG_VNET = 0x01
 VNET_HDR_LEN = 10
@@ -77,7 +94,7 @@ def frame_name(ftype: int) -> str:
     try:
         return FrameType(ftype).name
     except ValueError:
-        return f"type 0x{ftype:02x}"
+        return _RENEW_NAMES.get(ftype, f"type 0x{ftype:02x}")
 
 
 def encode_header(ftype: int, length: int) -> bytes:
@@ -105,6 +122,10 @@ def receive_limits(max_frame: int) -> list[int]:
     limits[FrameType.CLOSE] = CLOSE_CODE.size + CLOSE_MESSAGE_MAX
     for ftype in range(EXTENSION_MIN, 256):
         limits[ftype] = max_frame
+    limits[RENEW_REQUEST] = 4 + RENEW_CSR_MAX  # u32 id + CSR DER
+    limits[RENEW_ISSUED] = 4 + RENEW_PEM_MAX  # u32 id + PEM
+    limits[RENEW_REFUSED] = 4 + 2 + RENEW_TEXT_MAX  # u32 id + u16 code + text
+    limits[RENEW_HINT] = 1 + RENEW_TEXT_MAX  # u8 flags + text
     return limits
 
 

@@ -35,6 +35,10 @@ from vpnd.proto.events import (
     Event,
     HelloReceived,
     PacketsReceived,
+    RenewalIssued,
+    RenewalRefused,
+    RenewalRequested,
+    RenewHint,
     SessionClosed,
 )
 from vpnd.proto.frames import (
@@ -56,6 +60,18 @@ from vpnd.proto.frames import (
     encode_close,
 )
 from vpnd.proto.messages import SOFTWARE, Hello, TunnelConfig
+from vpnd.proto.renewal_frames import (
+    RefusalCode,
+    RenewalFrame,
+    decode_hint,
+    decode_issued,
+    decode_refused,
+    decode_request,
+    encode_hint,
+    encode_issued,
+    encode_refused,
+    encode_request,
+)
 
 Role = Literal["gateway", "client"]
 
@@ -70,6 +86,7 @@ class SessionState(enum.Enum):
     AWAIT_HELLO = "await_hello"  # gateway: waiting for the client's HELLO
     AWAIT_CONFIG = "await_config"  # client: waiting for CONFIG; gateway: owner must send it
     ESTABLISHED = "established"
+    QUARANTINED = "quarantined"  # expired certificate: only renewal, no CONFIG, no packets
     CLOSED = "closed"
 
 
@@ -89,6 +106,7 @@ _RECEIVE: dict[Role, dict[SessionState, dict[FrameType, SessionState]]] = {
             _F.PONG: _S.ESTABLISHED,
             _F.CLOSE: _S.CLOSED,
         },
+        _S.QUARANTINED: {_F.PING: _S.QUARANTINED, _F.PONG: _S.QUARANTINED, _F.CLOSE: _S.CLOSED},
     },
     "client": {
         _S.AWAIT_CONFIG: {
@@ -103,8 +121,22 @@ _RECEIVE: dict[Role, dict[SessionState, dict[FrameType, SessionState]]] = {
             _F.PONG: _S.ESTABLISHED,
             _F.CLOSE: _S.CLOSED,
         },
+        _S.QUARANTINED: {_F.PING: _S.QUARANTINED, _F.PONG: _S.QUARANTINED, _F.CLOSE: _S.CLOSED},
     },
 }
+
+_R = RenewalFrame
+# Renewal frames: role -> frame received -> states it is allowed in (elsewhere, and
+# from the wrong side, it is the peer's protocol error).
+_RENEW_RECEIVE: dict[Role, dict[RenewalFrame, frozenset[SessionState]]] = {
+    "gateway": {_R.RENEW_REQUEST: frozenset({_S.ESTABLISHED, _S.QUARANTINED})},
+    "client": {
+        _R.RENEW_ISSUED: frozenset({_S.ESTABLISHED, _S.QUARANTINED}),
+        _R.RENEW_REFUSED: frozenset({_S.ESTABLISHED, _S.QUARANTINED}),
+        _R.RENEW_HINT: frozenset({_S.AWAIT_CONFIG, _S.ESTABLISHED, _S.QUARANTINED}),
+    },
+}
+_RENEW_STATES = frozenset({_S.ESTABLISHED, _S.QUARANTINED})
 
 # Our own actions: role -> state -> action -> next state; anything missing is our bug.
 _SEND: dict[Role, dict[SessionState, dict[str, SessionState]]] = {
@@ -116,6 +148,8 @@ _SEND: dict[Role, dict[SessionState, dict[str, SessionState]]] = {
 }
 
 _PEER: dict[Role, str] = {"gateway": "client", "client": "gateway"}
+_SETUP_STATES = frozenset({_S.AWAIT_HELLO, _S.AWAIT_CONFIG})
+_RENEWAL_TYPES = frozenset(int(t) for t in RenewalFrame)
 
 
 def _check_seconds(name: str, value: float) -> None:
@@ -139,6 +173,8 @@ class SessionConfig:
     """Largest frame payload accepted, and the size DATA frames are split to."""
     config_timeout: float = 10.0
     """Client: CONFIG must arrive by then. Gateway: HELLO must arrive, and CONFIG be sent."""
+    renewal_timeout: float = 60.0
+    """Client: a renewal request unanswered this long ends as a local RenewalRefused."""
 
     def __post_init__(self) -> None:
         if self.role not in ("gateway", "client"):
@@ -148,6 +184,7 @@ class SessionConfig:
         _check_seconds("keepalive_interval", self.keepalive_interval)
         _check_seconds("keepalive_timeout", self.keepalive_timeout)
         _check_seconds("config_timeout", self.config_timeout)
+        _check_seconds("renewal_timeout", self.renewal_timeout)
         if self.keepalive_timeout <= self.keepalive_interval:
             raise LocalProtocolError(
                 "SessionConfig.keepalive_timeout must exceed keepalive_interval"
@@ -174,8 +211,9 @@ class SessionCounters:
     packet_bytes_out: int = 0
     """The IP bytes of the packets queued (virtio headers and framing not counted)."""
     drops: dict[str, int] = field(default_factory=dict)
-    """Reason -> count: "oversize", "short" (empty, or shorter than a virtio_net_hdr)
-    and "closed" for packets not sent; "extension" for skipped unknown frames."""
+    """Reason -> count: "oversize", "short" (empty, or shorter than a virtio_net_hdr),
+    "closed" and "quarantined" for packets not sent; "extension" for skipped unknown
+    frames; "stale_renewal" for a renewal answer that came after its timeout."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
@@ -222,6 +260,11 @@ class Session:
         self._ping_seq = 0
         self._ping_out: tuple[bytes, float] | None = None
         self._hello: Hello | None = None
+        self._renew_next_id = 1
+        # Client: (id, monotonic deadline) of our outstanding request. Gateway: the id
+        # of the client's request we have not answered yet.
+        self._renew_pending: tuple[int, float] | None = None
+        self._renew_open: int | None = None
         if config.role == "client":
             self._hello = Hello(offload=offload, software=software)
             self._queue(_F.HELLO, self._hello.to_json(), now)
@@ -264,7 +307,10 @@ class Session:
 
     def _handle_frame(self, ftype: int, payload: memoryview, now: float) -> None:
         if ftype >= EXTENSION_MIN:
-            self.counters.drop("extension")
+            if ftype in _RENEWAL_TYPES:
+                self._handle_renewal(RenewalFrame(ftype), payload)
+            else:
+                self.counters.drop("extension")
             return
         kind = FrameType(ftype)  # the decoder already refused unknown critical types
         new_state = _RECEIVE[self.role].get(self.state, {}).get(kind)
@@ -295,6 +341,51 @@ class Session:
         elif kind is _F.CLOSE:
             code, message = decode_close(payload)
             self._close(code, message, now, by_peer=True, send=False)
+
+    def _handle_renewal(self, kind: RenewalFrame, payload: memoryview) -> None:
+        allowed = _RENEW_RECEIVE[self.role].get(kind)
+        if allowed is None:
+            raise RemoteProtocolError(f"{kind.name} frame from the {_PEER[self.role]} is invalid")
+        if self.state not in allowed:
+            raise RemoteProtocolError(
+                f"{kind.name} frame from the {_PEER[self.role]} is not allowed in state "
+                f"{self.state.value}"
+            )
+        if kind is _R.RENEW_REQUEST:
+            request_id, csr = decode_request(payload)
+            if self._renew_open is not None:
+                raise RemoteProtocolError(
+                    f"RENEW_REQUEST {request_id} while request {self._renew_open} is unanswered"
+                )
+            self._renew_open = request_id
+            self._events.append(RenewalRequested(request_id, csr))
+        elif kind is _R.RENEW_ISSUED:
+            request_id, pem = decode_issued(payload)
+            if self._answers_pending(request_id, kind):
+                self._events.append(RenewalIssued(request_id, pem))
+        elif kind is _R.RENEW_REFUSED:
+            request_id, code, message = decode_refused(payload)
+            if self._answers_pending(request_id, kind):
+                self._events.append(RenewalRefused(request_id, code, message))
+        else:
+            reason, quarantined = decode_hint(payload)
+            if quarantined:
+                if self.state is _S.ESTABLISHED:
+                    raise RemoteProtocolError("RENEW_HINT quarantines a session after its CONFIG")
+                self.state = _S.QUARANTINED
+            self._events.append(RenewHint(reason, quarantined))
+
+    def _answers_pending(self, request_id: int, kind: RenewalFrame) -> bool:
+        """Whether an answer matches our outstanding request (True: it is consumed);
+        False for the late answer to one that timed out; an id never sent is an error."""
+        pending = self._renew_pending
+        if pending is not None and pending[0] == request_id:
+            self._renew_pending = None
+            return True
+        if request_id < self._renew_next_id:
+            self.counters.drop("stale_renewal")
+            return False
+        raise RemoteProtocolError(f"{kind.name} answers request {request_id}, never sent")
 
     # ---- our actions -------------------------------------------------------------
 
@@ -378,11 +469,16 @@ class Session:
         return oversize + short
 
     def _refuse_packets(self, count: int) -> int:
-        """``send_packets`` outside ESTABLISHED: all dropped once CLOSED, an error before."""
-        if self.state is not _S.CLOSED:
+        """``send_packets`` outside ESTABLISHED: all dropped once CLOSED or QUARANTINED,
+        an error before."""
+        if self.state is _S.QUARANTINED:
+            reason = "quarantined"
+        elif self.state is _S.CLOSED:
+            reason = "closed"
+        else:
             raise LocalProtocolError(f"cannot send packets in state {self.state.value}")
         if count:
-            self.counters.drop("closed", count)
+            self.counters.drop(reason, count)
         return count
 
     def _count_unsendable(self, oversize: int, short: int) -> None:
@@ -390,6 +486,103 @@ class Session:
             self.counters.drop("oversize", oversize)
         if short:
             self.counters.drop("short", short)
+
+    # ---- renewal -----------------------------------------------------------------
+
+    @property
+    def renewal_pending(self) -> int | None:
+        """Client: the id of our unanswered renewal request. Gateway: the id of the
+        client's request not yet answered. None when there is none."""
+        if self.role == "client":
+            return self._renew_pending[0] if self._renew_pending is not None else None
+        return self._renew_open
+
+    def request_renewal(self, csr_der: bytes, now: float) -> int:
+        """Client: send a CSR (DER) for a renewed certificate; returns the request id.
+
+        One request at a time: the answer is a ``RenewalIssued`` or ``RenewalRefused``
+        event, a local ``RenewalRefused`` (``RefusalCode.TIMEOUT``) after
+        ``renewal_timeout``, or the session's close. Allowed when ESTABLISHED or
+        QUARANTINED; ``LocalProtocolError`` otherwise.
+        """
+        if self.role != "client":
+            raise LocalProtocolError("only a client requests a renewal")
+        if self.state not in _RENEW_STATES:
+            raise LocalProtocolError(f"cannot request a renewal in state {self.state.value}")
+        if self._renew_pending is not None:
+            raise LocalProtocolError(
+                f"renewal request {self._renew_pending[0]} is still outstanding"
+            )
+        request_id = self._renew_next_id
+        self._queue(RenewalFrame.RENEW_REQUEST, encode_request(request_id, csr_der), now)
+        self._renew_next_id += 1
+        self._renew_pending = (request_id, now + self.config.renewal_timeout)
+        return request_id
+
+    def _answer(self, request_id: int, what: str) -> bool:
+        """Gateway: may we answer ``request_id``? False once CLOSED (a no-op then)."""
+        if self.role != "gateway":
+            raise LocalProtocolError(f"only a gateway {what}")
+        if self.state is _S.CLOSED:
+            return False
+        if self._renew_open != request_id:
+            open_id = self._renew_open
+            raise LocalProtocolError(
+                f"renewal request {request_id} is not the open one ({open_id or 'none'})"
+            )
+        self._renew_open = None
+        return True
+
+    def send_renewed(self, request_id: int, pem: bytes, now: float) -> None:
+        """Gateway: answer the open request with the new leaf and its chain (PEM)."""
+        payload = encode_issued(request_id, pem)
+        if self._answer(request_id, "sends a renewed certificate"):
+            self._queue(RenewalFrame.RENEW_ISSUED, payload, now)
+
+    def refuse_renewal(self, request_id: int, code: int, message: str, now: float) -> None:
+        """Gateway: refuse the open request (``code``: a ``RefusalCode``)."""
+        payload = encode_refused(request_id, code, message)
+        if self._answer(request_id, "refuses a renewal"):
+            self._queue(RenewalFrame.RENEW_REFUSED, payload, now)
+
+    def send_renew_hint(self, reason: str, now: float) -> None:
+        """Gateway: ask the client to renew now (e.g. its groups changed). A no-op once
+        CLOSED; ``LocalProtocolError`` before the session is ESTABLISHED or QUARANTINED."""
+        if self.role != "gateway":
+            raise LocalProtocolError("only a gateway sends a renew hint")
+        if self.state is _S.CLOSED:
+            return
+        if self.state not in _RENEW_STATES:
+            raise LocalProtocolError(f"cannot send a renew hint in state {self.state.value}")
+        quarantined = self.state is _S.QUARANTINED
+        self._queue(RenewalFrame.RENEW_HINT, encode_hint(reason, quarantined=quarantined), now)
+
+    def quarantine(
+        self,
+        now: float,
+        deadline: float,
+        *,
+        reason: str = "certificate expired: renew now",
+        code: CloseCode = CloseCode.POLICY,
+        message: str = "the renewal grace period for an expired certificate ended",
+    ) -> None:
+        """Gateway, instead of ``send_config``: admit the client only to renew.
+
+        After HELLO only: no CONFIG will come, packets are refused, and only renewal,
+        PING/PONG and CLOSE frames are allowed. Sends RENEW_HINT (quarantined) and
+        closes with ``code`` at monotonic ``deadline`` unless the client leaves first.
+        """
+        if self.role != "gateway":
+            raise LocalProtocolError("only a gateway quarantines a session")
+        if self.state is _S.CLOSED:
+            return
+        if self.state is not _S.AWAIT_CONFIG:
+            raise LocalProtocolError(f"cannot quarantine a session in state {self.state.value}")
+        self.state = _S.QUARANTINED
+        self._queue(RenewalFrame.RENEW_HINT, encode_hint(reason, quarantined=True), now)
+        self.set_deadline(deadline, code, message)
+
+    # ---- closing -----------------------------------------------------------------
 
     def close(self, code: CloseCode, message: str, now: float) -> None:
         """Queue CLOSE and end the session; idempotent.
@@ -455,8 +648,10 @@ class Session:
         if self.state is _S.CLOSED:
             return None
         when = min(self._last_sent + self._ka_interval, self._last_received + self._ka_timeout)
-        if self.state is not _S.ESTABLISHED:
+        if self.state in _SETUP_STATES:
             when = min(when, self._setup_deadline)
+        if self._renew_pending is not None:
+            when = min(when, self._renew_pending[1])
         if self._deadline is not None:
             when = min(when, self._deadline[0])
         return when
@@ -469,13 +664,19 @@ class Session:
         """
         if self.state is _S.CLOSED:
             return
+        pending = self._renew_pending
+        if pending is not None and now >= pending[1]:
+            self._renew_pending = None
+            limit = f"{self.config.renewal_timeout:g}s"
+            text = f"no answer to renewal request {pending[0]} within {limit}"
+            self._events.append(RenewalRefused(pending[0], RefusalCode.TIMEOUT, text, local=True))
         if wall is not None and self._expiry is not None:
             not_after, code, message = self._expiry
             self._deadline = (now + max(0.0, not_after - wall), code, message)
         if self._deadline is not None and now >= self._deadline[0]:
             _, code, message = self._deadline
             self._close(code, message, now, by_peer=False, send=True)
-        elif self.state is not _S.ESTABLISHED and now >= self._setup_deadline:
+        elif self.state in _SETUP_STATES and now >= self._setup_deadline:
             self._close(CloseCode.CONFIG_TIMEOUT, self._setup_timeout_message(), now, False, True)
         elif now >= self._last_received + self._ka_timeout:
             message = f"nothing received from the {_PEER[self.role]} for {self._ka_timeout:g}s"
@@ -519,6 +720,8 @@ class Session:
         self.state = _S.CLOSED
         self._deadline = None
         self._expiry = None
+        self._renew_pending = None
+        self._renew_open = None
         self._decoder = FrameDecoder(self.config.max_frame)  # free buffered input
         event = SessionClosed(code, message, by_peer)
         self.close_event = event

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd.client.control import ClientControl
+from vpnd.client.renewal import Renewer
 from vpnd.client.runner import Client, ClientSettings, settings_changes
 from vpnd.config import ClientConfig, ConfigError, load_config
 from vpnd.control.messages import ReloadReport
@@ -128,6 +129,9 @@ class ClientService:
         self.net: NetConfigurator | None = None
         self.client: Client | None = None
         self.control: ClientControl | None = None
+        self.renewer: Renewer | None = None
+        self.moved = False
+        """Whether the last refresh moved the live tunnel onto new certificate files."""
         self.files = FileWatch(
             lambda: (self.config.pki.cert, self.config.pki.key, self.config.pki.ca)
         )
@@ -183,6 +187,15 @@ class ClientService:
             mono=self.edges.mono,
             local_check=self._local_check,
         )
+        self.renewer = Renewer(
+            self.client,
+            config=lambda: self.config,
+            own=self._own_cert,
+            trust=lambda: self.client.trust if self.client is not None else trust,
+            passphrase=lambda: self.passphrase,
+            adopt=self.adopt_renewed,
+            wall=self.edges.wall,
+        )
         await self._start_control(trust)
         self._start_background()
         # Ready once running, not once connected: a gateway that is down must not hold
@@ -207,7 +220,12 @@ class ClientService:
 
     def _local_check(self) -> str | None:
         assert self.own is not None
-        return validity_problem(self.config.pki.cert, self.own, self.edges.now())
+        now = self.edges.now()
+        if self.config.renewal.enabled and now > self.own.not_valid_after_utc:
+            # Expired, but renewal is on: the gateway may admit us to renew (quarantine)
+            # or refuse with certificate_expired; either way it decides, not us.
+            return None
+        return validity_problem(self.config.pki.cert, self.own, now)
 
     def _own_cert(self) -> x509.Certificate:
         assert self.own is not None
@@ -229,6 +247,7 @@ class ClientService:
             ca_cert=trust.roots[0],
             reload=self.reload,
             clock=self.edges.wall,
+            renewer=self.renewer,
         )
         server = ControlServer(cfg.control_socket, self.control)
         try:
@@ -248,6 +267,9 @@ class ClientService:
             poll(self.watch_interval, self.check_certificate_files, sleep=self.edges.sleep)
         )
         self._undo.callback(renewals.cancel)
+        if self.renewer is not None:
+            renewer = asyncio.create_task(self.renewer.run())
+            self._undo.callback(renewer.cancel)
 
     # --- serving and shutdown ----------------------------------------------------------
 
@@ -300,6 +322,20 @@ class ClientService:
         for line in report.changed:
             log.info("certificate files changed: %s", line)
 
+    async def adopt_renewed(self, rotate: bool) -> bool:
+        """The renewer wrote a new key and certificate: load them (the file watch is
+        told, so it does not do it again) and, with ``rotate``, move the live tunnel.
+        True if the live tunnel moved onto them."""
+        self.files.mark()
+        try:
+            report = await self.refresh(rotate=rotate)
+        except PkiError as err:
+            log.error("the renewed certificate files cannot be loaded: %s", err)
+            return False
+        if report.errors:
+            log.warning("after renewal: %s", "; ".join(report.errors))
+        return self.moved
+
     async def refresh(self, *, rotate: bool = True) -> ReloadReport:
         """Adopt changed certificate/key/CA files and move the live tunnel onto them."""
         client = self.client
@@ -326,8 +362,10 @@ class ClientService:
         self.context, self.own = ctx, cert
         client.trust = new_trust
         log_own_certificate(self.config, self.edges.now())
+        self.moved = False
         if rotate and report.changed and client.connected.is_set():
-            if await client.rotate():
+            self.moved = await client.rotate()
+            if self.moved:
                 report.changed.append("the live tunnel moved onto it without going down")
             else:
                 report.errors.append("the live tunnel could not move onto it (see the log)")
