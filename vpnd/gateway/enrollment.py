@@ -171,7 +171,13 @@ class EnrollmentHandler:
         remote = fmt_remote(stream.peername)
         inbox = _Inbox(stream)
         try:
-            stream.write(encode_ca(self._ca_pem()))
+            try:
+                bundle = self._ca_pem()
+            except OSError as err:
+                log.error("enrollment: cannot read the CA bundle: %s", err.strerror or err)
+                stream.write(encode_refused(EnrollRefusal.UNAVAILABLE, "unavailable"))
+                return
+            stream.write(encode_ca(bundle))
             try:
                 async with asyncio.timeout(self.settings.timeout):
                     msg = await inbox.next()
@@ -185,13 +191,13 @@ class EnrollmentHandler:
                 stream.write(encode_refused(EnrollRefusal.BAD_REQUEST, "bad request"))
                 return
             if isinstance(msg, EnrollRequest):
-                await self._answer(stream, msg, remote)
+                await self._answer(stream, msg, remote, bundle)
         except _Ended:
             pass  # the client hung up (after fetching the CA bundle, as it does)
         finally:
             stream.close()
 
-    async def _answer(self, stream: Stream, req: EnrollRequest, remote: str) -> None:
+    async def _answer(self, stream: Stream, req: EnrollRequest, remote: str, bundle: bytes) -> None:
         now = dt.datetime.fromtimestamp(self._wall(), dt.UTC).replace(microsecond=0)
         loop = asyncio.get_running_loop()
         try:
@@ -225,7 +231,7 @@ class EnrollmentHandler:
             name=done.name,
             serial=done.serial_hex,
             cert_pem=done.cert_pem,
-            ca_pem=self._ca_pem(),
+            ca_pem=bundle,
             client_yaml=client_yaml(done, self.settings.server_name),
         )
         stream.write(encode_issued(issued))

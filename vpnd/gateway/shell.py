@@ -22,7 +22,6 @@ from vpnd.gateway.admission import IPInterface
 from vpnd.gateway.audit import fmt_remote, host_of
 from vpnd.gateway.core import GatewayCore, GatewaySettings
 from vpnd.gateway.datapath import charge_turn
-from vpnd.gateway.enrollment import EnrollmentHandler
 from vpnd.gateway.effects import (
     AddRoute,
     AddSources,
@@ -38,6 +37,7 @@ from vpnd.gateway.effects import (
     SendConfig,
     Supersede,
 )
+from vpnd.gateway.enrollment import EnrollmentHandler
 from vpnd.gateway.kernel_sync import KernelQueue
 from vpnd.gateway.peer_state import PeerState
 from vpnd.net.errors import NetError, TunError

@@ -37,6 +37,7 @@ from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.keys import load_certificate
 from vpnd.service import sdnotify
+from vpnd.service.enrollment_setup import build_enrollment
 from vpnd.service.reload_plan import ReloadPlan, plan_reload
 from vpnd.service.runstate import InstanceLock, InstanceState
 from vpnd.service.startup import (
@@ -195,6 +196,11 @@ class GatewayService:
             mono=self.edges.mono,
             on_fatal=self._on_fatal,
         )
+        if cfg.enrollment.enabled:
+            gateway.enrollment = build_enrollment(
+                cfg, self.own, trust.roots, wall=self.edges.wall, mono=self.edges.mono
+            )
+            log.info("enrollment on: clients without a certificate may redeem invites")
         if not cfg.policy.rules:
             log.warning(
                 "policy has no rules: verified peers can reach NOTHING (default deny); "
@@ -245,7 +251,13 @@ class GatewayService:
         pki = self.config.pki
         try:
             return server_context(
-                ca=pki.ca, cert=pki.cert, key=pki.key, crl=crl, key_passphrase=self.passphrase
+                ca=pki.ca,
+                cert=pki.cert,
+                key=pki.key,
+                crl=crl,
+                key_passphrase=self.passphrase,
+                # Certless clients only with enrollment on; routed to it and nowhere else.
+                client_cert_optional=self.config.enrollment.enabled,
             )
         except TlsConfigError as err:
             raise StartupError(str(err)) from None
