@@ -117,13 +117,18 @@ async def test_invite_enroll_then_a_verified_session(tmp_path: Path) -> None:
         await lab.close()
 
 
+def _settle(fut: asyncio.Future[Exception | None], err: Exception | None) -> None:
+    if not fut.done():
+        fut.set_result(err)
+
+
 async def _certless_answer(port: int) -> tuple[bytes, Exception | None]:
     conn: TlsConnection = await connect(
         "127.0.0.1", port, enrollment_client_context(None), server_hostname="gw.test", timeout=5
     )
     got: list[bytes] = []
     ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-    conn.set_receiver(got.append, lambda e: ended.done() or ended.set_result(e))
+    conn.set_receiver(got.append, lambda e: _settle(ended, e))
     reason = await asyncio.wait_for(ended, 5)
     return b"".join(got), reason
 
@@ -156,7 +161,7 @@ async def test_foreign_certificate_still_refused_in_the_handshake(tmp_path: Path
         ctx = client_context(ca=lab.world.ca_path, cert=cert, key=key)
         conn = await connect("127.0.0.1", port, ctx, server_hostname="gw.test", timeout=5)
         ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        conn.set_receiver(lambda _d: None, lambda e: ended.done() or ended.set_result(e))
+        conn.set_receiver(lambda _d: None, lambda e: _settle(ended, e))
         reason = await asyncio.wait_for(ended, 5)
         assert isinstance(reason, TlsAlertReceived) and reason.alert == "unknown_ca"
         assert lab.world.gateway.enrollment.counts == {}
