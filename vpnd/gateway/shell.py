@@ -37,6 +37,7 @@ from vpnd.gateway.effects import (
     SendConfig,
     Supersede,
 )
+from vpnd.gateway.enrollment import EnrollmentHandler
 from vpnd.gateway.inventory_view import InventoryView
 from vpnd.gateway.kernel_sync import KernelQueue
 from vpnd.gateway.peer_state import PeerState
@@ -137,6 +138,9 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
         """Renewal signing and inventory writes (``vpnd.gateway.renewals``), if enabled."""
+        self.enrollment: EnrollmentHandler | None = None
+        """Set when ``enrollment.enabled``: connections without a client certificate go
+        there (and only there); without it they are refused like any unverified peer."""
 
     # ---- what the core owns, as the daemon, control bridge and tests read it ----------
 
@@ -209,6 +213,8 @@ class Gateway:
     async def stop(self, reason: str = "gateway shutting down") -> None:
         """Tell every peer, then remove everything we added to the kernel."""
         self.core.stopping = True
+        if self.enrollment is not None:
+            await self.enrollment.close()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -234,9 +240,14 @@ class Gateway:
         if self.core.stopping:
             stream.close()
             return
+        chain = tuple(stream.peer_chain())
+        if not chain and self.enrollment is not None:
+            # No client certificate (the context allows that only with enrollment on):
+            # enrollment is all this connection can do, never a session.
+            self.enrollment.accept(stream)
+            return
         core = self.core
         remote = fmt_remote(stream.peername)
-        chain = tuple(stream.peer_chain())
         now = self._mono()
         found = core.verify(chain, remote, host_of(stream.peername), wall=self._clock(), now=now)
         if isinstance(found, list):

@@ -40,6 +40,7 @@ from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.issuer import load_issuer
 from vpnd.pki.keys import load_certificate, load_certificates
 from vpnd.service import sdnotify
+from vpnd.service.enrollment_setup import build_enrollment
 from vpnd.service.reload_plan import ReloadPlan, plan_reload
 from vpnd.service.runstate import InstanceLock, InstanceState
 from vpnd.service.startup import (
@@ -206,6 +207,11 @@ class GatewayService:
         if self.lifecycle is not None:
             gateway.lifecycle = self.lifecycle
             gateway.core.inventory = self.lifecycle.view
+        if cfg.enrollment.enabled:
+            gateway.enrollment = build_enrollment(
+                cfg, self.own, trust.roots, wall=self.edges.wall, mono=self.edges.mono
+            )
+            log.info("enrollment on: clients without a certificate may redeem invites")
         if not cfg.policy.rules:
             log.warning(
                 "policy has no rules: verified peers can reach NOTHING (default deny); "
@@ -306,6 +312,8 @@ class GatewayService:
                 crl=crl,
                 key_passphrase=self.passphrase,
                 extra_crls=self._extra_crls() if crl is not None else (),
+                # Certless clients only with enrollment on; routed to it and nowhere else.
+                client_cert_optional=self.config.enrollment.enabled,
             )
             if self.config.renewal.quarantine_grace > 0:
                 # OpenSSL would end an expired peer's handshake before vpnd could
@@ -393,6 +401,7 @@ class GatewayService:
             crl_info=self.crl_info,
             policy_rules=lambda: len(self.config.policy.rules),
             clock=self.edges.wall,
+            poke_inventory=self.lifecycle.poke if self.lifecycle is not None else None,
         )
         if self.nft is not None and cfg.nftables.forward_filter:
             # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.
