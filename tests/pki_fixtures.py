@@ -128,6 +128,7 @@ class TestCA:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         serial: int | None = None,
+        generation: int = 1,
     ) -> Leaf:
         """A certificate in the vpnd profile, via ``issue_certificate``."""
         if addresses is None:
@@ -146,6 +147,7 @@ class TestCA:
             not_before=not_before or NOW - DAY,
             not_after=not_after or NOW + 30 * DAY,
             serial=serial,
+            generation=generation,
         )
         return Leaf(cert=cert, key=leaf_key, chain=[cert, *self.chain_above()])
 

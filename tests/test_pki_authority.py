@@ -51,7 +51,7 @@ def test_create_ca_profile(kind: str, hash_name: str) -> None:
     assert ca.signature_hash_algorithm is not None
     assert ca.signature_hash_algorithm.name == hash_name
     bc = _ext(ca, x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1
     ku = _ext(ca, x509.KeyUsage)
     assert (
         ku.critical

@@ -29,6 +29,7 @@ from vpnd.config import (
     Proto,
     RuleConfig,
 )
+from vpnd.config.schema import IssuerConfig
 from vpnd.service.reload_plan import Apply, ReloadPlan, leaves, plan_reload
 
 PKI = PkiConfig(ca=Path("/etc/vpnd/ca.pem"), cert=Path("/etc/vpnd/me.pem"), key=Path("/k"))
@@ -87,6 +88,15 @@ GATEWAY_TABLE: dict[str, tuple[object, Apply]] = {
     "policy.source": ("/etc/vpnd/policy.yaml", Apply.LIVE),
     "nftables.anti_spoofing": (True, Apply.RESTART),
     "nftables.forward_filter": (False, Apply.RESTART),
+    "pki.issuer": (IssuerConfig(Path("/i.pem"), Path("/i.key"), Path("/i.crl")), Apply.RESTART),
+    "pki.inventory": (Path("/etc/vpnd/inventory.sqlite"), Apply.RESTART),
+    "pki.inventory_poll": (5.0, Apply.RESTART),
+    "renewal.enabled": (True, Apply.RESTART),
+    "renewal.lifetime": (3600.0, Apply.RESTART),
+    "renewal.quarantine_grace": (60.0, Apply.RESTART),
+    "enrollment.enabled": (True, Apply.RESTART),
+    "enrollment.rate": (1.0, Apply.RESTART),
+    "enrollment.burst": (2, Apply.RESTART),
 }
 
 CLIENT_TABLE: dict[str, tuple[object, Apply]] = {
@@ -110,10 +120,19 @@ CLIENT_TABLE: dict[str, tuple[object, Apply]] = {
     "server_name": ("gw2", Apply.LIVE),
     "reconnect.initial_delay": (2.0, Apply.LIVE),
     "reconnect.max_delay": (60.0, Apply.LIVE),
+    "pki.issuer": (IssuerConfig(Path("/i.pem"), Path("/i.key"), Path("/i.crl")), Apply.IGNORED),
+    "pki.inventory": (Path("/x.sqlite"), Apply.IGNORED),
+    "pki.inventory_poll": (5.0, Apply.IGNORED),
+    "renewal.enabled": (False, Apply.RESTART),
+    "renewal.at": (0.5, Apply.RESTART),
 }
 
 # The restart line names the section for these keys.
 REPORTED_AS = {"tun.name": "tun", "tun.mtu": "tun", "tun.offload": "tun",
+               "renewal.enabled": "renewal", "renewal.lifetime": "renewal",
+               "renewal.quarantine_grace": "renewal", "renewal.at": "renewal",
+               "enrollment.enabled": "enrollment", "enrollment.rate": "enrollment",
+               "enrollment.burst": "enrollment",
                "nftables.anti_spoofing": "nftables", "nftables.forward_filter": "nftables",
                "metrics.listen": "metrics"}  # fmt: skip
 HANDSHAKE_NOTE = (

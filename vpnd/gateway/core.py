@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from vpnd.config import PolicyConfig
@@ -35,12 +36,23 @@ from vpnd.gateway.effects import (
     AddSources,
     Audit,
     Close,
+    Drain,
     Effect,
     Log,
+    Quarantine,
     Refuse,
     RemoveRoute,
     RemoveSources,
     SendConfig,
+    Supersede,
+)
+from vpnd.gateway.inventory_view import (
+    InventoryView,
+    Standing,
+    effective_groups,
+    generation_of,
+    refusal,
+    to_supersede,
 )
 from vpnd.gateway.peer_state import PeerState
 from vpnd.pki import TrustStore, check_revocation, verify_peer
@@ -79,6 +91,12 @@ class GatewaySettings:
     down (0: never); see ``vpnd.policy.takeover``."""
     holddown_window: float = 60.0
     holddown_hold: float = 600.0
+    quarantine_grace: float = 0.0
+    """Seconds after expiry a not-revoked, not-superseded peer may connect only to renew."""
+    quarantine_seconds: float = 60.0
+    """How long a quarantined session may stay to renew."""
+    drain_seconds: float = 1.0
+    """How long a renewed peer's old session is still read after the takeover."""
 
 
 P = TypeVar("P", bound=PeerState)
@@ -128,6 +146,9 @@ class GatewayCore(Generic[P]):
             settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
         )
         self._refusal_log = LogBudget(10, self.notes)
+        self.inventory: InventoryView | None = None
+        """The CA inventory as last read (None: the gateway runs without one)."""
+        self._quarantine_next: tuple[str, int] | None = None
         self.datapath: DataPath[P] = DataPath(
             self.table, self.firewall, self.drops, self.notes, tun_vnet=tun_vnet
         )
@@ -154,21 +175,57 @@ class GatewayCore(Generic[P]):
             # Revocation data is missing or unusable: fail closed for new peers.
             err = VerifyError(Reason.CRL_MISSING, self.trust_error)
             return self._refuse_unverified(chain, remote, host, err, now)
+        when = dt.datetime.fromtimestamp(wall, dt.UTC)
+        self._quarantine_next = None
         try:
-            return verify_peer(
-                chain, now=dt.datetime.fromtimestamp(wall, dt.UTC), role=Role.PEER, trust=self.trust
-            )
+            identity = verify_peer(chain, now=when, role=Role.PEER, trust=self.trust)
         except VerifyError as err:
-            return self._refuse_unverified(chain, remote, host, err, now)
+            quarantined = self._quarantine_identity(chain, err, when)
+            if quarantined is None:
+                return self._refuse_unverified(chain, remote, host, err, now)
+            identity = quarantined
+        if self.inventory is not None:
+            refused = refusal(identity, self.inventory, when)
+            if refused is not None:
+                self._quarantine_next = None
+                why = VerifyError(refused.reason, refused.detail)
+                return self._refuse_unverified(chain, remote, host, why, now)
+        return identity
+
+    def _quarantine_identity(
+        self, chain: tuple[bytes, ...], err: VerifyError, when: dt.datetime
+    ) -> PeerIdentity | None:
+        """An expired certificate within the grace window: verified as of just before
+        its expiry, and against today's CRLs; None if it does not qualify."""
+        grace = self.settings.quarantine_grace
+        if err.reason is not Reason.EXPIRED or grace <= 0 or not chain:
+            return None
+        try:
+            not_after = x509.load_der_x509_certificate(chain[0]).not_valid_after_utc
+        except ValueError:
+            return None
+        if not not_after < when <= not_after + dt.timedelta(seconds=grace):
+            return None
+        try:
+            ident = verify_peer(
+                chain, now=not_after - dt.timedelta(seconds=1), role=Role.PEER, trust=self.trust
+            )
+            check_revocation(ident, self.trust, now=when)  # today's CRLs, fresh, or refused
+        except VerifyError:
+            return None
+        self._quarantine_next = (ident.issuer, ident.serial)
+        return ident
 
     def _refuse_unverified(
         self, chain: tuple[bytes, ...], remote: str, host: str, err: VerifyError, now: float
     ) -> list[Effect]:
         self.handshakes[f"refused_{err.reason.value}"] += 1
         out: list[Effect] = []
-        if self._refusal_log.allow(host, now):
+        copy = err.reason is Reason.POSSIBLE_COPY
+        if copy or self._refusal_log.allow(host, now):  # every copy is audited
             found = presented(chain[0] if chain else None)
-            fields = {"event": "auth_refused", "remote": remote, "reason": err.reason.value}
+            event = "possible_copy" if copy else "auth_refused"
+            fields = {"event": event, "remote": remote, "reason": err.reason.value}
             out.append(Audit(WARNING, f"refused {remote}{who(found)}: {err}", {**fields, **found}))
         # The handshake already succeeded, so no TLS alert can carry our reason: a
         # CLOSE frame does, and the client prints it.
@@ -198,16 +255,40 @@ class GatewayCore(Generic[P]):
     def add(self, peer: P) -> list[Effect]:
         """A verified peer's session started; it holds nothing until its HELLO."""
         ident = peer.identity
-        peer.view = PeerView(ident.name, ident.groups)
         self.peers[peer.key] = peer
+        if self._quarantine_next == (ident.issuer, ident.serial):
+            self._quarantine_next = None
+            return self._quarantine(peer)
+        peer.view = PeerView(ident.name, effective_groups(ident, self.inventory))
         addrs = ", ".join(str(a) for a in ident.addresses)
         return [Log(INFO, f"authenticated serial {ident.serial_hex}, addresses {addrs}", peer.key)]
+
+    def _quarantine(self, peer: P) -> list[Effect]:
+        ident = peer.identity
+        peer.quarantined = True
+        peer.view = PeerView(ident.name, frozenset())
+        self.totals["quarantines"] += 1
+        expired = ident.not_after.isoformat()
+        fields = {"event": "quarantine_admitted", "expired": expired, **self._fields(peer)}
+        return [
+            Audit(
+                WARNING,
+                f"quarantined {ident.name}: certificate expired {expired}; admitted only to renew",
+                fields,
+            )
+        ]
 
     # ---- admission -------------------------------------------------------------------
 
     def hello(self, peer: P, *, offload: bool, now: float) -> list[Effect]:
         """The peer's HELLO arrived: admit it (addresses, routes, CONFIG) or close it."""
         ident = peer.identity
+        if peer.quarantined:
+            # No CONFIG, no addresses, no routes: the session may only renew.
+            return [
+                Log(INFO, "quarantined: expired certificate, admitted only to renew", peer.key),
+                Quarantine(peer.key, self.settings.quarantine_seconds),
+            ]
         networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
         s = self.settings
         why = outside_overlay(networks[: len(ident.addresses)], s.overlay_networks)
@@ -250,13 +331,10 @@ class GatewayCore(Generic[P]):
             # The same peer (name, CA) with another certificate: a renewal. The newer
             # certificate takes over without a gap; an older one (a stale copy, maybe a
             # leaked one) never evicts the newer.
-            old = self._by_name.get((ident.issuer, ident.name))
-            # Newer means issued later, not valid longer: a lost laptop's long-lived
-            # certificate must not beat the fresh one issued to replace it.
-            if old is not None and (ident.not_before, ident.serial) < (
-                old.identity.not_before,
-                old.identity.serial,
-            ):
+            old = self._by_name.get((anchor_of(ident), ident.name))
+            # Newer means a later generation, then issued later, not valid longer: a lost
+            # laptop's long-lived certificate must not beat the one issued to replace it.
+            if old is not None and _age(ident) < _age(old.identity):
                 msg = "a newer certificate of this peer is already connected"
                 out.append(Close(peer.key, CloseCode.ADDRESS_CONFLICT, msg))
             return old
@@ -333,13 +411,20 @@ class GatewayCore(Generic[P]):
             Audit(INFO, f"{ident.name} replaced by a {why}", {**fields, **self._fields(peer)})
         )
         out.extend(RemoveRoute(n) for n in old.identity.routes if n not in ident.routes)
-        out.append(Close(old.key, CloseCode.REPLACED, f"replaced by a {why}"))
+        if renewal:
+            # Make-before-break: what the old session still carries is delivered.
+            old.successor = peer
+            msg = f"replaced by a {why}"
+            out.append(Drain(old.key, self.settings.drain_seconds, CloseCode.REPLACED, msg))
+        else:
+            out.append(Close(old.key, CloseCode.REPLACED, f"replaced by a {why}"))
 
     def _accept(self, peer: P, networks: list[IPNetwork], offload: bool, out: list[Effect]) -> None:
         ident = peer.identity
         peer.admitted = True
         self._by_cert[(ident.issuer, ident.serial)] = peer
-        self._by_name[(ident.issuer, ident.name)] = peer
+        self._by_name[(anchor_of(ident), ident.name)] = peer
+        self._first_use(peer, out)
         peer.offload = self.tun_vnet and offload
         self.handshakes["accepted"] += 1
         out.extend(AddRoute(peer.key, n) for n in ident.routes)
@@ -371,7 +456,7 @@ class GatewayCore(Generic[P]):
         cert_key = (ident.issuer, ident.serial)
         if self._by_cert.get(cert_key) is peer:
             del self._by_cert[cert_key]
-        name_key = (ident.issuer, ident.name)
+        name_key = (anchor_of(ident), ident.name)
         if self._by_name.get(name_key) is peer:
             del self._by_name[name_key]
         if not peer.admitted:
@@ -439,6 +524,60 @@ class GatewayCore(Generic[P]):
                 out.append(Close(peer.key, code, err.detail))
         return closed, out
 
+    def _first_use(self, peer: P, out: list[Effect]) -> None:
+        """A renewed certificate's first admission supersedes the name's older ones, here
+        at once and (through the effect) in the inventory and the issuer's CRL."""
+        ident = peer.identity
+        older = to_supersede(ident, self.inventory)
+        if not older or self.inventory is None:
+            return
+        view = self.inventory
+        standing = view.names[ident.name]
+        names = {**view.names, ident.name: _without_older(standing)}
+        self.inventory = InventoryView(
+            names=names, superseded=view.superseded | older, revoked=view.revoked, stamp=view.stamp
+        )
+        out.append(Supersede(ident.name, ident.serial, older))
+
+    def apply_inventory(self, view: InventoryView, *, now: float) -> list[Effect]:
+        """Adopt a fresh read of the inventory: cut revoked and superseded sessions, and
+        cap every live peer's groups by its record, re-judging tracked flows at once."""
+        self.inventory = view
+        out: list[Effect] = []
+        regroup = False
+        for peer in list(self.peers.values()):
+            ident = peer.identity
+            if peer.successor is not None:
+                continue  # draining after its own renewal
+            cut = ident.serial in view.revoked or ident.serial in view.superseded
+            if cut:
+                revoked = ident.serial in view.revoked
+                why = "certificate revoked" if revoked else "certificate superseded by a renewal"
+                fields = {"event": "inventory_close", "detail": why, **self._fields(peer)}
+                out.append(Audit(WARNING, f"closing {ident.name}: {why}", fields))
+                code = CloseCode.REVOKED if revoked else CloseCode.REPLACED
+                out.append(Close(peer.key, code, why))
+                continue
+            if peer.quarantined:
+                continue
+            groups = effective_groups(ident, view)
+            if groups != peer.view.groups:
+                before = sorted(peer.view.groups)
+                peer.view = PeerView(ident.name, groups)
+                regroup = True
+                fields = {"event": "groups_changed", "before": before, "after": sorted(groups)}
+                msg = f"{ident.name}: groups now {', '.join(sorted(groups)) or '(none)'}"
+                out.append(Audit(INFO, msg, {**fields, **self._fields(peer)}))
+        if regroup:
+            cut_flows = self.apply_policy(self.policy, now=now)
+            if cut_flows:
+                out.append(Log(INFO, f"group change: {cut_flows} tracked flows cut"))
+        return out
+
+    def sessions_of(self, name: str) -> list[P]:
+        """The live (not draining) sessions of ``name``."""
+        return [p for p in self.peers.values() if p.identity.name == name and p.successor is None]
+
     def refuse_new_peers(self, reason: str) -> list[Effect]:
         """Revocation data became unusable: fail closed for new peers until fixed."""
         changed = self.trust_error != reason
@@ -468,6 +607,27 @@ class GatewayCore(Generic[P]):
 
     def _fields(self, peer: PeerState) -> dict[str, object]:
         return peer_fields(peer.identity, peer.remote)
+
+
+def anchor_of(ident: PeerIdentity) -> str:
+    """The root a peer's chain ends at (by name): a renewal signed by the online issuer
+    is the same peer as the root-signed certificate it replaces."""
+    if ident.chain_serials:
+        return ident.chain_serials[-1][0]
+    return ident.issuer
+
+
+def _age(ident: PeerIdentity) -> tuple[int, dt.datetime, int]:
+    return (generation_of(ident), ident.not_before, ident.serial)
+
+
+def _without_older(standing: Standing) -> Standing:
+    return Standing(
+        groups=standing.groups,
+        generation=standing.generation,
+        current_serial=standing.current_serial,
+        current_not_after=standing.current_not_after,
+    )
 
 
 def _root_set(trust: TrustStore) -> set[bytes]:

@@ -74,7 +74,8 @@ class DataPath(Generic[P]):
                 drops[Drop.NOT_IP] += 1
                 continue
             src, dst = addrs
-            if lookup(src) is not peer:
+            owner = lookup(src)
+            if owner is not peer and (owner is None or owner is not peer.successor):
                 drops[Drop.SPOOFED_SOURCE] += 1
                 continue
             other = lookup(dst)

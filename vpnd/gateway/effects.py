@@ -82,6 +82,46 @@ class Log:
     key: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A renewal took the peer's addresses over: keep accepting what the old session
+    still delivers for ``seconds`` (packets already in flight), then close it."""
+
+    key: int
+    seconds: float
+    code: CloseCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Admit an expired peer only to renew: no CONFIG, no route, no packets."""
+
+    key: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Supersede:
+    """A renewed certificate was used: mark the name's older serials superseded in the
+    inventory and publish them in the issuer's CRL."""
+
+    name: str
+    serial: int
+    older: frozenset[int]
+
+
 Effect = (
-    SendConfig | Close | Refuse | AddRoute | RemoveRoute | AddSources | RemoveSources | Audit | Log
+    SendConfig
+    | Close
+    | Refuse
+    | AddRoute
+    | RemoveRoute
+    | AddSources
+    | RemoveSources
+    | Audit
+    | Log
+    | Drain
+    | Quarantine
+    | Supersede
 )

@@ -39,6 +39,11 @@ class PeerState:
     """Packets charged to this peer in the current loop turn (``charge_turn``)."""
     turn_yields: int = 0
     """How often this peer's budget ran out and the other peers were served first."""
+    quarantined: bool = False
+    """Admitted with an expired certificate, only to renew: no addresses, no packets."""
+    successor: PeerState | None = field(default=None, repr=False)
+    """The renewed session that took this one's addresses over while it drains: packets
+    it still delivers with those sources are the same peer's, not spoofed."""
 
     def __hash__(self) -> int:
         return self.key

@@ -27,13 +27,17 @@ from vpnd.gateway.effects import (
     AddSources,
     Audit,
     Close,
+    Drain,
     Effect,
     Log,
+    Quarantine,
     Refuse,
     RemoveRoute,
     RemoveSources,
     SendConfig,
+    Supersede,
 )
+from vpnd.gateway.inventory_view import InventoryView
 from vpnd.gateway.kernel_sync import KernelQueue
 from vpnd.gateway.peer_state import PeerState
 from vpnd.net.errors import NetError, TunError
@@ -49,11 +53,14 @@ from vpnd.proto import (
     ConfigReceived,
     Event,
     HelloReceived,
+    LocalProtocolError,
     PacketsReceived,
+    RenewalRequested,
     Session,
     SessionClosed,
     SessionConfig,
 )
+from vpnd.proto.renewal_frames import RefusalCode
 from vpnd.telemetry.logsetup import PeerLogger
 from vpnd.transport.alerts import describe_client_abort
 from vpnd.transport.driver import SessionDriver
@@ -78,6 +85,16 @@ class Peer(PeerState):
     """Over budget: delivery paused until the next loop turn."""
     backlog: deque[tuple[Sequence[bytes | memoryview], bool]] = field(default_factory=deque)
     """Decoded packets held over to the next turn, oldest first (bounded by one read slice)."""
+
+
+class Lifecycle(Protocol):
+    """What the shell hands certificate-lifecycle work to (blocking work, off the loop)."""
+
+    renewal: bool
+
+    def supersede(self, effect: Supersede) -> None: ...
+
+    def renew(self, peer: Peer, request_id: int, csr_der: bytes) -> None: ...
 
 
 class TunWriter(Protocol):
@@ -118,6 +135,8 @@ class Gateway:
         self._routes_added: list[IPNetwork] = []
         self._reader_installed = False
         self._ticker: asyncio.Task[None] | None = None
+        self.lifecycle: Lifecycle | None = None
+        """Renewal signing and inventory writes (``vpnd.gateway.renewals``), if enabled."""
 
     # ---- what the core owns, as the daemon, control bridge and tests read it ----------
 
@@ -262,13 +281,14 @@ class Gateway:
             log=plog,
         )
         self._apply(core.add(peer))
-        # A certificate that expires while connected is cut at notAfter (wall time,
-        # re-anchored on the monotonic timer at every tick): a timer, not polling.
-        driver.set_expiry(
-            identity.not_after.timestamp(),
-            CloseCode.CERT_EXPIRED,
-            identity.not_after.isoformat(),
-        )
+        if not peer.quarantined:  # a quarantined session has its own, short deadline
+            # A certificate that expires while connected is cut at notAfter (wall time,
+            # re-anchored on the monotonic timer at every tick): a timer, not polling.
+            driver.set_expiry(
+                identity.not_after.timestamp(),
+                CloseCode.CERT_EXPIRED,
+                identity.not_after.isoformat(),
+            )
         driver.start()
 
     def on_refused(self, peername: Peername | None, err: TlsHandshakeError) -> None:
@@ -295,11 +315,39 @@ class Gateway:
                 hello = peer.driver.session.peer_hello
                 offload = hello is not None and hello.offload
                 self._apply(self.core.hello(peer, offload=offload, now=self._mono()))
+            case RenewalRequested(request_id=request_id, csr_der=csr_der):
+                self._renewal_requested(peer, request_id, csr_der)
             case ConfigReceived():
                 pass  # the session rejects CONFIG sent to a gateway
             case SessionClosed(code=code, message=message, by_peer=by_peer):
                 who = "peer" if by_peer else "gateway"
                 peer.log.info("session closed by %s: %s %s", who, _code_name(code), message)
+
+    def _renewal_requested(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
+        if self.lifecycle is None or not self.lifecycle.renewal:
+            session = peer.driver.session
+            msg = "renewal is not enabled on this gateway: ask your admin"
+            session.refuse_renewal(request_id, RefusalCode.NOT_ENABLED, msg, self._mono())
+            return
+        self.lifecycle.renew(peer, request_id, csr_der)
+
+    def renew_hint(self, name: str, reason: str) -> int:
+        """Ask every live session of ``name`` to renew now; returns how many were asked."""
+        asked = 0
+        for peer in self.core.sessions_of(name):
+            session = peer.driver.session
+            if session.closed or not (peer.admitted or peer.quarantined):
+                continue
+            try:
+                session.send_renew_hint(reason, self._mono())
+            except LocalProtocolError:
+                continue  # still setting up (CONFIG not sent yet): it renews on its own
+            peer.driver.flush()
+            asked += 1
+        return asked
+
+    def apply_inventory(self, view: InventoryView) -> None:
+        self._apply(self.core.apply_inventory(view, now=self._mono()))
 
     # ---- operations ------------------------------------------------------------------
 
@@ -365,10 +413,27 @@ class Gateway:
                     _close_now(stream, code, message, self._mono())
                 case SendConfig():
                     self._send_config(effect, later=False)
+                case Drain() | Quarantine() | Supersede():
+                    self._lifecycle_effect(effect)
                 case _:
                     self._kernel_effect(effect)
         if self.core.notes:  # a log budget's summary line, from any event
             self._take_notes()
+
+    def _lifecycle_effect(self, effect: Drain | Quarantine | Supersede) -> None:
+        peers = self.core.peers
+        match effect:
+            case Drain(key=key, seconds=seconds, code=code, message=message):
+                if (peer := peers.get(key)) is not None:
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(seconds, peer.driver.close, code, message)
+            case Quarantine(key=key, seconds=seconds):
+                if (peer := peers.get(key)) is not None:
+                    now = self._mono()
+                    peer.driver.session.quarantine(now, now + seconds)
+            case Supersede():
+                if self.lifecycle is not None:
+                    self.lifecycle.supersede(effect)
 
     def _kernel_effect(self, effect: Effect) -> None:
         match effect:

@@ -124,9 +124,12 @@ class TrustWatcher:
         clock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         allow_rollback: bool = False,
+        extra_crls: tuple[Path, ...] = (),
     ) -> None:
         self.ca = ca
         self.crl = crl
+        self.extra_crls = extra_crls
+        """CRLs the gateway itself writes (the online issuer's), watched like crl."""
         self.allow_stale = allow_stale
         self._make_context = make_context
         self._on_trust = on_trust
@@ -136,7 +139,7 @@ class TrustWatcher:
         self.allow_rollback = allow_rollback
         self.rollback_refused: str | None = None
         """Why the CRL on disk was last refused as older than the one in use, or None."""
-        self._files = FileWatch(lambda: (self.ca, self.crl))
+        self._files = FileWatch(lambda: (self.ca, self.crl, *self.extra_crls))
         self.trust: TrustStore | None = None
         self.context: ssl.SSLContext | None = None
         self.crl_state: CrlState | None = None
@@ -147,7 +150,7 @@ class TrustWatcher:
     def load(self) -> TrustStore:
         """First load at start-up: raises PkiError (the daemon refuses to start)."""
         self._files.mark()
-        trust = load_trust_store(self.ca, self.crl, allow_stale_crl=self.allow_stale)
+        trust = self._load()
         self.numbers.load()
         rollbacks = self._rollbacks(trust)
         if rollbacks and not self.allow_rollback:
@@ -160,6 +163,11 @@ class TrustWatcher:
         self.numbers.record(crl_numbers(trust.roots, trust.crls))  # PkiError: no start
         self._adopt(trust)
         return trust
+
+    def _load(self) -> TrustStore:
+        return load_trust_store(
+            self.ca, self.crl, allow_stale_crl=self.allow_stale, extra_crls=self.extra_crls
+        )
 
     def _rollbacks(self, trust: TrustStore) -> list[CrlRollback]:
         return crl_rollbacks(crl_numbers(trust.roots, trust.crls), self.numbers.highest)
@@ -238,7 +246,7 @@ class TrustWatcher:
     def reload(self) -> list[str]:
         """Re-read CA + CRL now (file change, `vpnctl reload`, SIGHUP)."""
         try:
-            trust = load_trust_store(self.ca, self.crl, allow_stale_crl=self.allow_stale)
+            trust = self._load()
         except PkiError as err:
             self.broken = str(err)
             log.error("revocation data unusable (%s): refusing new peers until fixed", err)

@@ -13,6 +13,7 @@ from vpnd.pki.authority import (
 )
 from vpnd.pki.crl import REASONS, RevokedEntry, build_crl, crl_number, crl_pem, load_crls
 from vpnd.pki.identity import (
+    OID_GENERATION,
     OID_PEER_ATTRIBUTES,
     IPAddress,
     IPNetwork,
@@ -44,6 +45,7 @@ from vpnd.pki.profile import (
     decode_peer_attributes,
     describe_certificate,
     encode_peer_attributes,
+    generation_of,
     peer_attributes_of,
 )
 from vpnd.pki.verify import (
@@ -58,6 +60,7 @@ from vpnd.pki.verify import (
 __all__ = [
     "KEY_TYPES_CA",
     "KEY_TYPES_LEAF",
+    "OID_GENERATION",
     "OID_PEER_ATTRIBUTES",
     "REASONS",
     "CertificateInfo",
@@ -91,6 +94,7 @@ __all__ = [
     "encode_peer_attributes",
     "fingerprint",
     "generate_key",
+    "generation_of",
     "issue_certificate",
     "key_type",
     "load_certificate",

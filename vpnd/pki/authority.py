@@ -26,7 +26,13 @@ from vpnd.pki.keys import (
     public_key_of,
 )
 from vpnd.pki.names import canonical_dns_name, canonical_group, canonical_name
-from vpnd.pki.profile import PEER_ATTRIBUTES_OID, PeerAttributes, encode_peer_attributes
+from vpnd.pki.profile import (
+    GENERATION_OID,
+    PEER_ATTRIBUTES_OID,
+    PeerAttributes,
+    encode_generation,
+    encode_peer_attributes,
+)
 
 MAX_SERIAL = (1 << 159) - 1
 MAX_ADDRESSES = 64
@@ -99,9 +105,12 @@ def create_ca(
     key: PrivateKey,
     not_before: dt.datetime,
     not_after: dt.datetime,
-    path_length: int = 0,
+    path_length: int = 1,
 ) -> x509.Certificate:
-    """A self-signed CA whose name constraints permit exactly the overlay ``networks``."""
+    """A self-signed CA whose name constraints permit exactly the overlay ``networks``.
+
+    Path length 1: room for exactly one issuing CA below it (``vpnctl ca issuer``).
+    """
     cn = canonical_name(name)
     nets = _networks(networks)
     signer = _check_ca_key(key)
@@ -209,10 +218,12 @@ def issue_certificate(
     not_before: dt.datetime,
     not_after: dt.datetime,
     serial: int | None = None,
+    generation: int = 1,
 ) -> x509.Certificate:
     """Issue a peer (clientAuth) or gateway (serverAuth) certificate in the vpnd profile.
 
     Groups are canonicalised, de-duplicated and sorted; routes de-duplicated and sorted.
+    ``generation`` (1 for a first issue, +1 per renewal) goes in the generation extension.
     """
     cn = canonical_name(name)
     check_ca_pair(ca_cert, ca_key)
@@ -230,6 +241,7 @@ def issue_certificate(
             raise PkiError(f"route {route!r} is not an IP network")
     route_nets = tuple(sorted(set(routes), key=lambda n: (n.version, n)))
     extension = encode_peer_attributes(PeerAttributes(groups=group_names, routes=route_nets))
+    generation_der = encode_generation(generation)
     nb, na = _utc(not_before, "not_before"), _utc(not_after, "not_after")
     if na <= nb:
         raise PkiError("not_after must be later than not_before")
@@ -277,6 +289,7 @@ def issue_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key), critical=False)
         .add_extension(aki, critical=False)
         .add_extension(x509.UnrecognizedExtension(PEER_ATTRIBUTES_OID, extension), critical=False)
+        .add_extension(x509.UnrecognizedExtension(GENERATION_OID, generation_der), critical=False)
     )
     return builder.sign(ca_key, signature_hash(ca_key))
 

@@ -20,6 +20,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 OID_ARC = "2.25.164695993948297286981162688541409348429"
 # Non-critical extension carrying a peer's groups and routed subnets.
 OID_PEER_ATTRIBUTES = f"{OID_ARC}.1"
+# Non-critical extension carrying the certificate's generation: a DER INTEGER >= 1 that
+# each renewal increments (absent means 1), so a copy of an older certificate shows.
+OID_GENERATION = f"{OID_ARC}.2"
 
 
 class Role(enum.StrEnum):
@@ -55,6 +58,10 @@ class Reason(enum.StrEnum):
     MALFORMED = "malformed"
     NAME_MISMATCH = "name_mismatch"
     """A gateway certificate does not carry the name the client pinned (server_name)."""
+    SUPERSEDED = "superseded"
+    """A renewal replaced this certificate (inventory / CRL reason superseded)."""
+    POSSIBLE_COPY = "possible_copy"
+    """An older generation than the peer's current, valid certificate: a clone."""
 
 
 class PkiError(Exception):
@@ -97,6 +104,8 @@ class PeerIdentity:
     chain_serials: tuple[tuple[str, int], ...] = ()
     """(issuer, serial) of every non-root cert in the verified chain, leaf first:
     what a live CRL re-check needs to find revoked intermediates."""
+    generation: int = 1
+    """Renewal generation from the generation extension (1 when absent)."""
 
     @property
     def serial_hex(self) -> str:

@@ -14,10 +14,10 @@ from typing import Protocol
 from cryptography import x509
 
 from vpnd.pki.identity import IPAddress, IPNetwork, PkiError, Role
-from vpnd.pki.inventory import CertRecord
+from vpnd.pki.inventory import STATE_ACTIVE, CertRecord, IdentityRecord
 from vpnd.pki.keys import fingerprint
 from vpnd.pki.names import canonical_dns_name, canonical_group
-from vpnd.pki.profile import describe_certificate
+from vpnd.pki.profile import describe_certificate, generation_of
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_PEER_DAYS = 90
@@ -30,6 +30,10 @@ BACKDATE = dt.timedelta(minutes=5)
 
 class NameRecords(Protocol):
     def by_name(self, name: str) -> list[CertRecord]: ...
+
+
+class IdentityRecords(Protocol):
+    def identity(self, name: str) -> IdentityRecord | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,17 @@ def validity(ca_cert: x509.Certificate, now: dt.datetime, days: int) -> Validity
     return Validity(not_before, not_after, tuple(warnings))
 
 
+RENEW_AT = 0.67
+"""Where in its lifetime a client renews (``renewal.at``, the client's default)."""
+
+
+def next_renewal(
+    not_before: dt.datetime, not_after: dt.datetime, at: float = RENEW_AT
+) -> dt.datetime:
+    """When a client renews a certificate: at ``at`` of its lifetime (before its jitter)."""
+    return (not_before + (not_after - not_before) * at).replace(microsecond=0)
+
+
 def positive_days(days: int, what: str) -> None:
     if days <= 0:
         raise PkiError(f"{what} must be at least 1 day, not {days}")
@@ -145,7 +160,9 @@ def refuse_name_collision(
         )
 
 
-def record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
+def record_of(cert: x509.Certificate, *, issued_at: dt.datetime, issuer_fp: str = "") -> CertRecord:
+    """The inventory record of a certificate just issued (``issuer_fp``: the signer's
+    SHA-256 fingerprint)."""
     info = describe_certificate(cert)
     return CertRecord(
         serial=cert.serial_number,
@@ -159,4 +176,32 @@ def record_of(cert: x509.Certificate, *, issued_at: dt.datetime) -> CertRecord:
         not_after=cert.not_valid_after_utc,
         fingerprint=fingerprint(cert),
         issued_at=issued_at,
+        generation=generation_of(cert),
+        issuer_fp=issuer_fp,
+    )
+
+
+def next_generation(store: IdentityRecords, cn: str) -> int:
+    """The generation a fresh certificate of ``cn`` gets: 1 for a new name, else one more
+    than the identity's (a re-issue must never look older than what it replaces)."""
+    current = store.identity(cn)
+    if current is None:
+        return 1
+    # A pending (invited) identity has no certificate yet: its first one is its generation.
+    return current.generation if current.current_serial is None else current.generation + 1
+
+
+def identity_of(record: CertRecord, *, now: dt.datetime) -> IdentityRecord:
+    """The (active) identity a freshly issued certificate stands for."""
+    return IdentityRecord(
+        name=record.name,
+        role=record.role,
+        addresses=record.addresses,
+        groups=record.groups,
+        routes=record.routes,
+        dns_names=record.dns_names,
+        generation=record.generation,
+        current_serial=record.serial,
+        state=STATE_ACTIVE,
+        updated_at=now,
     )

@@ -4,6 +4,8 @@ ca.pem            CA certificate (0644)
 ca.key            CA private key (0600, encrypted when a passphrase is given)
 inventory.sqlite  issued certificates, address leases, revocations, CRL counter
 crl.pem           the current signed CRL (0644)
+issuer.pem        the online issuing CA (``vpnctl ca issuer``), for the gateways (0644)
+issuer.key        its key (0600); copy it to the gateways, it need not stay here
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 INVENTORY = "inventory.sqlite"
 CRL = "crl.pem"
+ISSUER_CERT = "issuer.pem"
+ISSUER_KEY = "issuer.key"
+ISSUER_CRL = "issuer-crl.pem"
 PKI_FILES = (CA_CERT, CA_KEY, INVENTORY, CRL)
 
 

@@ -32,6 +32,9 @@ from vpnd.pki.issue_terms import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
     certificate_terms,
+    identity_of,
+    next_generation,
+    next_renewal,
     positive_days,
     record_of,
     refuse_name_collision,
@@ -351,9 +354,11 @@ class PkiDir:
                 dns_names=terms.dns_names,
                 not_before=window.not_before,
                 not_after=window.not_after,
+                generation=next_generation(inv, cn),
             )
-            record = record_of(cert, issued_at=now)
+            record = record_of(cert, issued_at=now, issuer_fp=fingerprint(ca_cert))
             inv.add(record)
+            inv.put_identity(identity_of(record, now=now))
             files = write(cert)
         return Issued(record=record, certificate=cert, files=files, warnings=window.warnings)
 
@@ -466,8 +471,18 @@ class PkiDir:
         now = self.now()
         with self._inventory() as inv:
             records = inv.all_certificates()
+            current = {i.current_serial for i in inv.identities() if i.current_serial}
         listed = [
-            ListedCertificate(record=r, status=r.status(now), days_left=(r.not_after - now).days)
+            ListedCertificate(
+                record=r,
+                status=r.status(now),
+                days_left=(r.not_after - now).days,
+                renews_at=(
+                    next_renewal(r.not_before, r.not_after)
+                    if r.serial in current and r.is_valid(now)
+                    else None
+                ),
+            )
             for r in records
         ]
         if expiring_within_days is not None:
@@ -484,6 +499,10 @@ class PkiDir:
             yield inv
         finally:
             inv.close()
+
+    def signing_key(self) -> PrivateKey:
+        """The root CA key, decrypted with the passphrase this PkiDir was given."""
+        return self._ca_key()
 
     def _ca_key(self) -> PrivateKey:
         if not self.ca_key_path.exists():

@@ -27,7 +27,13 @@ from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, namedtype, univ
 
 from vpnd.pki.extensions import all_extensions, get_extension_or_none
-from vpnd.pki.identity import OID_PEER_ATTRIBUTES, IPAddress, IPNetwork, PkiError
+from vpnd.pki.identity import (
+    OID_GENERATION,
+    OID_PEER_ATTRIBUTES,
+    IPAddress,
+    IPNetwork,
+    PkiError,
+)
 from vpnd.pki.keys import fingerprint, key_type
 from vpnd.pki.names import canonical_group
 
@@ -37,6 +43,9 @@ MAX_ROUTES = 256
 MAX_EXTENSION_BYTES = 16 * 1024
 
 PEER_ATTRIBUTES_OID = x509.ObjectIdentifier(OID_PEER_ATTRIBUTES)
+GENERATION_OID = x509.ObjectIdentifier(OID_GENERATION)
+# A generation is a renewal counter: 2**62 renewals will not happen, a larger value is abuse.
+MAX_GENERATION = (1 << 62) - 1
 
 
 class _Groups(univ.SequenceOf):  # type: ignore[misc]
@@ -160,6 +169,49 @@ def peer_attributes_of(cert: x509.Certificate) -> PeerAttributes:
     if not isinstance(value, x509.UnrecognizedExtension):
         raise PkiError("peer attributes extension has an unexpected type")
     return decode_peer_attributes(value.value)
+
+
+def encode_generation(generation: int) -> bytes:
+    """DER INTEGER of a generation (1 .. MAX_GENERATION)."""
+    if isinstance(generation, bool) or not isinstance(generation, int):
+        raise PkiError(f"generation must be an integer, not {type(generation).__name__}")
+    if not 1 <= generation <= MAX_GENERATION:
+        raise PkiError(f"generation must be between 1 and {MAX_GENERATION}, not {generation}")
+    return bytes(der_encoder.encode(univ.Integer(generation)))
+
+
+def decode_generation(der: bytes) -> int:
+    """Parse the generation extension value; PkiError unless exact DER of 1..MAX_GENERATION."""
+    if len(der) > 16:
+        raise PkiError(f"generation: {len(der)} bytes is too large")
+    try:
+        value, rest = der_decoder.decode(der, asn1Spec=univ.Integer())
+        number = int(value)
+        exact = bytes(der_encoder.encode(univ.Integer(number))) == bytes(der)
+    except (PyAsn1Error, ValueError, TypeError) as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise PkiError(f"generation: not a valid DER INTEGER ({detail})") from None
+    if rest:
+        raise PkiError(f"generation: {len(rest)} trailing bytes")
+    if not exact:
+        raise PkiError("generation: not DER encoded")
+    if not 1 <= number <= MAX_GENERATION:
+        raise PkiError(f"generation: {number} is out of range (1 to {MAX_GENERATION})")
+    return number
+
+
+def generation_of(cert: x509.Certificate) -> int:
+    """The certificate's generation (1 when the extension is absent); PkiError if bad."""
+    try:
+        ext = all_extensions(cert).get_extension_for_oid(GENERATION_OID)
+    except x509.ExtensionNotFound:
+        return 1
+    if ext.critical:
+        raise PkiError("generation extension must not be critical")
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise PkiError("generation extension has an unexpected type")
+    return decode_generation(value.value)
 
 
 _EKU_NAMES = {

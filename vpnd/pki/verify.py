@@ -43,7 +43,7 @@ from vpnd.pki.identity import (
 )
 from vpnd.pki.keys import fingerprint, load_certificates
 from vpnd.pki.names import canonical_dns_name, canonical_name
-from vpnd.pki.profile import peer_attributes_of
+from vpnd.pki.profile import generation_of, peer_attributes_of
 from vpnd.pki.strength import weak_key, weak_signature
 
 log = logging.getLogger("vpnd.pki")
@@ -81,8 +81,9 @@ class VerifyOptions:
 
     profile: bool = True
     """Apply the vpnd certificate profile on top of path validation and revocation."""
-    max_chain_depth: int | None = None
-    """Passed to cryptography's PolicyBuilder (its default when None)."""
+    max_chain_depth: int | None = 1
+    """Intermediates allowed between leaf and root, passed to cryptography's PolicyBuilder
+    (its default when None). One: the issuing CA of ``vpnctl ca issuer``, nothing deeper."""
     max_sent_certs: int = 8
     """Most certificates a peer may send (leaf + intermediates); more is abuse, not a chain."""
 
@@ -101,6 +102,7 @@ def load_trust_store(
     *,
     allow_stale_crl: bool = False,
     crl_required: bool | None = None,
+    extra_crls: Sequence[str | os.PathLike[str]] = (),
 ) -> TrustStore:
     """Load trusted CA certificates (PEM bundle) and, optionally, their CRLs.
 
@@ -117,6 +119,10 @@ def load_trust_store(
                 f"{ca_path}: certificate {cn or cert.subject.rfc4514_string()!r} is not a CA"
             )
     crls = load_crls(crl_path) if crl_path is not None else []
+    # The online issuer's CRL (written by the gateway): checked against the issuer cert
+    # in each chain, as every intermediate's CRL is.
+    for extra in extra_crls:
+        crls += load_crls(extra)
     for crl in crls:
         issuers = [r for r in roots if r.subject == crl.issuer]
         problems = [crl_problem(crl, r) for r in issuers]
@@ -203,6 +209,7 @@ def _check_profile_leaf(leaf: x509.Certificate, role: Role) -> None:
     _check_leaf_cn(leaf)
     try:
         peer_attributes_of(leaf)
+        generation_of(leaf)
     except PkiError as exc:
         raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
 
@@ -336,6 +343,20 @@ def _addresses_outside(leaf: x509.Certificate, cas: Sequence[x509.Certificate]) 
     return [a for a in _addresses(leaf) if not any(a in n for n in nets)]
 
 
+def _plain_reason(text: str, detail: str) -> VerifyError | None:
+    if "signature does not match" in text:
+        return VerifyError(Reason.BAD_SIGNATURE, detail)
+    if "path length constraint" in text:
+        return VerifyError(
+            Reason.CHAIN_INVALID,
+            f"{detail}: the trusted root allows no CA below it "
+            "(pathlen 0; 'vpnctl ca upgrade' re-signs it with pathlen 1)",
+        )
+    if "no interior errors" in text:
+        return VerifyError(Reason.UNKNOWN_CA, "no trusted CA issued this certificate")
+    return None
+
+
 def _map_library_error(
     message: str,
     *,
@@ -364,10 +385,9 @@ def _map_library_error(
                 Reason.ADDRESS_OUTSIDE_NETWORK, f"address {shown} is outside the CA's networks"
             )
         return VerifyError(Reason.NAME_CONSTRAINTS, detail)
-    if "signature does not match" in text:
-        return VerifyError(Reason.BAD_SIGNATURE, detail)
-    if "no interior errors" in text:
-        return VerifyError(Reason.UNKNOWN_CA, "no trusted CA issued this certificate")
+    simple = _plain_reason(text, detail)
+    if simple is not None:
+        return simple
     if "forbidden public key algorithm" in text or "rsa key is too weak" in text:
         named = [f"{_label(c)}: {p}" for c in candidates if (p := weak_key(c))]
         return VerifyError(Reason.WEAK_KEY, named[0] if named else detail[:200])
@@ -527,6 +547,7 @@ def verify_peer(
     cns = _common_names(leaf)
     try:
         attrs = peer_attributes_of(leaf)
+        generation = generation_of(leaf)
     except PkiError as exc:
         raise VerifyError(Reason.BAD_EXTENSION, str(exc)) from None
     san = _san(leaf)
@@ -546,6 +567,7 @@ def verify_peer(
         chain_serials=tuple(
             (cert.issuer.rfc4514_string(), cert.serial_number) for cert in built[:-1]
         ),
+        generation=generation,
     )
 
 

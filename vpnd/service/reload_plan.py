@@ -14,6 +14,7 @@ import enum
 from collections.abc import Mapping
 
 from vpnd.config import ClientConfig, GatewayConfig, HostPort
+from vpnd.config.schema import IssuerConfig
 
 
 class Apply(enum.Enum):
@@ -91,6 +92,16 @@ GATEWAY_RULES: Mapping[str, Rule] = {
     "policy.conntrack.icmp_timeout": _LIVE,
     "policy.conntrack.max_flows_per_peer": _LIVE,
     "policy.source": _LIVE,
+    # The signer and the inventory watcher are built at start.
+    "pki.issuer": _RESTART,
+    "pki.inventory": _RESTART,
+    "pki.inventory_poll": _RESTART,
+    "renewal.enabled": Rule(Apply.RESTART, "renewal"),
+    "renewal.lifetime": Rule(Apply.RESTART, "renewal"),
+    "renewal.quarantine_grace": Rule(Apply.RESTART, "renewal"),
+    "enrollment.enabled": Rule(Apply.RESTART, "enrollment"),
+    "enrollment.rate": Rule(Apply.RESTART, "enrollment"),
+    "enrollment.burst": Rule(Apply.RESTART, "enrollment"),
     **_COMMON_BOOKKEEPING,
 }
 
@@ -127,6 +138,11 @@ CLIENT_RULES: Mapping[str, Rule] = {
     "limits.max_pending_per_subnet": _IGNORED,
     "limits.peer_queue_bytes": _IGNORED,
     "limits.peer_turn_packets": _IGNORED,
+    "pki.issuer": _IGNORED,
+    "pki.inventory": _IGNORED,
+    "pki.inventory_poll": _IGNORED,
+    "renewal.enabled": Rule(Apply.RESTART, "renewal"),
+    "renewal.at": Rule(Apply.RESTART, "renewal"),
     **_COMMON_BOOKKEEPING,
 }
 
@@ -169,7 +185,10 @@ def leaves(obj: object, prefix: str = "") -> dict[str, object]:
     for fld in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, fld.name)
         key = f"{prefix}{fld.name}"
-        if dataclasses.is_dataclass(value) and not isinstance(value, HostPort | type):
+        # An optional section is one value: its keys exist only when it is set.
+        if dataclasses.is_dataclass(value) and not isinstance(
+            value, HostPort | IssuerConfig | type
+        ):
             out.update(leaves(value, f"{key}."))
         else:
             out[key] = value

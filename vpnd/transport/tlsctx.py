@@ -36,6 +36,7 @@ def server_context(
     key: Path,
     crl: Path | None,
     key_passphrase: bytes | None = None,
+    extra_crls: tuple[Path, ...] = (),
 ) -> ssl.SSLContext:
     """Gateway context: requires a client certificate chaining to ``ca``.
 
@@ -50,6 +51,8 @@ def server_context(
         # cafile=, not cadata=: CPython's cadata loader takes certificates only; the file
         # loader (X509_LOOKUP_file) also reads the CRLs.
         _load_trust(ctx, crl, "CRL")
+        for extra in extra_crls:  # the online issuer's CRL: every level needs one
+            _load_trust(ctx, extra, "CRL")
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     # No session tickets: a resumed session would skip certificate (and CRL) checks.
     ctx.num_tickets = 0
