@@ -1,0 +1,228 @@
+"""The client renews over its live session against the real gateway shell, in process:
+CSR over the tunnel, answer verified, files written, make-before-break, no packet lost."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import random
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from inprocess_fixtures import DAY, REAL_NOW, Node, World, ipv4_packet
+
+from vpnd.client.renewal import Renewer
+from vpnd.config import ClientConfig, parse_config
+from vpnd.gateway.shell import Peer
+from vpnd.pki.authority import issue_certificate
+from vpnd.pki.identity import Role
+from vpnd.pki.keys import load_certificate, load_private_key
+from vpnd.proto import RefusalCode
+
+pytestmark = pytest.mark.looptime
+
+
+class CaSigner:
+    """The gateway's lifecycle, reduced to signing with the test CA (no inventory)."""
+
+    renewal = True
+
+    def __init__(self, w: World, *, refuse: bool = False) -> None:
+        self.w = w
+        self.refuse = refuse
+        self.signed: list[int] = []
+        self.superseded: list[Any] = []
+
+    def supersede(self, effect: Any) -> None:
+        self.superseded.append(effect)
+
+    def renew(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
+        asyncio.get_running_loop().call_soon(self._answer, peer, request_id, csr_der)
+
+    def _answer(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
+        session = peer.driver.session
+        now = asyncio.get_running_loop().time()
+        if self.refuse:
+            session.refuse_renewal(request_id, RefusalCode.UNKNOWN_IDENTITY, "no record", now)
+            peer.driver.pump()
+            return
+        csr = x509.load_der_x509_csr(csr_der)
+        ident = peer.identity
+        # Each renewal is issued a second later than the one before: it takes over.
+        cert = issue_certificate(
+            ca_cert=self.w.ca.cert,
+            ca_key=self.w.ca.key,
+            name=ident.name,
+            public_key=csr.public_key(),  # type: ignore[arg-type]
+            role=Role.PEER,
+            addresses=list(ident.addresses),
+            not_before=REAL_NOW - DAY + dt.timedelta(seconds=len(self.signed) + 1),
+            not_after=REAL_NOW + 7 * DAY,
+        )
+        self.signed.append(cert.serial_number)
+        session.send_renewed(request_id, cert.public_bytes(Encoding.PEM), now)
+        peer.driver.pump()
+
+
+def client_config(tmp: Path, name: str) -> ClientConfig:
+    doc = {
+        "mode": "client",
+        "server": "127.0.0.1:4443",
+        "server_name": "gw.test",
+        "pki": {"ca": "ca.pem", "cert": f"{name}.pem", "key": f"{name}.key"},
+        "tun": {"name": "tun0"},
+        "control_socket": str(tmp / "client.sock"),
+    }
+    cfg = parse_config(doc, source="test", base_dir=tmp, check_files=False)
+    assert isinstance(cfg, ClientConfig)
+    return cfg
+
+
+def renewer_for(w: World, node: Node, cfg: ClientConfig) -> Renewer:
+    client = node.client
+
+    async def adopt(rotate: bool) -> bool:
+        return await client.rotate() if rotate else False
+
+    return Renewer(
+        client,
+        config=lambda: cfg,
+        own=lambda: load_certificate(cfg.pki.cert),
+        trust=lambda: client.trust,
+        passphrase=lambda: None,
+        adopt=adopt,
+        wall=REAL_NOW.timestamp,
+        rng=random.Random(7),
+    )
+
+
+async def test_twenty_renewals_under_pings_lose_nothing(tmp_path: Path) -> None:
+    """Every packet sent either way across 20 switches arrives, on one TUN that never
+    goes down. The memory pipe delivers in order within a loop turn, so this catches
+    packets the client's switch drops (a TUN left paused, a session closed with data
+    queued, a reconnect); the TCP-level race between two real connections is what the
+    netns test measures."""
+    w = World(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    signer = CaSigner(w)
+    w.gateway.lifecycle = signer
+    try:
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        tun = alice.tun[0]
+        sent_up: list[bytes] = []
+        sent_down: list[bytes] = []
+        stop = asyncio.Event()
+
+        async def pinger() -> None:
+            # A packet each way on every loop turn (not every 10 ms: under looptime the
+            # switch takes no loop time, so only this puts packets in flight across it).
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                up = ipv4_packet("10.8.0.2", "192.168.50.10", b"up%06d" % seq)
+                down = ipv4_packet("192.168.50.10", "10.8.0.2", b"dn%06d" % seq, 7, 40000)
+                tun.inject(up)
+                sent_up.append(up)
+                if seq > 1:  # the first one opens the flow the replies belong to
+                    w.gw_tun.inject(down)
+                    sent_down.append(down)
+                await asyncio.sleep(0)
+
+        for _ in range(20):
+            stop.clear()
+            task = asyncio.create_task(pinger())
+            assert await renewer.renew_now() is not None, renewer.last_error
+            stop.set()
+            await task
+            await asyncio.sleep(0.05)
+        await w.until(lambda: set(sent_up) <= set(w.gw_tun.written), "every packet up arrived")
+        await w.until(lambda: set(sent_down) <= set(tun.written), "every packet down arrived")
+        assert len(sent_up) >= 20 * 10
+        assert renewer.renewals == 20 and renewer.failures == 0
+        # One TUN all along, never closed, never a disconnect.
+        assert len(alice.tun) == 1 and not tun.closed
+        assert alice.client.last_outcome is None
+        owner = w.gateway.table.lookup(ipaddress.ip_address("10.8.0.2"))
+        assert owner is not None and owner.identity.serial == signer.signed[-1]
+        await w.until(lambda: w.gateway is not None and len(w.gateway.peers) == 1, "old gone")
+        # What is on disk is the last certificate, with its key, the key 0600.
+        cert = load_certificate(tmp_path / "alice.pem")
+        key = load_private_key(tmp_path / "alice.key")
+        assert cert.serial_number == signer.signed[-1]
+        assert cert.public_key() == key.public_key()
+        assert stat.S_IMODE((tmp_path / "alice.key").stat().st_mode) == 0o600
+        status = renewer.status()
+        assert status.renewals == 20 and status.state == "scheduled"
+        assert status.not_after.startswith(str((REAL_NOW + 7 * DAY).date()))
+    finally:
+        await w.close()
+
+
+async def test_a_refused_renewal_is_one_line_backs_off_and_keeps_the_tunnel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    w.gateway.lifecycle = CaSigner(w, refuse=True)
+    try:
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        before = (tmp_path / "alice.pem").read_bytes()
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        assert await renewer.renew_now() is None
+        assert renewer.last_error == (
+            "the gateway refused the renewal (unknown_identity): no record"
+        )
+        assert renewer.state == "backoff" and renewer.failures == 1
+        assert renewer.schedule().failures == 1
+        failed = [r for r in caplog.records if "certificate renewal failed" in r.getMessage()]
+        assert len(failed) == 1 and failed[0].exc_info is None
+        assert (tmp_path / "alice.pem").read_bytes() == before
+        assert alice.client.connected.is_set() and alice.client.last_outcome is None
+    finally:
+        await w.close()
+
+
+async def test_without_renewal_on_the_gateway_the_client_is_told_not_enabled(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    try:
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        assert await renewer.renew_now() is None
+        assert renewer.last_error is not None and "(not_enabled)" in renewer.last_error
+    finally:
+        await w.close()
+
+
+async def test_a_renew_hint_starts_a_renewal_at_once(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    signer = CaSigner(w)
+    w.gateway.lifecycle = signer
+    try:
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        runner = asyncio.create_task(renewer.run())
+        await asyncio.sleep(1)
+        assert renewer.state == "scheduled" and not signer.signed  # not due for weeks
+        assert w.gateway.renew_hint("alice", "groups changed") == 1
+        await w.until(lambda: renewer.renewals == 1, "renewed on the hint")
+        assert len(signer.signed) == 1
+        runner.cancel()
+    finally:
+        await w.close()
