@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pki_fixtures import DAY, NOW, make_ca
 
+from vpnd.client.control import ClientControl
 from vpnd.client.renewal import (
     RenewalError,
     common_name,
@@ -12,6 +13,8 @@ from vpnd.client.renewal import (
     refusal_line,
     verify_renewed,
 )
+from vpnd.control.protocol import ControlError, ErrorCode
+from vpnd.control.results import ReloadReport, RenewalStatus
 from vpnd.pki.keys import certificate_pem, generate_key
 from vpnd.proto import RefusalCode, RenewalRefused
 
@@ -110,3 +113,71 @@ def test_refusal_lines_name_the_code() -> None:
 
 def test_common_name_of_our_certificate() -> None:
     assert common_name(make_ca().issue("alice").cert) == "alice"
+
+
+class FakeRenewer:
+    def __init__(self, result: object | None, error: str | None = None) -> None:
+        self.result = result
+        self.last_error = error
+        self.calls = 0
+
+    def status(self) -> RenewalStatus:
+        return RenewalStatus(
+            enabled=True, state="scheduled", cert_age_s=1.0, not_after="x", generation=None,
+            next_renewal="now", renewals=0, failures=0, last_error=None, last_renewed=None,
+            quarantined=False,
+        )  # fmt: skip
+
+    async def renew_now(self) -> object | None:
+        self.calls += 1
+        return self.result
+
+
+class NoClient:
+    gateway = None
+    connected_since = None
+    drops: dict[str, int] = {}
+
+    def counters(self) -> None:
+        return None
+
+
+def _control(renewer: FakeRenewer | None) -> ClientControl:
+    ca = make_ca()
+    leaf = ca.issue("alice")
+
+    async def reload() -> ReloadReport:
+        return ReloadReport()
+
+    return ClientControl(
+        NoClient(),
+        started_at=NOW.timestamp(),
+        server="gw:443",
+        tun="tun0",
+        own_cert=lambda: leaf.cert,
+        ca_cert=ca.cert,
+        reload=reload,
+        clock=NOW.timestamp,
+        renewer=renewer,
+    )
+
+
+async def test_renew_command_reports_the_certificate_now_in_use() -> None:
+    renewer = FakeRenewer(object())
+    control = _control(renewer)
+    result = await control.renew()
+    assert result.renewed and renewer.calls == 1
+    assert result.serial == f"{control._own_cert().serial_number:x}"
+    status = await control.status()
+    assert status.renewal is not None and status.renewal.next_renewal == "now"
+
+
+async def test_renew_command_failure_is_one_line() -> None:
+    control = _control(FakeRenewer(None, "the gateway refused the renewal (revoked): no"))
+    with pytest.raises(ControlError) as info:
+        await control.renew()
+    assert info.value.code is ErrorCode.BUSY
+    assert "refused the renewal (revoked)" in info.value.message
+    with pytest.raises(ControlError, match="no renewer"):
+        await _control(None).renew()
+    assert (await _control(None).status()).renewal is None

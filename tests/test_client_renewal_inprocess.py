@@ -226,3 +226,43 @@ async def test_a_renew_hint_starts_a_renewal_at_once(tmp_path: Path) -> None:
         runner.cancel()
     finally:
         await w.close()
+
+
+class GraceWorld(World):
+    """A gateway that admits a recently expired peer, only to renew."""
+
+    def gateway_settings(self, *args: Any, **kwargs: Any) -> Any:
+        import dataclasses
+
+        base = super().gateway_settings(*args, **kwargs)
+        return dataclasses.replace(base, quarantine_grace=86400.0, quarantine_seconds=30.0)
+
+
+async def test_an_expired_peer_renews_in_quarantine_then_connects_normally(
+    tmp_path: Path,
+) -> None:
+    w = GraceWorld(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    signer = CaSigner(w)
+    w.gateway.lifecycle = signer
+    try:
+        expired = w.ca.issue(
+            "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - 8 * DAY,
+            not_after=REAL_NOW - dt.timedelta(hours=1),
+        )  # fmt: skip
+        alice = w.start_client("alice", leaf=expired)
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        runner = asyncio.create_task(renewer.run())
+        await asyncio.wait_for(alice.client.connected.wait(), 10)
+        assert renewer.renewals == 1 and len(signer.signed) == 1
+        assert not alice.client.quarantined
+        # The second connection is the normal one, with the renewed certificate.
+        assert len(alice.streams) == 2 and len(alice.tun) == 1
+        owner = w.gateway.table.lookup(ipaddress.ip_address("10.8.0.2"))
+        assert owner is not None and owner.identity.serial == signer.signed[0]
+        assert load_certificate(tmp_path / "alice.pem").serial_number == signer.signed[0]
+        assert w.gateway.core.totals["quarantines"] == 1
+        runner.cancel()
+    finally:
+        await w.close()
