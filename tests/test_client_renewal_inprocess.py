@@ -166,6 +166,69 @@ async def test_twenty_renewals_under_pings_lose_nothing(tmp_path: Path) -> None:
         await w.close()
 
 
+@pytest.mark.looptime(False)  # real sockets: their I/O takes real time
+async def test_twenty_renewals_over_real_tls_lose_no_ping_at_10ms(tmp_path: Path) -> None:
+    """Two real TCP connections per switch, so packets are in flight on the old one
+    while the new one takes over: a 10 ms ping each way, plus a packet each way on
+    every loop turn, must lose nothing."""
+    w = World(tmp_path, tls=True)
+    await w.start_gateway()
+    assert w.gateway is not None
+    signer = CaSigner(w)
+    w.gateway.lifecycle = signer
+    try:
+        alice = w.start_client("alice")
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"))
+        tun = alice.tun[0]
+        sent_up: list[bytes] = []
+        sent_down: list[bytes] = []
+        stop = asyncio.Event()
+
+        async def pinger() -> None:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                up = ipv4_packet("10.8.0.2", "192.168.50.10", b"up%06d" % seq)
+                down = ipv4_packet("192.168.50.10", "10.8.0.2", b"dn%06d" % seq, 7, 40000)
+                tun.inject(up)
+                sent_up.append(up)
+                if seq > 1:
+                    w.gw_tun.inject(down)
+                    sent_down.append(down)
+                await asyncio.sleep(0.01)
+
+        async def flood() -> None:
+            # Around each switch, a packet each way on every loop turn as well.
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                up = ipv4_packet("10.8.0.2", "192.168.50.10", b"fu%06d" % seq)
+                down = ipv4_packet("192.168.50.10", "10.8.0.2", b"fd%06d" % seq, 7, 40000)
+                tun.inject(up)
+                w.gw_tun.inject(down)
+                sent_up.append(up)
+                sent_down.append(down)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(pinger())
+        # The first ping up opens the flow the packets down are replies in.
+        await w.until(lambda: sent_up and sent_up[0] in w.gw_tun.written, "flow open")
+        flooding = asyncio.create_task(flood())
+        for _ in range(20):
+            assert await renewer.renew_now() is not None, renewer.last_error
+            await asyncio.sleep(0.03)
+        stop.set()
+        await task
+        await flooding
+        await w.until(lambda: set(sent_up) <= set(w.gw_tun.written), "every ping up arrived")
+        await w.until(lambda: set(sent_down) <= set(tun.written), "every ping down arrived")
+        assert renewer.renewals == 20 and len(alice.tun) == 1 and not tun.closed
+        assert alice.client.last_outcome is None
+    finally:
+        await w.close()
+
+
 async def test_a_refused_renewal_is_one_line_backs_off_and_keeps_the_tunnel(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
