@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 import random
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ class CaSigner:
         self.w = w
         self.refuse = refuse
         self.signed: list[int] = []
+        self.requests = 0
         self.superseded: list[Any] = []
 
     def supersede(self, effect: Any) -> None:
         self.superseded.append(effect)
 
     def renew(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
+        self.requests += 1
         asyncio.get_running_loop().call_soon(self._answer, peer, request_id, csr_der)
 
     def _answer(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
@@ -83,7 +86,9 @@ def client_config(tmp: Path, name: str) -> ClientConfig:
     return cfg
 
 
-def renewer_for(w: World, node: Node, cfg: ClientConfig) -> Renewer:
+def renewer_for(
+    w: World, node: Node, cfg: ClientConfig, wall: Callable[[], float] = REAL_NOW.timestamp
+) -> Renewer:
     client = node.client
 
     async def adopt(rotate: bool) -> bool:
@@ -96,7 +101,7 @@ def renewer_for(w: World, node: Node, cfg: ClientConfig) -> Renewer:
         trust=lambda: client.trust,
         passphrase=lambda: None,
         adopt=adopt,
-        wall=REAL_NOW.timestamp,
+        wall=wall,
         rng=random.Random(7),
     )
 
@@ -327,5 +332,46 @@ async def test_an_expired_peer_renews_in_quarantine_then_connects_normally(
         assert load_certificate(tmp_path / "alice.pem").serial_number == signer.signed[0]
         assert w.gateway.core.totals["quarantines"] == 1
         runner.cancel()
+    finally:
+        await w.close()
+
+
+async def test_the_schedule_decides_on_wall_time_and_failures_back_off(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    await w.start_gateway()
+    assert w.gateway is not None
+    signer = CaSigner(w, refuse=True)
+    w.gateway.lifecycle = signer
+    try:
+        leaf = w.ca.issue(
+            "alice", addresses=["10.8.0.2"], not_before=REAL_NOW - DAY,
+            not_after=REAL_NOW + 2 * DAY,
+        )  # fmt: skip
+        alice = w.start_client("alice", leaf=leaf)
+        await asyncio.wait_for(alice.client.connected.wait(), 5)
+        clock = [REAL_NOW.timestamp()]
+        renewer = renewer_for(w, alice, client_config(tmp_path, "alice"), lambda: clock[0])
+        sched = renewer.schedule()
+        start = (REAL_NOW - DAY).timestamp()
+        assert start + 0.62 * 3 * 86400 <= sched.target <= start + 0.72 * 3 * 86400
+        await renewer.look()  # not due: one sleep, nothing sent
+        assert renewer.state == "scheduled" and signer.requests == 0
+        clock[0] = sched.target - 1
+        await renewer.look()
+        assert signer.requests == 0
+        clock[0] = sched.target
+        await renewer.look()  # due: refused, backs off
+        assert signer.requests == 1 and renewer.state == "backoff"
+        retry = sched.next_attempt_wall()
+        assert 5 <= retry - clock[0] <= 10
+        clock[0] = retry - 0.5
+        await renewer.look()
+        assert signer.requests == 1
+        clock[0] = retry
+        signer.refuse = False
+        await renewer.look()  # the retry succeeds
+        assert signer.requests == 2 and renewer.renewals == 1 and renewer.failures == 0
+        # The renewed certificate has its own, later schedule.
+        assert renewer.schedule().target > retry
     finally:
         await w.close()

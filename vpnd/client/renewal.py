@@ -191,7 +191,8 @@ class Renewer:
     def kick(self) -> None:
         """Renew at once (a RENEW_HINT from the gateway, or an operator)."""
         self._hinted = True
-        self.schedule().hint()
+        if self._schedule is not None:
+            self._schedule[2].hint()  # a new schedule starts hinted (see schedule())
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
@@ -207,7 +208,11 @@ class Renewer:
     async def run(self) -> None:
         """Look at the schedule, renew when due, forever (cancel to stop)."""
         while True:
-            await self.look()
+            try:
+                await self.look()
+            except Exception as err:  # a bug here must not end renewal, nor the client
+                log.error("renewal check failed: %s: %s", type(err).__name__, err)
+                await self._sleep(POLL)
 
     async def look(self) -> None:
         """One look: renew if due and a session is up, else sleep until the next look."""
