@@ -209,3 +209,18 @@ def test_a_site_router_without_forwarding_is_warned(
         warn_if_not_forwarding((), ((4, off),))
     (line,) = caplog.messages
     assert "routes 192.168.60.0/24 (site-to-site)" in line and "is 0" in line
+
+
+@pytest.mark.parametrize("at", [0.1, 0.95])
+async def test_renewal_at_the_ends_of_its_range_schedules(site: Site, at: float) -> None:
+    svc = make(site, renewal={"at": at})
+    await svc.startup()
+    assert svc.renewer is not None and svc.own is not None
+    sched = svc.renewer.schedule()
+    nb = svc.own.not_valid_before_utc.timestamp()
+    life = svc.own.not_valid_after_utc.timestamp() - nb
+    assert nb < sched.target < nb + life
+    assert abs((sched.target - nb) / life - at) <= 0.05
+    assert svc.renewer.status().next_renewal not in ("", "now")
+    await svc.shutdown()
+    svc.lock.release()

@@ -42,6 +42,8 @@ POLL = 60.0
 """Longest sleep between looks at the schedule: a stepped wall clock is seen by then."""
 NOT_CONNECTED_POLL = 1.0
 """How often a due renewal looks for a live session."""
+JITTER = 0.05
+"""Spread of the renewal point, a fraction of the lifetime (less near the ends)."""
 MAX_CHAIN = 4
 """Certificates accepted in a RENEW_ISSUED answer (leaf, issuer, and some slack)."""
 
@@ -180,6 +182,7 @@ class Renewer:
                 cert.not_valid_before_utc.timestamp(),
                 cert.not_valid_after_utc.timestamp(),
                 at=at,
+                jitter=min(JITTER, at / 2, (1.0 - at) / 2),
                 rng=self._rng,
             )
             if self._hinted:
