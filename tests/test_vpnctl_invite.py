@@ -89,6 +89,13 @@ def test_name_with_a_certificate_is_refused(pki: Path, tmp_path: Path) -> None:
     assert code == 0, err
     code, _, err = invite("alice", "--server", "gw:1")
     assert code == 1 and "already has a valid certificate" in assert_one_error_line(err)
+    # Once revoked, the name may be invited again; its generation goes on counting.
+    assert run_vpnctl("revoke", "alice")[0] == 0
+    code, _, err = invite("alice", "--server", "gw:1")
+    assert code == 0, err
+    with Inventory.open(pki / "inventory.sqlite") as inv:
+        ident = inv.identity("alice")
+        assert ident is not None and ident.state == "pending" and ident.generation == 2
 
 
 def test_invites_lists_states_without_secrets(pki: Path) -> None:
