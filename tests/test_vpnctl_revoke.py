@@ -181,17 +181,20 @@ def test_list_table_and_json(pki: Path, out: Path) -> None:
     assert lines[0].split() == [
         "NAME",
         "SERIAL",
+        "GEN",
         "ADDRESSES",
         "GROUPS",
         "NOT-AFTER",
         "DAYS",
+        "RENEWS",
         "STATUS",
     ]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["alice"][1] == f"{serial_of(out / 'alice.pem'):x}"
-    assert rows["alice"][2:4] == ["10.8.0.2", "dev"]
+    assert rows["alice"][2:5] == ["1", "10.8.0.2", "dev"]
     assert rows["alice"][-1] == "valid" and rows["bob"][-1] == "revoked"
-    assert rows["gw"][2] == "10.8.0.1"
+    assert rows["bob"][-2] == "-"  # a revoked certificate does not renew
+    assert rows["gw"][3] == "10.8.0.1"
     # Columns are aligned: every STATUS starts at the same offset.
     starts = {line.rindex(line.split()[-1]) for line in lines}
     assert len(starts) == 1
@@ -201,7 +204,8 @@ def test_list_table_and_json(pki: Path, out: Path) -> None:
     keys = {
         "name", "serial", "role", "addresses", "groups", "routes", "dns_names", "not_before",
         "not_after", "days_left", "status", "fingerprint", "issued_at", "revoked_at",
-        "revoke_reason", "delivered",
+        "revoke_reason", "delivered", "generation", "issuer_fp", "superseded_at",
+        "superseded_by", "next_renewal",
     }  # fmt: skip
     assert all(set(d) == keys for d in data)
     by_name = {d["name"]: d for d in data}

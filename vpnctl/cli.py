@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import control_commands, invite_cli, issuer_cli, provision_cli, render
+from vpnctl import control_commands, invite_cli, issuer_cli, lifecycle_cli, provision_cli, render
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.files.passphrase import PassphraseError, read_passphrase
@@ -288,7 +288,7 @@ def _cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(json.dumps([render.listed_json(c) for c in certs], indent=2) + "\n")
     else:
-        out.write(render.list_table(certs))
+        out.write(render.list_table(certs, pki.now()))
     return 0
 
 
@@ -417,6 +417,7 @@ def build_parser() -> CliParser:
 
     control_commands.register(sub)  # status, peers, kick, reload
     provision_cli.register(command, _signing_pki, lambda a: PkiDir(_pki_path(a)))  # enroll, deploy
+    lifecycle_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # update
     invite_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # invite, invites
     return parser
 

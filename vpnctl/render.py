@@ -9,7 +9,17 @@ from vpnd.pki.inventory import CertRecord
 from vpnd.pki.profile import CertificateInfo
 from vpnd.pki.results import ListedCertificate
 
-LIST_COLUMNS = ("NAME", "SERIAL", "ADDRESSES", "GROUPS", "NOT-AFTER", "DAYS", "STATUS")
+LIST_COLUMNS = (
+    "NAME",
+    "SERIAL",
+    "GEN",
+    "ADDRESSES",
+    "GROUPS",
+    "NOT-AFTER",
+    "DAYS",
+    "RENEWS",
+    "STATUS",
+)
 
 
 def day(when: dt.datetime) -> str:
@@ -41,15 +51,24 @@ def fields(pairs: Sequence[tuple[str, str]], indent: str = "  ") -> str:
     return "".join(f"{indent}{k.ljust(width)}  {v}\n" for k, v in pairs)
 
 
-def list_table(certs: Sequence[ListedCertificate]) -> str:
+def _renews(cert: ListedCertificate, now: dt.datetime) -> str:
+    if cert.renews_at is None:
+        return "-"
+    return "due" if cert.renews_at <= now else day(cert.renews_at)
+
+
+def list_table(certs: Sequence[ListedCertificate], now: dt.datetime | None = None) -> str:
+    when = now or dt.datetime.now(dt.UTC)
     rows = [
         (
             c.record.name,
             c.record.serial_hex,
+            str(c.record.generation),
             joined(c.record.addresses),
             ",".join(c.record.groups) or "-",
             day(c.record.not_after),
             str(c.days_left),
+            _renews(c, when),
             c.status,
         )
         for c in certs
@@ -73,11 +92,24 @@ def record_json(record: CertRecord) -> dict[str, object]:
         "revoked_at": None if record.revoked_at is None else record.revoked_at.isoformat(),
         "revoke_reason": record.revoke_reason,
         "delivered": record.delivered,
+        "generation": record.generation,
+        "issuer_fp": record.issuer_fp,
+        "superseded_at": _iso(record.superseded_at),
+        "superseded_by": None if record.superseded_by is None else f"{record.superseded_by:x}",
     }
 
 
+def _iso(when: dt.datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
 def listed_json(cert: ListedCertificate) -> dict[str, object]:
-    return {**record_json(cert.record), "days_left": cert.days_left, "status": cert.status}
+    return {
+        **record_json(cert.record),
+        "days_left": cert.days_left,
+        "status": cert.status,
+        "next_renewal": _iso(cert.renews_at),
+    }
 
 
 def days_phrase(days_left: int) -> str:

@@ -42,6 +42,8 @@ class Command(enum.StrEnum):
     KICK = "kick"
     RELOAD = "reload"
     RENEW = "renew"
+    RENEW_HINT = "renew-hint"
+    """Gateway: send RENEW_HINT to a connected peer (``vpnctl update --now``); args as kick."""
 
 
 class ControlError(Exception):
@@ -145,7 +147,8 @@ def _is_int(value: object) -> bool:
 
 
 def _check_args(cmd: Command, args: Json, rid: int) -> None:
-    allowed = {"name", "reason"} if cmd is Command.KICK else set()
+    named = cmd in (Command.KICK, Command.RENEW_HINT)
+    allowed = {"name", "reason"} if named else set()
     extra = set(args) - allowed
     if extra:
         raise ControlError(
@@ -153,26 +156,28 @@ def _check_args(cmd: Command, args: Json, rid: int) -> None:
             f"{cmd.value} takes no argument {sorted(extra)[0]!r}",
             request_id=rid,
         )
-    if cmd is not Command.KICK:
+    if not named:
         return
     name = args.get("name")
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise ControlError(
             ErrorCode.BAD_REQUEST,
-            f"kick needs 'name': a peer name of 1..{MAX_NAME} characters",
+            f"{cmd.value} needs 'name': a peer name of 1..{MAX_NAME} characters",
             request_id=rid,
         )
     reason = args.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise ControlError(
             ErrorCode.BAD_REQUEST,
-            f"kick 'reason' must be text of at most {MAX_REASON} characters",
+            f"{cmd.value} 'reason' must be text of at most {MAX_REASON} characters",
             request_id=rid,
         )
     # The name and reason reach logs and CLOSE frames: no forged lines.
     if not (name.isprintable() and reason.isprintable()):
         raise ControlError(
-            ErrorCode.BAD_REQUEST, "kick name and reason must be printable text", request_id=rid
+            ErrorCode.BAD_REQUEST,
+            f"{cmd.value} name and reason must be printable text",
+            request_id=rid,
         )
 
 

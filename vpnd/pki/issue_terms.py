@@ -108,6 +108,17 @@ def validity(ca_cert: x509.Certificate, now: dt.datetime, days: int) -> Validity
     return Validity(not_before, not_after, tuple(warnings))
 
 
+RENEW_AT = 0.67
+"""Where in its lifetime a client renews (``renewal.at``, the client's default)."""
+
+
+def next_renewal(
+    not_before: dt.datetime, not_after: dt.datetime, at: float = RENEW_AT
+) -> dt.datetime:
+    """When a client renews a certificate: at ``at`` of its lifetime (before its jitter)."""
+    return (not_before + (not_after - not_before) * at).replace(microsecond=0)
+
+
 def positive_days(days: int, what: str) -> None:
     if days <= 0:
         raise PkiError(f"{what} must be at least 1 day, not {days}")

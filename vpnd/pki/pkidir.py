@@ -34,6 +34,7 @@ from vpnd.pki.issue_terms import (
     certificate_terms,
     identity_of,
     next_generation,
+    next_renewal,
     positive_days,
     record_of,
     refuse_name_collision,
@@ -470,8 +471,18 @@ class PkiDir:
         now = self.now()
         with self._inventory() as inv:
             records = inv.all_certificates()
+            current = {i.current_serial for i in inv.identities() if i.current_serial}
         listed = [
-            ListedCertificate(record=r, status=r.status(now), days_left=(r.not_after - now).days)
+            ListedCertificate(
+                record=r,
+                status=r.status(now),
+                days_left=(r.not_after - now).days,
+                renews_at=(
+                    next_renewal(r.not_before, r.not_after)
+                    if r.serial in current and r.is_valid(now)
+                    else None
+                ),
+            )
             for r in records
         ]
         if expiring_within_days is not None:

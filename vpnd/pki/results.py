@@ -73,6 +73,9 @@ class ListedCertificate:
 
     record: CertRecord
     status: str
-    """``valid``, ``expired`` or ``revoked``."""
+    """``valid``, ``superseded``, ``expired`` or ``revoked``."""
     days_left: int
     """Whole days until not_after (negative once expired)."""
+    renews_at: dt.datetime | None = None
+    """When the client renews it (about 2/3 of its lifetime): only for the valid, current
+    certificate of a name; None for any other."""
