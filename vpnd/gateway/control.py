@@ -81,8 +81,11 @@ class GatewayControl:
         crl_info: Callable[[], CrlSummary | None],
         policy_rules: Callable[[], int],
         clock: Callable[[], float] = time.time,
+        enrollments: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
+        """``enrollments``: the enrollment handler's outcome counts (metrics)."""
         self.gateway = gateway
+        self._enrollments = enrollments
         self.started_at = started_at
         self.listen = listen
         self._reload = reload
@@ -198,4 +201,5 @@ class GatewayControl:
             crl_next_update_seconds=None if crl is None else crl.seconds_left,
             clone_holddowns=totals.get("clone_holddowns", 0),
             firewall=dict(self.gateway.firewall.stats),
+            enrollments=dict(self._enrollments()),
         )

@@ -335,6 +335,10 @@ class GatewayService:
         if self.gateway is not None:
             self.gateway.refuse_new_peers(reason)
 
+    def _enrollment_counts(self) -> dict[str, int]:
+        handler = self.gateway.enrollment if self.gateway is not None else None
+        return dict(handler.counts) if handler is not None else {}
+
     def _on_fatal(self, why: str) -> None:
         self.fatal = why
         self.should_exit.set()
@@ -406,6 +410,7 @@ class GatewayService:
             crl_info=self.crl_info,
             policy_rules=lambda: len(self.config.policy.rules),
             clock=self.edges.wall,
+            enrollments=self._enrollment_counts,
         )
         if self.nft is not None and cfg.nftables.forward_filter:
             # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.
