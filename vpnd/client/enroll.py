@@ -41,6 +41,7 @@ from vpnd.pki.enrollment_token import EnrollmentToken, ca_pin
 from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import PkiError
 from vpnd.pki.keys import PrivateKey, certificate_pem, generate_key, private_key_pem
+from vpnd.pki.profile import describe_certificate
 from vpnd.proto.enrollment import (
     REFUSAL_TEXT,
     CaBundle,
@@ -275,9 +276,10 @@ def _store(
         raise EnrollError(f"enrolled, but cannot write the files: {err}") from None
     except OSError as err:
         raise EnrollError(f"cannot create {directory}: {err.strerror or err}") from None
+    # Name and serial as the certificate says, not as the message does.
     return Enrolled(
-        name=msg.name,
-        serial=msg.serial,
+        name=describe_certificate(leaf).name,
+        serial=f"{leaf.serial_number:x}",
         not_after=leaf.not_valid_after_utc,
         files=tuple(paths),
         config=paths[3],
