@@ -112,9 +112,11 @@ def test_invites_lists_states_without_secrets(pki: Path) -> None:
     assert "used" in next(li for li in lines if "alice" in li)
     assert "1f" in next(li for li in lines if "alice" in li)
     assert "pending" in next(li for li in lines if "bob" in li)
+    assert "10.8.0.3" in next(li for li in lines if "bob" in li)
     code, out, _ = run_vpnctl("invites", "--json")
     rows = json.loads(out)
     assert {r["state"] for r in rows} == {"used", "pending"}
+    assert {tuple(r["addresses"]) for r in rows} == {("10.8.0.2",), ("10.8.0.3",)}
     for t in tokens:
         assert t.secret not in out
     assert "secret" not in out and "hash" not in out
