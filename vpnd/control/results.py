@@ -141,6 +141,8 @@ class PeerInfo(ResultShape):
     drops: dict[str, int]
     cert_not_after: str
     cert_days_left: int
+    generation: int | None = None
+    """The certificate's renewal generation (gateways report it; 1 when it has none)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,8 +84,11 @@ class GatewayControl:
         policy_rules: Callable[[], int],
         clock: Callable[[], float] = time.time,
         poke_inventory: Callable[[], None] | None = None,
+        enrollments: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
+        """``enrollments``: the enrollment handler's outcome counts (metrics)."""
         self.gateway = gateway
+        self._enrollments = enrollments
         self.started_at = started_at
         self.listen = listen
         self._reload = reload
@@ -101,7 +104,12 @@ class GatewayControl:
 
     def _admitted(self) -> list[PeerView]:
         # A copy: the caller may yield to the loop while the gateway changes the dict.
-        return [p for p in list(self.gateway.peers.values()) if p.admitted]
+        # A renewed peer's old session, draining for a second, is not a second peer.
+        return [
+            p
+            for p in list(self.gateway.peers.values())
+            if p.admitted and getattr(p, "successor", None) is None
+        ]
 
     def _drops(self, peers: list[PeerView]) -> dict[str, int]:
         # Gateway-level drops plus those of the peers still connected.
@@ -220,4 +228,5 @@ class GatewayControl:
             crl_next_update_seconds=None if crl is None else crl.seconds_left,
             clone_holddowns=totals.get("clone_holddowns", 0),
             firewall=dict(self.gateway.firewall.stats),
+            enrollments=dict(self._enrollments()),
         )

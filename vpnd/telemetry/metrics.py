@@ -53,6 +53,9 @@ class MetricsSnapshot:
     firewall: Mapping[str, int] = field(default_factory=dict)
     """``Firewall.stats``: ``allowed_<how>`` verdicts, conntrack ``entries``, ``evicted``,
     ``evicted_peer_limit`` and ``expired`` (its ``dropped_*`` are already in ``drops``)."""
+    enrollments: Mapping[str, int] = field(default_factory=dict)
+    """``EnrollmentHandler.counts``: issued, refused_<code>, rate_limited, busy, timeout,
+    bad_request (empty when enrollment is off)."""
 
 
 class SnapshotCollector:
@@ -116,6 +119,7 @@ class SnapshotCollector:
         )
 
         yield from _firewall_metrics(snap.firewall)
+        yield from _enrollment_metrics(snap.enrollments)
 
         if snap.crl_next_update_seconds is not None:
             yield GaugeMetricFamily(
@@ -123,6 +127,17 @@ class SnapshotCollector:
                 "seconds until the CRL's nextUpdate (negative: stale)",
                 value=snap.crl_next_update_seconds,
             )
+
+
+def _enrollment_metrics(counts: Mapping[str, int]) -> Iterator[Metric]:
+    family = CounterMetricFamily(
+        "vpnd_enrollments",
+        "invite enrollment attempts by result (issued, refused_<reason>, rate_limited, ...)",
+        labels=["result"],
+    )
+    for result, count in sorted(counts.items()):
+        family.add_metric([result], count)
+    yield family
 
 
 def _firewall_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:
