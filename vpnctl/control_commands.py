@@ -134,6 +134,12 @@ def status_text(info: StatusInfo) -> str:
         ("crl", crl_line(info.crl)),
         ("policy rules", str(info.policy_rules)),
     ]
+    if info.issuer is not None:
+        pairs.append(("issuer", cert_line(info.issuer)))
+    if info.issuer_warning:
+        pairs.append(("issuer warning", info.issuer_warning))
+    if info.lifecycle is not None:
+        pairs.append(("lifecycle", counts(info.lifecycle)))
     return render.fields(pairs, indent="")
 
 

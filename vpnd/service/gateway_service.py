@@ -411,6 +411,7 @@ class GatewayService:
             policy_rules=lambda: len(self.config.policy.rules),
             clock=self.edges.wall,
             poke_inventory=self.lifecycle.poke if self.lifecycle is not None else None,
+            lifecycle=self.lifecycle,
             enrollments=self._enrollment_counts,
         )
         if self.nft is not None and cfg.nftables.forward_filter:
