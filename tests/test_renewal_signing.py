@@ -373,7 +373,7 @@ def test_csr_for_another_name(world: World) -> None:
 def test_issuer_expired_or_too_close(world: World) -> None:
     alice = world.enroll()
     presented = world.presented(alice.chain)
-    world.issuer = make_issuer(world.root, not_after=NOW + dt.timedelta(seconds=30))
+    world.issuer = make_issuer(world.root, not_after=NOW + dt.timedelta(seconds=5))
     assert refused(world, presented).reason == ISSUER_EXPIRED
     world.issuer = make_issuer(world.root, not_after=NOW + DAY)
     assert refused(world, presented, now=NOW + 2 * DAY).reason == ISSUER_EXPIRED

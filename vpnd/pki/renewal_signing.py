@@ -44,8 +44,9 @@ from vpnd.pki.keys import KEY_TYPES_LEAF, PublicKey, certificate_pem, key_type, 
 
 MAX_CSR_BYTES = 8 * 1024
 """A vpnd CSR (one CN, one key) is a few hundred bytes; more is not a renewal."""
-MIN_LIFETIME_S = 60.0
-"""Shortest certificate worth signing: below it the issuer is about to expire."""
+MIN_LIFETIME_S = 10.0
+"""Shortest certificate worth signing (the config's renewal.lifetime minimum too); a
+renewal capped below it means the issuer is about to expire."""
 CRL_KEEP_EXPIRED = dt.timedelta(days=30)
 """How long an expired revoked/superseded certificate stays listed in the issuer CRL:
 longer than any sane quarantine grace, short enough that the CRL does not grow forever

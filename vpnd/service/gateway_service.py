@@ -93,6 +93,7 @@ def gateway_settings(
         holddown_takeovers=cfg.duplicate_holddown.takeovers,
         holddown_window=cfg.duplicate_holddown.window,
         holddown_hold=cfg.duplicate_holddown.hold,
+        quarantine_grace=cfg.renewal.quarantine_grace if cfg.renewal.enabled else 0.0,
     )
 
 

@@ -145,7 +145,8 @@ def _check_identity(cfg: GatewayConfig | ClientConfig, now: dt.datetime, report:
         report.problems.append(f"pki.ca: {err}")
         return
     if chain:
-        _check_own_certificate(chain, trust, gateway, pki.cert, pki.ca, now, report)
+        when = _renewal_time(cfg, chain[0], now, report)
+        _check_own_certificate(chain, trust, gateway, pki.cert, pki.ca, when, report)
     if report.problems:
         return  # OpenSSL would only repeat them, less clearly
     if _check_tls_context(cfg, passphrase if isinstance(passphrase, bytes) else None, report):
@@ -154,6 +155,24 @@ def _check_identity(cfg: GatewayConfig | ClientConfig, now: dt.datetime, report:
             f"{'gateway' if gateway else 'client'} certificate {_label(leaf)} valid until "
             f"{leaf.not_valid_after_utc.date().isoformat()}, matches its key, chains to pki.ca"
         )
+
+
+def _renewal_time(
+    cfg: GatewayConfig | ClientConfig, leaf: x509.Certificate, now: dt.datetime, report: Report
+) -> dt.datetime:
+    """A client that renews may start with an expired certificate: the gateway then
+    admits it only to renew (quarantine), or refuses it. Check the chain as of its
+    last valid second, and say so."""
+    if not isinstance(cfg, ClientConfig) or not cfg.renewal.enabled:
+        return now
+    not_after = leaf.not_valid_after_utc
+    if now <= not_after:
+        return now
+    report.warnings.append(
+        f"pki.cert: {cfg.pki.cert}: expired at {not_after.isoformat()}: connecting only to "
+        "renew it (the gateway allows that within its quarantine grace, or refuses)"
+    )
+    return not_after - dt.timedelta(seconds=1)
 
 
 def _check_key_pair(
