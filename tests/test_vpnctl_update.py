@@ -250,3 +250,14 @@ def test_list_shows_generation_superseded_and_next_renewal(pki: Path, out: Path)
     assert by_serial[f"{signed.serial:x}"]["generation"] == 2
     assert by_serial[f"{signed.serial:x}"]["issuer_fp"] == issuer.fingerprint
     assert by_serial[f"{signed.serial:x}"]["next_renewal"]
+
+
+def test_renew_hint_request_is_validated_like_kick() -> None:
+    from vpnd.control.protocol import Command, ControlError, decode_request
+
+    req = decode_request(b'{"id": 1, "cmd": "renew-hint", "args": {"name": "alice"}}')
+    assert req.cmd is Command.RENEW_HINT
+    assert req.args == {"name": "alice"}
+    for bad in (b"{}", b'{"name": ""}', b'{"name": "a", "groups": 1}', b'{"name": "a\\nb"}'):
+        with pytest.raises(ControlError):
+            decode_request(b'{"id": 1, "cmd": "renew-hint", "args": ' + bad + b"}")
