@@ -17,6 +17,7 @@ from vpnd.control.results import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewHintResult,
     RenewResult,
     StatusInfo,
 )
@@ -71,6 +72,7 @@ class FakeHandler:
         self.status_info = STATUS
         self.peer_list = [peer("alice", "10.77.0.2"), peer("bob", "10.77.0.3")]
         self.kicked: list[tuple[str, str]] = []
+        self.hinted: list[tuple[str, str]] = []
         self.reload_report = ReloadReport(["policy: 3 rules -> 2 rules"], ["bob"], [])
         self.reload_error: Exception | None = None
         self.status_error: Exception | None = None
@@ -102,6 +104,13 @@ class FakeHandler:
 
     async def renew(self) -> RenewResult:
         return RenewResult(True, "1f", "ab" * 32, "2026-07-01T12:00:00+00:00", "renewed")
+
+    async def renew_hint(self, name: str, reason: str) -> RenewHintResult:
+        sessions = sum(1 for p in self.peer_list if p.name == name)
+        if not sessions:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no connected peer named {name!r}")
+        self.hinted.append((name, reason))
+        return RenewHintResult(name, sessions)
 
 
 class ServerThread:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_config import client, gateway, make_pki, parse, parse_error, with_value
 
-from tests.test_config import client, gateway, make_pki, parse, parse_error, with_value
 from vpnd.config import ClientConfig, GatewayConfig
 from vpnd.config.durations import DurationError, format_duration, parse_duration
 

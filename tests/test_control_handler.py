@@ -58,10 +58,15 @@ class FakeGateway:
     settings: Settings = field(default_factory=Settings)
     totals: Counter[str] = field(default_factory=Counter)
     kicks: list[tuple[str, str]] = field(default_factory=list)
+    hints: list[tuple[str, str]] = field(default_factory=list)
     firewall: FakeFirewall = field(default_factory=lambda: FakeFirewall({"entries": 4}))
 
     def kick(self, name: str, reason: str) -> int:
         self.kicks.append((name, reason))
+        return sum(1 for p in self.peers.values() if p.identity.name == name)
+
+    def renew_hint(self, name: str, reason: str) -> int:
+        self.hints.append((name, reason))
         return sum(1 for p in self.peers.values() if p.identity.name == name)
 
 
@@ -199,6 +204,20 @@ async def test_kick(gateway: FakeGateway) -> None:
         await ctl.kick("mallory", "bye")
     assert info.value.code is ErrorCode.NOT_FOUND
     assert info.value.message == "no connected peer named 'mallory'"
+
+
+async def test_renew_hint_rereads_the_inventory_then_asks_the_peer(gateway: FakeGateway) -> None:
+    ctl = control(gateway)
+    pokes: list[int] = []
+    ctl._poke_inventory = lambda: pokes.append(1)
+    result = await ctl.renew_hint("alice", "")
+    assert (result.name, result.sessions) == ("alice", 2)
+    assert gateway.hints == [("alice", "your certificate's terms changed")]
+    assert pokes == [1]
+    with pytest.raises(ControlError) as info:
+        await ctl.renew_hint("mallory", "")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert "when it next renews" in info.value.message
 
 
 async def test_reload_maps_invalid_config(gateway: FakeGateway) -> None:

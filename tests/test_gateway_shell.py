@@ -149,7 +149,8 @@ async def test_a_reply_during_a_renewals_nft_wait_is_held_and_follows_the_config
         renewed = Session(SessionConfig("client"), 0.0)
         second.on_data(renewed.data_to_send())  # HELLO: the takeover; nft update held
         await nft.entered.wait()
-        assert first.closed or first.take()  # the old session was told it is replaced
+        # Make-before-break: the old session still delivers what it carries, then closes.
+        assert not first.closed
         tun.inject(ipv4_packet("192.168.1.5", "10.8.0.2", b"reply", sport=7, dport=40000))
         gateway._on_tun_readable()  # must not raise: the new session is not configured
         renewed.receive_data(second.take(), 0.0)
@@ -163,6 +164,11 @@ async def test_a_reply_during_a_renewals_nft_wait_is_held_and_follows_the_config
         assert [bytes(p)[-5:] for p in event.packets] == [b"reply"]
         (peer,) = [p for p in gateway.peers.values() if p.admitted]
         assert (peer.packets_out, dict(peer.drops)) == (1, {})
+        for _ in range(40):  # the drain (1 s) ends with REPLACED
+            if first.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert first.closed
     finally:
         await gateway.stop()
 

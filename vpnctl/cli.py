@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import TextIO
 
 from vpnctl import argparsing as types
-from vpnctl import control_commands, issuer_cli, lifecycle_cli, provision_cli, render
+from vpnctl import (
+    control_commands,
+    invite_cli,
+    issuer_cli,
+    lifecycle_cli,
+    provision_cli,
+    render,
+)
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
 from vpnd.files.passphrase import PassphraseError, read_passphrase
@@ -418,6 +425,7 @@ def build_parser() -> CliParser:
     control_commands.register(sub)  # status, peers, kick, reload
     provision_cli.register(command, _signing_pki, lambda a: PkiDir(_pki_path(a)))  # enroll, deploy
     lifecycle_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # update
+    invite_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # invite, invites
     return parser
 
 

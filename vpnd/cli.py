@@ -85,6 +85,26 @@ def build_parser() -> _Parser:
     keygen.add_argument("--out-csr", required=True, metavar="CSR")
     keygen.add_argument("--key-type", choices=KEY_TYPES_LEAF, default=KEY_TYPES_LEAF[0])
     keygen.add_argument("--force", action="store_true", help="overwrite an existing KEY")
+    enroll = sub.add_parser(
+        "enroll",
+        help="enroll this host with an invite token from 'vpnctl invite'",
+        description="Make a private key here (it never leaves), connect to the gateway "
+        "named in TOKEN, check it against the CA pinned in TOKEN (never a system store), "
+        "redeem the invite and write the key (0600), certificate, CA bundle and a ready "
+        "client.yaml into DIR, all together. TOKEN '-' reads it from stdin (keeps it out "
+        "of the process list).",
+    )
+    enroll.add_argument("token", metavar="TOKEN")
+    enroll.add_argument(
+        "--dir", required=True, metavar="DIR", help="where to write, e.g. /etc/vpnd"
+    )
+    enroll.add_argument("--key-type", choices=KEY_TYPES_LEAF, default=KEY_TYPES_LEAF[0])
+    enroll.add_argument(
+        "--force", action="store_true", help="replace an existing enrollment in DIR"
+    )
+    enroll.add_argument(
+        "--timeout", type=float, default=20.0, metavar="S", help="seconds per step (default 20)"
+    )
     cleanup = sub.add_parser(
         "cleanup",
         help="undo what a crashed vpnd left in the kernel (systemd ExecStopPost)",
@@ -122,6 +142,39 @@ def _keygen(args: argparse.Namespace, out: TextIO) -> int:
     )
     out.write(f"wrote {key_path} (0600, {args.key_type}) and {csr_path} for {args.name}\n")
     out.write(f"next: the admin runs 'vpnctl sign {csr_path} --out {args.name}.pem'\n")
+    return 0
+
+
+def _enroll(args: argparse.Namespace, out: TextIO) -> int:
+    # Lazily: keygen and --version need none of the network stack.
+    import asyncio  # noqa: PLC0415
+
+    from vpnd.client.enroll import EnrollError, enroll, tls_dialer  # noqa: PLC0415
+    from vpnd.pki.enrollment_token import parse_token  # noqa: PLC0415
+
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be positive")
+    text = sys.stdin.readline() if args.token == "-" else args.token  # noqa: S105 - "-" = stdin
+    token = parse_token(text)
+    dial = tls_dialer(token, timeout=args.timeout)
+    try:
+        got = asyncio.run(
+            enroll(
+                token,
+                Path(args.dir),
+                dial=dial,
+                key_type=args.key_type,
+                force=args.force,
+                timeout=args.timeout,
+            )
+        )
+    except EnrollError as exc:
+        raise CliError(str(exc)) from None
+    out.write(
+        f"enrolled as {got.name} (serial {got.serial}, valid until "
+        f"{got.not_after:%Y-%m-%d %H:%M}Z); wrote {', '.join(str(p) for p in got.files)}\n"
+    )
+    out.write(f"next: vpnd --config {got.config}   (or enable the vpnd-client service)\n")
     return 0
 
 
@@ -215,6 +268,10 @@ def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.config is not None:
             raise UsageError("--config runs the daemon; it does not go with keygen")
         return _keygen(args, out)
+    if args.command == "enroll":
+        if args.config is not None:
+            raise UsageError("--config runs the daemon; it does not go with enroll")
+        return _enroll(args, out)
     if args.command == "cleanup":
         if args.config is not None and args.cleanup_config is not None:
             raise UsageError("give --config once, after 'cleanup'")

@@ -19,6 +19,7 @@ from vpnd.control.messages import (
     PeerInfo,
     ReloadReport,
     RenewalStatus,
+    RenewHintResult,
     RenewResult,
     StatusInfo,
 )
@@ -131,6 +132,12 @@ class ClientControl:
 
     async def kick(self, name: str, reason: str) -> KickResult:
         raise ControlError(ErrorCode.BAD_REQUEST, "kick is a gateway command; this is a client")
+
+    async def renew_hint(self, name: str, reason: str) -> RenewHintResult:
+        raise ControlError(
+            ErrorCode.BAD_REQUEST,
+            "renew-hint is a gateway command; on this client use: vpnctl renew",
+        )
 
     async def renew(self) -> RenewResult:
         """Renew our certificate over the tunnel now; the answer names the certificate

@@ -144,6 +144,15 @@ class PeerInfo(ResultShape):
 
 
 @dataclass(frozen=True, slots=True)
+class RenewHintResult(ResultShape):
+    WHAT: ClassVar[str] = "renew-hint"
+
+    name: str
+    sessions: int
+    """Live sessions asked to renew now."""
+
+
+@dataclass(frozen=True, slots=True)
 class KickResult(ResultShape):
     WHAT: ClassVar[str] = "kick"
 

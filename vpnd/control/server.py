@@ -33,6 +33,7 @@ from vpnd.control.results import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewHintResult,
     RenewResult,
     StatusInfo,
     peers_to_json,
@@ -51,6 +52,8 @@ class ControlHandler(Protocol):
     async def kick(self, name: str, reason: str) -> KickResult: ...
     async def reload(self) -> ReloadReport: ...
     async def renew(self) -> RenewResult: ...
+
+    async def renew_hint(self, name: str, reason: str) -> RenewHintResult: ...
 
 
 class ControlServerError(Exception):
@@ -223,6 +226,9 @@ class ControlServer:
                     return (await self.handler.reload()).to_json()
             case Command.RENEW:
                 return (await self.handler.renew()).to_json()
+            case Command.RENEW_HINT:
+                name, reason = kick_args(req)
+                return (await self.handler.renew_hint(name, reason)).to_json()
         raise ControlError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {req.cmd!r}")
 
 

@@ -23,6 +23,7 @@ from vpnd.control.messages import (
     KickResult,
     PeerInfo,
     ReloadReport,
+    RenewHintResult,
     RenewResult,
     StatusInfo,
 )
@@ -64,6 +65,7 @@ class GatewayView(Protocol):
     @property
     def firewall(self) -> FirewallView: ...
     def kick(self, name: str, reason: str) -> int: ...
+    def renew_hint(self, name: str, reason: str) -> int: ...
 
 
 class GatewayControl:
@@ -81,6 +83,7 @@ class GatewayControl:
         crl_info: Callable[[], CrlSummary | None],
         policy_rules: Callable[[], int],
         clock: Callable[[], float] = time.time,
+        poke_inventory: Callable[[], None] | None = None,
     ) -> None:
         self.gateway = gateway
         self.started_at = started_at
@@ -91,6 +94,7 @@ class GatewayControl:
         self._crl_info = crl_info
         self._policy_rules = policy_rules
         self._clock = clock
+        self._poke_inventory = poke_inventory
         self.kernel_drops: dict[str, int] = {}
         """vpnd's nftables drop counters by name (``forward_dropped``...), kept fresh by the
         daemon; shown as ``vpnd_drops{reason="nft_<name>"}``."""
@@ -140,6 +144,24 @@ class GatewayControl:
         if closed == 0:
             raise ControlError(ErrorCode.NOT_FOUND, f"no connected peer named {name!r}")
         return KickResult(name, closed)
+
+    async def renew_hint(self, name: str, reason: str) -> RenewHintResult:
+        """``vpnctl update --now``: re-read the inventory, then ask the peer to renew."""
+        if self._poke_inventory is not None:
+            self._poke_inventory()
+        asked = self.gateway.renew_hint(name, reason or "your certificate's terms changed")
+        audit.info(
+            "renew hint to %s: %d session(s)",
+            name,
+            asked,
+            extra={"event": "renew_hint", "peer": name, "sessions": asked},
+        )
+        if asked == 0:
+            raise ControlError(
+                ErrorCode.NOT_FOUND,
+                f"no connected peer named {name!r} (it gets the new terms when it next renews)",
+            )
+        return RenewHintResult(name, asked)
 
     async def reload(self) -> ReloadReport:
         try:

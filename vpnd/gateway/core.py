@@ -275,8 +275,7 @@ class GatewayCore(Generic[P]):
                 WARNING,
                 f"quarantined {ident.name}: certificate expired {expired}; admitted only to renew",
                 fields,
-            ),
-            Quarantine(peer.key, self.settings.quarantine_seconds),
+            )
         ]
 
     # ---- admission -------------------------------------------------------------------
@@ -285,7 +284,11 @@ class GatewayCore(Generic[P]):
         """The peer's HELLO arrived: admit it (addresses, routes, CONFIG) or close it."""
         ident = peer.identity
         if peer.quarantined:
-            return [Log(INFO, "quarantined: no addresses until it renews", peer.key)]
+            # No CONFIG, no addresses, no routes: the session may only renew.
+            return [
+                Log(INFO, "quarantined: expired certificate, admitted only to renew", peer.key),
+                Quarantine(peer.key, self.settings.quarantine_seconds),
+            ]
         networks = [ipaddress.ip_network(a) for a in ident.addresses] + list(ident.routes)
         s = self.settings
         why = outside_overlay(networks[: len(ident.addresses)], s.overlay_networks)

@@ -85,8 +85,7 @@ def possible_copy(
 
 def generation_of(identity: PeerIdentity) -> int:
     """The certificate's renewal generation (1 when it carries none)."""
-    value = getattr(identity, "generation", 1)
-    return value if isinstance(value, int) else 1
+    return identity.generation
 
 
 def effective_groups(identity: PeerIdentity, view: InventoryView | None) -> frozenset[str]:

@@ -37,6 +37,8 @@ from vpnd.gateway.effects import (
     SendConfig,
     Supersede,
 )
+from vpnd.gateway.enrollment import EnrollmentHandler
+from vpnd.gateway.inventory_view import InventoryView
 from vpnd.gateway.kernel_sync import KernelQueue
 from vpnd.gateway.peer_state import PeerState
 from vpnd.net.errors import NetError, TunError
@@ -52,11 +54,14 @@ from vpnd.proto import (
     ConfigReceived,
     Event,
     HelloReceived,
+    LocalProtocolError,
     PacketsReceived,
+    RenewalRequested,
     Session,
     SessionClosed,
     SessionConfig,
 )
+from vpnd.proto.renewal_frames import RefusalCode
 from vpnd.telemetry.logsetup import PeerLogger
 from vpnd.transport.alerts import describe_client_abort
 from vpnd.transport.driver import SessionDriver
@@ -85,6 +90,8 @@ class Peer(PeerState):
 
 class Lifecycle(Protocol):
     """What the shell hands certificate-lifecycle work to (blocking work, off the loop)."""
+
+    renewal: bool
 
     def supersede(self, effect: Supersede) -> None: ...
 
@@ -131,6 +138,9 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
         """Renewal signing and inventory writes (``vpnd.gateway.renewals``), if enabled."""
+        self.enrollment: EnrollmentHandler | None = None
+        """Set when ``enrollment.enabled``: connections without a client certificate go
+        there (and only there); without it they are refused like any unverified peer."""
 
     # ---- what the core owns, as the daemon, control bridge and tests read it ----------
 
@@ -203,6 +213,8 @@ class Gateway:
     async def stop(self, reason: str = "gateway shutting down") -> None:
         """Tell every peer, then remove everything we added to the kernel."""
         self.core.stopping = True
+        if self.enrollment is not None:
+            await self.enrollment.close()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -228,9 +240,14 @@ class Gateway:
         if self.core.stopping:
             stream.close()
             return
+        chain = tuple(stream.peer_chain())
+        if not chain and self.enrollment is not None:
+            # No client certificate (the context allows that only with enrollment on):
+            # enrollment is all this connection can do, never a session.
+            self.enrollment.accept(stream)
+            return
         core = self.core
         remote = fmt_remote(stream.peername)
-        chain = tuple(stream.peer_chain())
         now = self._mono()
         found = core.verify(chain, remote, host_of(stream.peername), wall=self._clock(), now=now)
         if isinstance(found, list):
@@ -275,13 +292,14 @@ class Gateway:
             log=plog,
         )
         self._apply(core.add(peer))
-        # A certificate that expires while connected is cut at notAfter (wall time,
-        # re-anchored on the monotonic timer at every tick): a timer, not polling.
-        driver.set_expiry(
-            identity.not_after.timestamp(),
-            CloseCode.CERT_EXPIRED,
-            identity.not_after.isoformat(),
-        )
+        if not peer.quarantined:  # a quarantined session has its own, short deadline
+            # A certificate that expires while connected is cut at notAfter (wall time,
+            # re-anchored on the monotonic timer at every tick): a timer, not polling.
+            driver.set_expiry(
+                identity.not_after.timestamp(),
+                CloseCode.CERT_EXPIRED,
+                identity.not_after.isoformat(),
+            )
         driver.start()
 
     def on_refused(self, peername: Peername | None, err: TlsHandshakeError) -> None:
@@ -308,11 +326,39 @@ class Gateway:
                 hello = peer.driver.session.peer_hello
                 offload = hello is not None and hello.offload
                 self._apply(self.core.hello(peer, offload=offload, now=self._mono()))
+            case RenewalRequested(request_id=request_id, csr_der=csr_der):
+                self._renewal_requested(peer, request_id, csr_der)
             case ConfigReceived():
                 pass  # the session rejects CONFIG sent to a gateway
             case SessionClosed(code=code, message=message, by_peer=by_peer):
                 who = "peer" if by_peer else "gateway"
                 peer.log.info("session closed by %s: %s %s", who, _code_name(code), message)
+
+    def _renewal_requested(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
+        if self.lifecycle is None or not self.lifecycle.renewal:
+            session = peer.driver.session
+            msg = "renewal is not enabled on this gateway: ask your admin"
+            session.refuse_renewal(request_id, RefusalCode.NOT_ENABLED, msg, self._mono())
+            return
+        self.lifecycle.renew(peer, request_id, csr_der)
+
+    def renew_hint(self, name: str, reason: str) -> int:
+        """Ask every live session of ``name`` to renew now; returns how many were asked."""
+        asked = 0
+        for peer in self.core.sessions_of(name):
+            session = peer.driver.session
+            if session.closed or not (peer.admitted or peer.quarantined):
+                continue
+            try:
+                session.send_renew_hint(reason, self._mono())
+            except LocalProtocolError:
+                continue  # still setting up (CONFIG not sent yet): it renews on its own
+            peer.driver.flush()
+            asked += 1
+        return asked
+
+    def apply_inventory(self, view: InventoryView) -> None:
+        self._apply(self.core.apply_inventory(view, now=self._mono()))
 
     # ---- operations ------------------------------------------------------------------
 

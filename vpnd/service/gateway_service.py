@@ -24,6 +24,8 @@ from vpnd.control.messages import CrlSummary, ReloadReport
 from vpnd.control.server import ControlServer, ControlServerError
 from vpnd.control.summaries import crl_summary
 from vpnd.gateway.control import GatewayControl
+from vpnd.gateway.inventory_view import InventoryView
+from vpnd.gateway.lifecycle import GatewayLifecycle
 from vpnd.gateway.shell import Gateway, GatewaySettings, IPInterface
 from vpnd.gateway.trust_watch import TrustWatcher
 from vpnd.net.errors import NetError
@@ -35,8 +37,10 @@ from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
 from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
-from vpnd.pki.keys import load_certificate
+from vpnd.pki.issuer import load_issuer
+from vpnd.pki.keys import load_certificate, load_certificates
 from vpnd.service import sdnotify
+from vpnd.service.enrollment_setup import build_enrollment
 from vpnd.service.reload_plan import ReloadPlan, plan_reload
 from vpnd.service.runstate import InstanceLock, InstanceState
 from vpnd.service.startup import (
@@ -60,6 +64,9 @@ from vpnd.telemetry.metrics import MetricsError, MetricsExporter
 from vpnd.transport.tlsctx import TlsConfigError, server_context
 
 log = logging.getLogger("vpnd")
+
+NO_CHECK_TIME = ssl.VerifyFlags(0x200000)
+"""OpenSSL's X509_V_FLAG_NO_CHECK_TIME (not exported by Python's ssl)."""
 
 CLOSE_GRACE = 0.05
 """Seconds for the CLOSE frames to reach the wire before the sockets go."""
@@ -150,6 +157,7 @@ class GatewayService:
         self.gateway: Gateway | None = None
         self.control: GatewayControl | None = None
         self.listener: Listener | None = None
+        self.lifecycle: GatewayLifecycle | None = None
         self._undo = contextlib.AsyncExitStack()
         self._stopped = False
 
@@ -174,6 +182,7 @@ class GatewayService:
         cfg = self.config
         self.own = log_own_certificate(cfg, self.edges.now())
         self.passphrase = key_passphrase(cfg.pki.key_passphrase_file)
+        self.lifecycle = self._prepare_lifecycle()
         trust = self._load_trust()
         overlays = overlay_networks(trust)
         ifaces = gateway_interfaces(self.own, overlays)
@@ -195,6 +204,14 @@ class GatewayService:
             mono=self.edges.mono,
             on_fatal=self._on_fatal,
         )
+        if self.lifecycle is not None:
+            gateway.lifecycle = self.lifecycle
+            gateway.core.inventory = self.lifecycle.view
+        if cfg.enrollment.enabled:
+            gateway.enrollment = build_enrollment(
+                cfg, self.own, trust.roots, wall=self.edges.wall, mono=self.edges.mono
+            )
+            log.info("enrollment on: clients without a certificate may redeem invites")
         if not cfg.policy.rules:
             log.warning(
                 "policy has no rules: verified peers can reach NOTHING (default deny); "
@@ -232,6 +249,7 @@ class GatewayService:
             clock=self.edges.wall,
             state_dir=cfg.state_dir,
             allow_rollback=cfg.pki.crl_rollback == CrlRollback.ALLOW,
+            extra_crls=self._extra_crls(),
         )
         try:
             self.trust = self.watcher.load()
@@ -239,14 +257,69 @@ class GatewayService:
             raise StartupError(str(err)) from None
         return self.trust
 
+    def _extra_crls(self) -> tuple[Path, ...]:
+        issuer = self.config.pki.issuer
+        return (issuer.crl,) if issuer is not None and self.lifecycle is not None else ()
+
+    def _prepare_lifecycle(self) -> GatewayLifecycle | None:
+        """The online issuer and the inventory watch, when configured: loaded and
+        checked before anything else starts (PkiError: the gateway does not start)."""
+        cfg = self.config
+        pki = cfg.pki
+        if pki.inventory is None:
+            return None
+        online = cfg.renewal.enabled or cfg.enrollment.enabled
+        issuer = None
+        try:
+            if pki.issuer is not None and online:
+                issuer = load_issuer(
+                    pki.issuer.cert,
+                    pki.issuer.key,
+                    passphrase_file=pki.issuer.key_passphrase_file,
+                    roots=load_certificates(pki.ca),
+                    now=self.edges.now(),
+                )
+            lifecycle = GatewayLifecycle(
+                issuer=issuer,
+                inventory=pki.inventory,
+                issuer_crl=pki.issuer.crl if pki.issuer is not None and issuer else None,
+                lifetime=cfg.renewal.lifetime,
+                renewal=cfg.renewal.enabled,
+                poll=pki.inventory_poll,
+                apply_view=self._on_inventory,
+                wall=self.edges.wall,
+                mono=self.edges.mono,
+                warn_days=pki.expiry_warning_days,
+            )
+            lifecycle.prepare()
+        except PkiError as err:
+            raise StartupError(str(err)) from None
+        return lifecycle
+
+    def _on_inventory(self, view: InventoryView) -> None:
+        if self.gateway is not None:
+            self.gateway.apply_inventory(view)
+
     def _make_context(self, crl: Path | None) -> ssl.SSLContext:
         # Reads the current cert and key each time: a renewed gateway certificate is
         # picked up by reload without dropping a single tunnel.
         pki = self.config.pki
         try:
-            return server_context(
-                ca=pki.ca, cert=pki.cert, key=pki.key, crl=crl, key_passphrase=self.passphrase
+            ctx = server_context(
+                ca=pki.ca,
+                cert=pki.cert,
+                key=pki.key,
+                crl=crl,
+                key_passphrase=self.passphrase,
+                extra_crls=self._extra_crls() if crl is not None else (),
+                # Certless clients only with enrollment on; routed to it and nowhere else.
+                client_cert_optional=self.config.enrollment.enabled,
             )
+            if self.config.renewal.quarantine_grace > 0:
+                # OpenSSL would end an expired peer's handshake before vpnd could
+                # quarantine it; vpnd's own verifier checks every time (and the grace).
+                ctx.verify_flags |= NO_CHECK_TIME
+            return ctx
         except TlsConfigError as err:
             raise StartupError(str(err)) from None
 
@@ -328,6 +401,7 @@ class GatewayService:
             crl_info=self.crl_info,
             policy_rules=lambda: len(self.config.policy.rules),
             clock=self.edges.wall,
+            poke_inventory=self.lifecycle.poke if self.lifecycle is not None else None,
         )
         if self.nft is not None and cfg.nftables.forward_filter:
             # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.
@@ -376,6 +450,9 @@ class GatewayService:
         assert self.watcher is not None and self.control is not None
         self.watcher.start()
         self._undo.push_async_callback(self.watcher.stop)
+        if self.lifecycle is not None:
+            self.lifecycle.start()
+            self._undo.push_async_callback(self.lifecycle.stop)
         expiry = asyncio.create_task(expiry_warnings(lambda: self.config, self.edges))
         self._undo.callback(expiry.cancel)
         if self.edges.signals:

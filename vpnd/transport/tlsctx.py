@@ -37,8 +37,13 @@ def server_context(
     crl: Path | None,
     key_passphrase: bytes | None = None,
     extra_crls: tuple[Path, ...] = (),
+    client_cert_optional: bool = False,
 ) -> ssl.SSLContext:
     """Gateway context: requires a client certificate chaining to ``ca``.
+
+    ``client_cert_optional`` (enrollment on): a client may also send *no* certificate;
+    one it does send is still verified in the handshake exactly as before. The gateway
+    then routes a certless connection to enrollment only, never to a session.
 
     With ``crl``, every certificate in the client's chain must be covered by a CRL of
     its issuer (VERIFY_CRL_CHECK_CHAIN); a CA without a CRL makes OpenSSL refuse with
@@ -56,6 +61,8 @@ def server_context(
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     # No session tickets: a resumed session would skip certificate (and CRL) checks.
     ctx.num_tickets = 0
+    if client_cert_optional:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
 
 
@@ -74,6 +81,29 @@ def client_context(
     _load_chain(ctx, cert, key, key_passphrase)
     _load_trust(ctx, ca, "CA")
     ctx.check_hostname = True
+    return ctx
+
+
+def enrollment_client_context(pinned_ca_pem: bytes | None) -> ssl.SSLContext:
+    """``vpnd enroll``'s context: no client certificate (it has none yet).
+
+    With ``pinned_ca_pem`` (the one CA whose SHA-256 the token pins), the gateway must
+    chain to it, with the serverAuth EKU, checked in the handshake; no system store is
+    ever loaded. Without it, the gateway is *not* verified: only for fetching the CA
+    bundle, whose pin the caller checks before sending anything secret.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    if pinned_ca_pem is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    # Any gateway of the pinned CA may enroll us: the token names an address, not
+    # necessarily a name on the certificate. The client.yaml then pins a name.
+    ctx.check_hostname = False
+    try:
+        ctx.load_verify_locations(cadata=pinned_ca_pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as err:
+        raise TlsConfigError(f"the pinned CA certificate cannot be used: {err}") from None
     return ctx
 
 
