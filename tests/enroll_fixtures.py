@@ -46,6 +46,7 @@ class EnrollLab:
         address: str = "10.77.0.9",
         ttl: dt.timedelta = dt.timedelta(hours=24),
         created: dt.datetime = NOW,
+        generation: int = 1,
     ) -> EnrollmentToken:
         invite_id, secret = new_invite()
         with self.open() as inv, inv.transaction():
@@ -57,7 +58,7 @@ class EnrollLab:
                     groups=groups,
                     routes=(),
                     dns_names=(),
-                    generation=1,
+                    generation=generation,
                     current_serial=None,
                     state="pending",
                     updated_at=created,

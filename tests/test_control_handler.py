@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from cryptography import x509
 from pki_fixtures import DAY, NOW, make_ca
 
 from vpnd.config import ConfigError
@@ -286,3 +288,31 @@ def test_nftables_drop_counters_show_in_metrics(gateway: FakeGateway) -> None:
     drops = ctl.metrics_snapshot().drops
     assert drops["nft_forward_dropped"] == 15 and drops["nft_input_dropped"] == 3
     assert drops["no_route"] == 4  # the userspace reasons are still there
+
+
+class FakeLifecycle:
+    counts: Mapping[str, int] = {"renewals_issued": 3, "renewals_refused": 1, "supersedes": 2}
+
+    def issuer_cert(self) -> x509.Certificate:
+        return CA.cert
+
+    def issuer_warning(self, now: dt.datetime) -> str | None:
+        return "the issuing CA expires soon"
+
+
+async def test_status_and_metrics_show_the_issuer_and_the_lifecycle(gateway: FakeGateway) -> None:
+    ctl = control(gateway)
+    ctl._lifecycle = FakeLifecycle()
+    gateway.totals["quarantines"] = 4
+    info = await ctl.status()
+    assert info.issuer is not None and info.issuer.name == "test-ca"
+    assert info.issuer_warning == "the issuing CA expires soon"
+    assert info.lifecycle == {
+        "renewals_issued": 3,
+        "renewals_refused": 1,
+        "supersedes": 2,
+        "quarantines": 4,
+    }
+    snap = ctl.metrics_snapshot()
+    assert snap.renewals == {"issued": 3, "refused": 1}
+    assert (snap.quarantines, snap.supersedes) == (4, 2)

@@ -272,3 +272,21 @@ async def test_certificate_not_from_pinned_ca_or_not_our_key(
     with pytest.raises(EnrollError, match=expect):
         await enroll(token, tmp_path / "a", dial=rig.dial)
     assert not (tmp_path / "a").exists()
+
+
+async def test_oversized_or_unreadable_ca_bundle_spends_no_invite(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    token = rig.lab.invite()
+    real = rig.handler._ca_pem
+    rig.handler._ca_pem = lambda: b"x" * (64 * 1024)
+    with pytest.raises(EnrollError, match="cannot issue certificates right now"):
+        await enroll(token, tmp_path / "a", dial=rig.dial)
+
+    def unreadable() -> bytes:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    rig.handler._ca_pem = unreadable
+    with pytest.raises(EnrollError, match="cannot issue certificates right now"):
+        await enroll(token, tmp_path / "a", dial=rig.dial)
+    rig.handler._ca_pem = real
+    await enroll(token, tmp_path / "a", dial=rig.dial)  # the invite is still unused

@@ -37,7 +37,9 @@ class Lab:
         self.servers: list[asyncio.Server] = []
         self.port = 0
 
-    def handler(self, ca_pem: bytes | None = None) -> EnrollmentHandler:
+    def handler(
+        self, ca_pem: bytes | None = None, server_name: str = "gw.test"
+    ) -> EnrollmentHandler:
         def redeem(req: EnrollRequest, now: dt.datetime) -> Enrolled:
             with Inventory.open(self.inventory) as inv:
                 return redeem_invite(
@@ -52,7 +54,7 @@ class Lab:
 
         pem = ca_pem or self.world.ca_path.read_bytes()
         return EnrollmentHandler(
-            EnrollmentSettings(server_name="gw.test"), ca_pem=lambda: pem, redeem=redeem
+            EnrollmentSettings(server_name=server_name), ca_pem=lambda: pem, redeem=redeem
         )
 
     async def start(self, *, cert: Path | None = None, key: Path | None = None) -> int:
@@ -193,5 +195,19 @@ async def test_impostor_relaying_the_real_bundle_gets_no_secret(tmp_path: Path) 
         assert "issued" not in handler.counts and not any(
             k.startswith("refused") for k in handler.counts
         )
+    finally:
+        await lab.close()
+
+
+async def test_client_yaml_must_pin_a_name_the_gateway_carries(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    try:
+        port = await lab.start()
+        assert lab.world.gateway is not None
+        lab.world.gateway.enrollment = lab.handler(server_name="elsewhere.test")
+        token = lab.invite("alice", port)
+        with pytest.raises(EnrollError, match="does not carry"):
+            await enroll(token, tmp_path / "l", dial=tls_dialer(token, timeout=5), timeout=5)
+        assert not (tmp_path / "l").exists()
     finally:
         await lab.close()

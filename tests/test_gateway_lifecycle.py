@@ -218,3 +218,22 @@ def test_quarantine_refuses_outside_the_grace_revoked_or_superseded() -> None:
     w.core.inventory = view(superseded=frozenset({recent.cert.serial_number}))
     assert isinstance(try_(w, recent), list)
     assert isinstance(try_(World(trust=ca.trust()), recent), list)  # grace off: refused
+
+
+def test_a_copy_refused_by_openssl_is_still_audited_as_a_possible_copy() -> None:
+    ca = make_ca("corp", networks=["10.8.0.0/24"])
+    copy = ca.issue("alice", addresses=["10.8.0.2"], generation=1)
+    w = World(trust=ca.trust())
+    w.core.inventory = view(
+        superseded=frozenset({copy.cert.serial_number}),
+        alice=standing(current=99, generation=3),
+    )
+    der = copy.cert.public_bytes(Encoding.DER)
+    args = ("198.51.100.9:4000", "198.51.100.9", "certificate_revoked", "revoked", der)
+    (audit,) = w.core.tls_refused(*args, by_peer=False, now=w.now, wall=NOW.timestamp())
+    assert isinstance(audit, Audit) and audit.fields["event"] == "possible_copy"
+    assert "possible copy" in audit.message and audit.fields["peer"] == "alice"
+    # Not a copy: an unrelated refusal is audited as before (and rate-limited).
+    w.core.inventory = view(alice=standing(current=copy.cert.serial_number))
+    (plain,) = w.core.tls_refused(*args, by_peer=False, now=w.now, wall=NOW.timestamp())
+    assert isinstance(plain, Audit) and plain.fields["event"] == "auth_refused"

@@ -162,7 +162,7 @@ async def test_a_reply_during_a_renewals_nft_wait_is_held_and_follows_the_config
         event = renewed.next_event()
         assert isinstance(event, PacketsReceived)
         assert [bytes(p)[-5:] for p in event.packets] == [b"reply"]
-        (peer,) = [p for p in gateway.peers.values() if p.admitted]
+        (peer,) = [p for p in gateway.peers.values() if p.admitted and p.successor is None]
         assert (peer.packets_out, dict(peer.drops)) == (1, {})
         for _ in range(40):  # the drain (1 s) ends with REPLACED
             if first.closed:

@@ -36,6 +36,10 @@ SNAP = MetricsSnapshot(
         "evicted_peer_limit": 6,
         "expired": 9,
     },
+    enrollments={"issued": 3, "refused_used": 1},
+    renewals={"issued": 20, "refused": 2},
+    quarantines=1,
+    supersedes=19,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -108,6 +112,13 @@ async def test_scrape_exposes_every_metric() -> None:
         ("vpnd_conntrack_evicted_total", frozenset({("why", "table_full")})): 1,
         ("vpnd_conntrack_evicted_total", frozenset({("why", "peer_limit")})): 6,
         ("vpnd_conntrack_expired_total", frozenset()): 9,
+        ("vpnd_enrollments_total", frozenset({("result", "issued")})): 3,
+        ("vpnd_enrollments_total", frozenset({("result", "refused_used")})): 1,
+        ("vpnd_renewals_total", frozenset({("result", "issued")})): 20,
+        ("vpnd_renewals_total", frozenset({("result", "refused")})): 2,
+        ("vpnd_renewals_total", frozenset({("result", "failed")})): 0,
+        ("vpnd_quarantines_total", frozenset()): 1,
+        ("vpnd_supersedes_total", frozenset()): 19,
     }
     assert got == expected
 

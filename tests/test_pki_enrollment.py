@@ -14,7 +14,7 @@ from pki_fixtures import NOW
 from vpnd.pki.enrollment import EnrollmentRefused, redeem_invite
 from vpnd.pki.inventory import STATE_ACTIVE
 from vpnd.pki.keys import generate_key
-from vpnd.pki.profile import describe_certificate
+from vpnd.pki.profile import describe_certificate, generation_of
 
 LIFE = 7 * 86400.0
 
@@ -157,3 +157,24 @@ def test_lifetime_capped_by_the_issuer(tmp_path: Path) -> None:
             now=NOW,
         )
     assert got.not_after == lab.issuer.cert.not_valid_after_utc
+
+
+def test_generation_comes_from_the_identity(tmp_path: Path) -> None:
+    lab = make_lab(tmp_path)
+    token = lab.invite("alice", generation=3)
+    with lab.open() as inv:
+        got = redeem_invite(
+            inv,
+            lab.signer,
+            invite_id=token.invite_id,
+            secret=token.secret,
+            csr_der=csr_der(),
+            lifetime_s=LIFE,
+            now=NOW,
+        )
+        ident = inv.identity("alice")
+        rec = inv.get(got.serial)
+    leaf = x509.load_pem_x509_certificates(got.cert_pem)[0]
+    assert generation_of(leaf) == 3
+    assert ident is not None and ident.generation == 3
+    assert rec is not None and rec.generation == 3

@@ -27,6 +27,14 @@ from vpnd.proto.frames import FrameType, encode_frame
 REQ = EnrollRequest("0123456789abcdef", "s" * 43, b"\x30\x82csr-der")
 
 
+@pytest.mark.parametrize(
+    ("invite_id", "secret"), [("abc\ndef", "s"), ("ABCD", "s"), ("ab", "s s"), ("ab", "s\x00")]
+)
+def test_request_fields_limited_to_token_characters(invite_id: str, secret: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        EnrollmentReader("gateway").feed(encode_request(EnrollRequest(invite_id, secret, b"x")))
+
+
 def test_request_round_trip_in_single_bytes() -> None:
     reader = EnrollmentReader("gateway")
     got = []

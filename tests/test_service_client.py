@@ -139,15 +139,30 @@ async def test_a_renewed_certificate_on_disk_is_picked_up_with_its_routes(
     assert running.own == renewed.cert  # the last good one stays
 
 
-async def test_an_expired_own_certificate_stops_the_client_with_a_local_error(
+async def test_an_expired_own_certificate_stops_the_client_when_renewal_is_off(
     site: Site,
 ) -> None:
     later = (REAL + 60 * DAY).timestamp()
-    svc = make(site, FakeEdges(wall=lambda: later))
+    svc = make(site, FakeEdges(wall=lambda: later), renewal={"enabled": False})
     with pytest.raises(LocalError, match="expired at"):
         await svc.run()
     assert edges_of(svc).dials == 0 and edges_of(svc).fake_net.closed
     assert not (site.dir / "client.sock").exists()
+    svc.lock.release()
+
+
+async def test_with_renewal_on_an_expired_certificate_still_dials(site: Site) -> None:
+    # The gateway decides: quarantine to renew, or certificate_expired.
+    later = (REAL + 60 * DAY).timestamp()
+    svc = make(site, FakeEdges(wall=lambda: later))
+    await svc.startup()
+    await edges_of(svc).dialing.wait()
+    assert edges_of(svc).dials == 1
+    assert svc.renewer is not None
+    status = svc.renewer.status()
+    assert status.enabled and status.next_renewal == "now"
+    assert status.cert_age_s > (60 * DAY).total_seconds()
+    await svc.shutdown()
     svc.lock.release()
 
 
@@ -194,3 +209,18 @@ def test_a_site_router_without_forwarding_is_warned(
         warn_if_not_forwarding((), ((4, off),))
     (line,) = caplog.messages
     assert "routes 192.168.60.0/24 (site-to-site)" in line and "is 0" in line
+
+
+@pytest.mark.parametrize("at", [0.1, 0.95])
+async def test_renewal_at_the_ends_of_its_range_schedules(site: Site, at: float) -> None:
+    svc = make(site, renewal={"at": at})
+    await svc.startup()
+    assert svc.renewer is not None and svc.own is not None
+    sched = svc.renewer.schedule()
+    nb = svc.own.not_valid_before_utc.timestamp()
+    life = svc.own.not_valid_after_utc.timestamp() - nb
+    assert nb < sched.target < nb + life
+    assert abs((sched.target - nb) / life - at) <= 0.05
+    assert svc.renewer.status().next_renewal not in ("", "now")
+    await svc.shutdown()
+    svc.lock.release()

@@ -114,12 +114,12 @@ def test_an_unusable_runtime_dir_exits_1(
     assert line.startswith("cannot start: runtime_dir")
 
 
-def test_a_client_whose_certificate_expires_stops_with_a_local_error(
+def test_a_client_whose_certificate_expires_stops_with_a_local_error_without_renewal(
     site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     later = (REAL + 60 * DAY).timestamp()
     use(monkeypatch, FakeEdges(wall=lambda: later))
-    path = site.write(site.client_doc())
+    path = site.write(site.client_doc(renewal={"enabled": False}))
     assert daemon.run(str(path)) == 1
     last = errors(caplog)[-1]
     assert last.startswith("stopping: pki.cert: own certificate") and "a local problem" in last

@@ -13,10 +13,11 @@ import pytest
 from pki_fixtures import DAY
 from service_fixtures import REAL, Site
 
-from vpnd.config import load_config
+from vpnd.config import ClientConfig, load_config
 from vpnd.net.errors import NetError, TunError
 from vpnd.net.fakes import FakeNetConfigurator, FakeTun
 from vpnd.net.tun import LinuxTun
+from vpnd.pki.keys import load_certificate
 from vpnd.service import startup
 from vpnd.service.runstate import InstanceLock, SysctlLedger
 from vpnd.service.startup import Edges, StartupError
@@ -106,6 +107,29 @@ def test_own_certificate_expiring_expired_and_unreadable(
     (site.dir / "gw.pem").write_text("garbage\n")
     with pytest.raises(StartupError, match=r"^pki.cert: "):
         startup.log_own_certificate(cfg, REAL)
+
+
+def test_a_renewing_client_warns_only_when_renewal_is_overdue(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(site.write(site.client_doc()))
+    assert isinstance(cfg, ClientConfig) and cfg.renewal.enabled
+    cert = load_certificate(cfg.pki.cert)
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    life = na - nb
+    with caplog.at_level(logging.WARNING, logger="vpnd"):
+        startup.log_own_certificate(cfg, nb + life * 0.7)  # renewing is due: no noise
+        assert caplog.messages == []
+        startup.log_own_certificate(cfg, nb + life * 0.8)  # past at + 0.1: overdue
+        startup.log_own_certificate(cfg, na + DAY)
+    assert [r.levelname for r in caplog.records] == ["WARNING", "ERROR"]
+    assert "automatic renewal has not succeeded yet" in caplog.messages[0]
+    assert "renewal is on" in caplog.messages[1] and "EXPIRED" in caplog.messages[1]
+    caplog.clear()
+    off = load_config(site.write(site.client_doc(renewal={"enabled": False})))
+    with caplog.at_level(logging.WARNING, logger="vpnd"):
+        startup.log_own_certificate(off, na - DAY)
+    assert "renew it now" in caplog.messages[0]
 
 
 class _Done(Exception):

@@ -89,6 +89,13 @@ def test_name_with_a_certificate_is_refused(pki: Path, tmp_path: Path) -> None:
     assert code == 0, err
     code, _, err = invite("alice", "--server", "gw:1")
     assert code == 1 and "already has a valid certificate" in assert_one_error_line(err)
+    # Once revoked, the name may be invited again; its generation goes on counting.
+    assert run_vpnctl("revoke", "alice")[0] == 0
+    code, _, err = invite("alice", "--server", "gw:1")
+    assert code == 0, err
+    with Inventory.open(pki / "inventory.sqlite") as inv:
+        ident = inv.identity("alice")
+        assert ident is not None and ident.state == "pending" and ident.generation == 2
 
 
 def test_invites_lists_states_without_secrets(pki: Path) -> None:
@@ -105,9 +112,11 @@ def test_invites_lists_states_without_secrets(pki: Path) -> None:
     assert "used" in next(li for li in lines if "alice" in li)
     assert "1f" in next(li for li in lines if "alice" in li)
     assert "pending" in next(li for li in lines if "bob" in li)
+    assert "10.8.0.3" in next(li for li in lines if "bob" in li)
     code, out, _ = run_vpnctl("invites", "--json")
     rows = json.loads(out)
     assert {r["state"] for r in rows} == {"used", "pending"}
+    assert {tuple(r["addresses"]) for r in rows} == {("10.8.0.2",), ("10.8.0.3",)}
     for t in tokens:
         assert t.secret not in out
     assert "secret" not in out and "hash" not in out

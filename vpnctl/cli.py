@@ -26,6 +26,7 @@ from vpnctl import (
     lifecycle_cli,
     provision_cli,
     render,
+    renew_cli,
 )
 from vpnctl.argparsing import CliParser, HelpRequested, UsageError
 from vpnd import __version__
@@ -426,6 +427,7 @@ def build_parser() -> CliParser:
     provision_cli.register(command, _signing_pki, lambda a: PkiDir(_pki_path(a)))  # enroll, deploy
     lifecycle_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # update
     invite_cli.register(command, lambda a: PkiDir(_pki_path(a)))  # invite, invites
+    renew_cli.register(command)  # renew (a client's certificate, now)
     return parser
 
 

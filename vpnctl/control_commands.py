@@ -21,6 +21,7 @@ from vpnd.control.results import (
     CrlSummary,
     PeerInfo,
     ReloadReport,
+    RenewalStatus,
     StatusInfo,
     peers_from_json,
 )
@@ -115,6 +116,8 @@ def status_text(info: StatusInfo) -> str:
             ("certificate", cert_line(info.cert)),
             ("ca", cert_line(info.ca)),
         ]
+        if info.renewal is not None:
+            pairs.extend(renewal_lines(info.renewal))
         return render.fields(pairs, indent="")
     pairs = [
         ("role", info.role),
@@ -131,7 +134,34 @@ def status_text(info: StatusInfo) -> str:
         ("crl", crl_line(info.crl)),
         ("policy rules", str(info.policy_rules)),
     ]
+    if info.issuer is not None:
+        pairs.append(("issuer", cert_line(info.issuer)))
+    if info.issuer_warning:
+        pairs.append(("issuer warning", info.issuer_warning))
+    if info.lifecycle is not None:
+        pairs.append(("lifecycle", counts(info.lifecycle)))
     return render.fields(pairs, indent="")
+
+
+def renewal_lines(r: RenewalStatus) -> list[tuple[str, str]]:
+    """The client's own certificate lifecycle: age, generation, next renewal."""
+    gen = f", generation {r.generation}" if r.generation is not None else ""
+    lines = [
+        ("cert age", f"{duration(max(0.0, r.cert_age_s))}{gen}, valid until {_moment(r.not_after)}")
+    ]
+    if not r.enabled:
+        lines.append(("renewal", "off (renewal.enabled is false)"))
+        return lines
+    nxt = r.next_renewal if r.next_renewal in ("", "now") else _moment(r.next_renewal)
+    state = r.state + (", quarantined: renewing only" if r.quarantined else "")
+    lines.append(("next renewal", f"{nxt or '-'} ({state})"))
+    done = f"{r.renewals} since start"
+    if r.last_renewed:
+        done += f", last {_moment(r.last_renewed)}"
+    lines.append(("renewals", done))
+    if r.last_error:
+        lines.append(("renewal error", f"{r.last_error} ({r.failures} in a row)"))
+    return lines
 
 
 def counts(values: dict[str, int]) -> str:

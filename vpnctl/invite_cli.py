@@ -22,7 +22,7 @@ from vpnctl import argparsing as types
 from vpnctl.argparsing import CliParser, UsageError
 from vpnd.config.durations import DurationError, format_duration, parse_duration
 from vpnd.pki.enrollment_token import TokenError, parse_server
-from vpnd.pki.inventory import Inventory, InviteRecord, serial_hex
+from vpnd.pki.inventory import IdentityRecord, Inventory, InviteRecord, serial_hex
 from vpnd.pki.invites import create_invite, invite_status
 from vpnd.pki.pkidir import PkiDir
 
@@ -148,10 +148,12 @@ def qr_text(token: str) -> str:
     return buf.getvalue()
 
 
-def _row(inv: InviteRecord, now: dt.datetime) -> dict[str, object]:
+def _row(inv: InviteRecord, ident: IdentityRecord | None, now: dt.datetime) -> dict[str, object]:
     return {
         "invite_id": inv.invite_id,
         "name": inv.name,
+        "addresses": [str(a) for a in ident.addresses] if ident else [],
+        "groups": list(ident.groups) if ident else [],
         "state": invite_status(inv, now),
         "server": inv.server,
         "created_at": inv.created_at.isoformat(),
@@ -165,7 +167,8 @@ def _cmd_invites(args: argparse.Namespace, out: TextIO, err: TextIO, pki: PkiFac
     d = pki(args)
     now = d.now()
     with Inventory.open(d.inventory_path) as inv:
-        rows = [_row(i, now) for i in inv.invites()]
+        idents = {i.name: i for i in inv.identities()}
+        rows = [_row(i, idents.get(i.name), now) for i in inv.invites()]
     if args.state:
         rows = [r for r in rows if r["state"] == args.state]
     if args.json:
@@ -175,9 +178,15 @@ def _cmd_invites(args: argparse.Namespace, out: TextIO, err: TextIO, pki: PkiFac
     if not rows:
         err.write("no invites\n")
         return 0
-    out.write(f"{'INVITE':<17} {'NAME':<20} {'STATE':<8} {'EXPIRES/USED':<17} {'SERIAL'}\n")
+    head = f"{'INVITE':<17} {'NAME':<20} {'ADDRESS':<15} {'STATE':<8} {'EXPIRES/USED':<17}"
+    out.write(f"{head} SERIAL\n")
     for r in rows:
         when = str(r["used_at"] or r["expires_at"])[:16].replace("T", " ")
         serial = r["used_serial"] or "-"
-        out.write(f"{r['invite_id']:<17} {r['name']:<20} {r['state']:<8} {when:<17} {serial}\n")
+        listed = r["addresses"]
+        addrs = ",".join(listed) if isinstance(listed, list) and listed else "-"
+        out.write(
+            f"{r['invite_id']:<17} {r['name']:<20} {addrs:<15} {r['state']:<8} {when:<17} "
+            f"{serial}\n"
+        )
     return 0

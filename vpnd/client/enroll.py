@@ -21,6 +21,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from cryptography import x509
@@ -41,6 +42,7 @@ from vpnd.pki.enrollment_token import EnrollmentToken, ca_pin
 from vpnd.pki.file_set import write_together
 from vpnd.pki.identity import PkiError
 from vpnd.pki.keys import PrivateKey, certificate_pem, generate_key, private_key_pem
+from vpnd.pki.profile import describe_certificate
 from vpnd.proto.enrollment import (
     REFUSAL_TEXT,
     CaBundle,
@@ -61,6 +63,7 @@ from vpnd.transport.stream import Stream
 from vpnd.transport.tlsctx import TlsConfigError, enrollment_client_context
 from vpnd.transport.tlsengine import TlsAlertReceived, TlsError, TlsHandshakeError
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT = 20.0
 Dialer = Callable[[bytes | None], Awaitable[Stream]]
 """Opens a certless TLS connection to the gateway: verified against the given pinned CA
@@ -124,11 +127,11 @@ async def enroll(
     pinned = _pinned(bundle, token, where)
     pinned_pem = certificate_pem(pinned)
     request = EnrollRequest(token.invite_id, token.secret, csr)
-    issued = await _guarded(where, _redeem(dial, pinned_pem, request), timeout)
-    return _store(issued, key, pinned, token, directory)
+    issued, gateway_names = await _guarded(where, _redeem(dial, pinned_pem, request), timeout)
+    return _store(issued, key, pinned, token, directory, gateway_names=gateway_names)
 
 
-async def _guarded(where: str, aw: Awaitable[EnrollMessage], timeout: float) -> EnrollMessage:
+async def _guarded(where: str, aw: Awaitable[T], timeout: float) -> T:
     """Network and TLS failures as one line each."""
     try:
         async with asyncio.timeout(timeout):
@@ -172,17 +175,34 @@ async def _fetch_bundle(dial: Dialer) -> EnrollMessage:
         stream.close()
 
 
-async def _redeem(dial: Dialer, pinned_pem: bytes, request: EnrollRequest) -> EnrollMessage:
+async def _redeem(
+    dial: Dialer, pinned_pem: bytes, request: EnrollRequest
+) -> tuple[EnrollMessage, tuple[str, ...] | None]:
+    """The answer, and the DNS names of the (pinned-CA verified) gateway certificate."""
     stream = await dial(pinned_pem)
+    names = _dns_names(stream.peer_chain())
     talk = _Conversation(stream)
     try:
         first = await talk.next()
         if not isinstance(first, CaBundle):
-            return first
+            return first, names
         stream.write(encode_request(request))
-        return await talk.next()
+        return await talk.next(), names
     finally:
         stream.close()
+
+
+def _dns_names(chain: tuple[bytes, ...]) -> tuple[str, ...] | None:
+    """None when the transport shows no chain (an in-memory test pipe)."""
+    if not chain:
+        return None
+    try:
+        san = x509.load_der_x509_certificate(chain[0]).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return ()
+    return tuple(san.value.get_values_for_type(x509.DNSName))
 
 
 class _Conversation:
@@ -248,6 +268,8 @@ def _store(
     pinned: x509.Certificate,
     token: EnrollmentToken,
     directory: Path,
+    *,
+    gateway_names: tuple[str, ...] | None,
 ) -> Enrolled:
     where = token.server
     if not isinstance(msg, EnrollIssued):
@@ -259,7 +281,7 @@ def _store(
         raise EnrollError(f"the gateway at {where} sent an unreadable CA bundle") from None
     if pinned not in bundle:
         raise EnrollError(f"the CA bundle from {where} does not hold the pinned CA")
-    config_text = _check_config(msg.client_yaml, directory, where)
+    config_text = _check_config(msg.client_yaml, directory, where, gateway_names)
     try:
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         paths = [directory / n for n in (KEY_FILE, CERT_FILE, CA_FILE, CONFIG_FILE)]
@@ -275,9 +297,10 @@ def _store(
         raise EnrollError(f"enrolled, but cannot write the files: {err}") from None
     except OSError as err:
         raise EnrollError(f"cannot create {directory}: {err.strerror or err}") from None
+    # Name and serial as the certificate says, not as the message does.
     return Enrolled(
-        name=msg.name,
-        serial=msg.serial,
+        name=describe_certificate(leaf).name,
+        serial=f"{leaf.serial_number:x}",
         not_after=leaf.not_valid_after_utc,
         files=tuple(paths),
         config=paths[3],
@@ -305,8 +328,11 @@ def _check_chain(
     return chain[0]
 
 
-def _check_config(text: str, directory: Path, where: str) -> str:
-    """client.yaml must be a valid client config using exactly the files we write."""
+def _check_config(
+    text: str, directory: Path, where: str, gateway_names: tuple[str, ...] | None
+) -> str:
+    """client.yaml must be a valid client config using exactly the files we write, and
+    pin a name the gateway's certificate really carries."""
     try:
         data = yaml.safe_load(text)
         cfg = parse_config(data, source=CONFIG_FILE, base_dir=directory, check_files=False)
@@ -319,4 +345,9 @@ def _check_config(text: str, directory: Path, where: str) -> str:
     got = (cfg.pki.ca, cfg.pki.cert, cfg.pki.key)
     if tuple(Path(p).absolute() for p in got) != want:
         raise EnrollError(f"the client.yaml from {where} names other key/certificate files")
+    if gateway_names is not None and cfg.server_name not in gateway_names:
+        raise EnrollError(
+            f"the client.yaml from {where} pins server_name {cfg.server_name!r}, which the "
+            "gateway's certificate does not carry"
+        )
     return text

@@ -42,6 +42,8 @@ POLL = 60.0
 """Longest sleep between looks at the schedule: a stepped wall clock is seen by then."""
 NOT_CONNECTED_POLL = 1.0
 """How often a due renewal looks for a live session."""
+JITTER = 0.05
+"""Spread of the renewal point, a fraction of the lifetime (less near the ends)."""
 MAX_CHAIN = 4
 """Certificates accepted in a RENEW_ISSUED answer (leaf, issuer, and some slack)."""
 
@@ -180,6 +182,7 @@ class Renewer:
                 cert.not_valid_before_utc.timestamp(),
                 cert.not_valid_after_utc.timestamp(),
                 at=at,
+                jitter=min(JITTER, at / 2, (1.0 - at) / 2),
                 rng=self._rng,
             )
             if self._hinted:
@@ -191,7 +194,8 @@ class Renewer:
     def kick(self) -> None:
         """Renew at once (a RENEW_HINT from the gateway, or an operator)."""
         self._hinted = True
-        self.schedule().hint()
+        if self._schedule is not None:
+            self._schedule[2].hint()  # a new schedule starts hinted (see schedule())
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
@@ -207,7 +211,11 @@ class Renewer:
     async def run(self) -> None:
         """Look at the schedule, renew when due, forever (cancel to stop)."""
         while True:
-            await self.look()
+            try:
+                await self.look()
+            except Exception as err:  # a bug here must not end renewal, nor the client
+                log.error("renewal check failed: %s: %s", type(err).__name__, err)
+                await self._sleep(POLL)
 
     async def look(self) -> None:
         """One look: renew if due and a session is up, else sleep until the next look."""

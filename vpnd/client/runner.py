@@ -187,11 +187,11 @@ class Client:
         self.last_outcome: Outcome | None = None
         self._driver: SessionDriver | None = None
         self._stop = asyncio.Event()
-        # Set while a rotation onto a renewed certificate runs; resolves to the new
-        # session (driver, its outcome) or None if the rotation failed.
-        self._rotation: (
-            asyncio.Future[tuple[SessionDriver, asyncio.Future[Outcome]] | None] | None
-        ) = None
+        # Resolved when the latest rotation onto a renewed certificate has finished
+        # (either way); pending while one runs.
+        self._rotation: asyncio.Future[None] | None = None
+        # How the live session (``_driver``) ends; a rotation replaces both.
+        self._current_done: asyncio.Future[Outcome] | None = None
         self._superseded: weakref.WeakSet[SessionDriver] = weakref.WeakSet()
         self._bringup: asyncio.Task[None] | None = None
         self._pending_gateway: PeerIdentity | None = None
@@ -368,8 +368,7 @@ class Client:
             if done.done():
                 return
             if driver is not None and (
-                driver in self._superseded
-                or (self._rotation is not None and self._driver is driver)
+                driver in self._superseded or (self._rotating() and self._driver is driver)
             ):
                 # The live session ended while a renewed one takes over: keep the TUN.
                 done.set_result(Outcome(True, False, message, superseded=True))
@@ -422,8 +421,10 @@ class Client:
         local ``RenewalRefused`` (TIMEOUT) if it does not come in time. Raises
         ``RenewalUnavailable`` (one line) when no session can carry it."""
         driver = self._driver
-        if driver is None or self._rotation is not None:
+        if driver is None:
             raise RenewalUnavailable("no live session to the gateway")
+        if self._rotating():
+            raise RenewalUnavailable("the tunnel is moving onto a renewed certificate")
         if driver.session.state not in (SessionState.ESTABLISHED, SessionState.QUARANTINED):
             raise RenewalUnavailable("the session to the gateway is not set up yet")
         if self._renew_waiter is not None:
@@ -488,20 +489,21 @@ class Client:
             self._bringup = asyncio.get_running_loop().create_task(self._bring_up(cfg))
 
         driver, done = self._start_session(conn, bring_up)
-        self._driver = driver
+        self._driver, self._current_done = driver, done
         driver.start()
         try:
             while True:
                 outcome = await done
-                if outcome.superseded and self._rotation is not None:
-                    nxt = await self._rotation
-                    self._rotation = None
-                    if nxt is not None:
-                        driver, done = nxt  # same TUN, same routes, new session
+                if outcome.superseded:
+                    if self._rotation is not None and not self._rotation.done():
+                        await asyncio.shield(self._rotation)
+                    cur, cur_done = self._driver, self._current_done
+                    if cur is not None and cur is not driver and cur_done is not None:
+                        driver, done = cur, cur_done  # same TUN, same routes, new session
                         continue
                 return outcome
         finally:
-            self._driver = None
+            self._driver = self._current_done = None
             task, self._bringup = self._bringup, None
             if task is not None and not task.done():
                 # The session ended mid bring-up: stop it before tearing down.
@@ -519,10 +521,11 @@ class Client:
         it on the same TUN and routes; otherwise the client reconnects cleanly.
         """
         old = self._driver
-        if old is None or self.config is None or self._rotation is not None:
+        if old is None or self.config is None or self._rotating():
             return False
         loop = asyncio.get_running_loop()
-        self._rotation = loop.create_future()
+        rotation: asyncio.Future[None] = loop.create_future()
+        self._rotation = rotation
         result: tuple[SessionDriver, asyncio.Future[Outcome]] | None = None
         driver: SessionDriver | None = None
         try:
@@ -562,7 +565,7 @@ class Client:
                 return False
             result = (driver, done)
             self._superseded.add(old)
-            self._driver = driver
+            self._driver, self._current_done = driver, done
             self.config = cfg
             self.gateway = self._pending_gateway
             self._retire(old)
@@ -572,10 +575,11 @@ class Client:
             self._resume_tun()
             if result is None and driver is not None:
                 driver.close(CloseCode.NORMAL, "rotation abandoned")  # idempotent
-            if not self._rotation.done():
-                self._rotation.set_result(result)
-            if result is None and (self._driver is old and old is not None):
-                self._rotation = None  # nothing superseded: back to normal
+            if not rotation.done():
+                rotation.set_result(None)
+
+    def _rotating(self) -> bool:
+        return self._rotation is not None and not self._rotation.done()
 
     def _retire(self, old: SessionDriver) -> None:
         """Keep a superseded session receive-only: what the gateway sent on it before

@@ -8,7 +8,8 @@ annotation and raises ``ProtocolError`` naming the field's path, e.g.
 Supported field types: ``str``, ``int`` (never a bool), ``float`` (finite; an int is
 accepted), ``bool``, ``list[str]``, ``dict[str, int]``, a nested shape, a list of
 shapes, and ``X | None`` (the key may then be absent, meaning None). Keys the shape
-does not know are ignored, so a newer daemon may add some.
+does not know are ignored, so a newer daemon may add some. A field whose default is
+None is omitted from the JSON while it is None.
 """
 
 from __future__ import annotations
@@ -34,13 +35,23 @@ S = TypeVar("S", bound=Shape)
 
 
 def encode(shape: Shape) -> Json:
-    """The JSON object of ``shape`` (fields in declaration order)."""
-    return {f.name: _encode_value(getattr(shape, f.name)) for f in dataclasses.fields(shape)}
+    """The JSON object of ``shape`` (fields in declaration order). A field added later
+    with a default of None is left out while it is None, so older replies keep their
+    exact bytes."""
+    return _encode_fields(shape)
+
+
+def _encode_fields(obj: Any) -> Json:
+    return {
+        f.name: _encode_value(value)
+        for f in dataclasses.fields(obj)
+        if (value := getattr(obj, f.name)) is not None or f.default is not None
+    }
 
 
 def _encode_value(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return _encode_fields(value)
     if isinstance(value, list | tuple):
         return [_encode_value(v) for v in value]
     if isinstance(value, dict):

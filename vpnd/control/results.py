@@ -118,6 +118,12 @@ class StatusInfo(ResultShape):
     policy_rules: int
     renewal: RenewalStatus | None = None
     """Clients: automatic certificate renewal (absent on gateways)."""
+    issuer: CertSummary | None = None
+    """Gateways with online signing: the issuing CA (``vpnctl ca issuer``)."""
+    issuer_warning: str | None = None
+    """The issuer's expiry forecast, when it expires soon enough to matter."""
+    lifecycle: dict[str, int] | None = None
+    """Gateways: renewals_issued/refused/failed, supersedes, quarantines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +147,8 @@ class PeerInfo(ResultShape):
     drops: dict[str, int]
     cert_not_after: str
     cert_days_left: int
+    generation: int | None = None
+    """The certificate's renewal generation (gateways report it; 1 when it has none)."""
 
 
 @dataclass(frozen=True, slots=True)

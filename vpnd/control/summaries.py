@@ -76,12 +76,16 @@ def crl_summary(crl: x509.CertificateRevocationList, now: float) -> CrlSummary:
 
 def peer_info(peer: PeerView, now: float) -> PeerInfo:
     ident = peer.identity
+    # What the firewall applies: the certificate's groups capped by the inventory.
+    view = getattr(peer, "view", None)
+    groups = getattr(view, "groups", None)
+    effective = groups if isinstance(groups, frozenset) else ident.groups
     return PeerInfo(
         name=ident.name,
         serial=ident.serial_hex,
         fingerprint=ident.fingerprint,
         addresses=[str(a) for a in ident.addresses],
-        groups=sorted(ident.groups),
+        groups=sorted(effective),
         remote=peer.remote,
         connected_since=iso_utc(dt.datetime.fromtimestamp(peer.connected_at, dt.UTC)),
         bytes_in=peer.bytes_in,
@@ -91,6 +95,7 @@ def peer_info(peer: PeerView, now: float) -> PeerInfo:
         drops={k: v for k, v in peer.drops.items() if v},
         cert_not_after=iso_utc(ident.not_after),
         cert_days_left=days_left(ident.not_after, now),
+        generation=ident.generation,
     )
 
 

@@ -6,11 +6,12 @@ shapes; the only thing it changes is through ``gateway.kick`` and the daemon's r
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -68,6 +69,15 @@ class GatewayView(Protocol):
     def renew_hint(self, name: str, reason: str) -> int: ...
 
 
+class LifecycleView(Protocol):
+    """What the bridge reads of ``vpnd.gateway.lifecycle.GatewayLifecycle``."""
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+    def issuer_cert(self) -> x509.Certificate | None: ...
+    def issuer_warning(self, now: dt.datetime) -> str | None: ...
+
+
 class GatewayControl:
     """Implements ``vpnd.control.server.ControlHandler`` for a running gateway."""
 
@@ -84,8 +94,13 @@ class GatewayControl:
         policy_rules: Callable[[], int],
         clock: Callable[[], float] = time.time,
         poke_inventory: Callable[[], None] | None = None,
+        enrollments: Callable[[], Mapping[str, int]] = dict,
+        lifecycle: LifecycleView | None = None,
     ) -> None:
+        """``enrollments``: the enrollment handler's outcome counts (metrics)."""
         self.gateway = gateway
+        self._enrollments = enrollments
+        self._lifecycle = lifecycle
         self.started_at = started_at
         self.listen = listen
         self._reload = reload
@@ -101,7 +116,12 @@ class GatewayControl:
 
     def _admitted(self) -> list[PeerView]:
         # A copy: the caller may yield to the loop while the gateway changes the dict.
-        return [p for p in list(self.gateway.peers.values()) if p.admitted]
+        # A renewed peer's old session, draining for a second, is not a second peer.
+        return [
+            p
+            for p in list(self.gateway.peers.values())
+            if p.admitted and getattr(p, "successor", None) is None
+        ]
 
     def _drops(self, peers: list[PeerView]) -> dict[str, int]:
         # Gateway-level drops plus those of the peers still connected.
@@ -131,7 +151,21 @@ class GatewayControl:
             ca=cert_summary(self.ca_cert, now),
             crl=self._crl_info(),
             policy_rules=self._policy_rules(),
+            **self._lifecycle_status(now),
         )
+
+    def _lifecycle_status(self, now: float) -> dict[str, Any]:
+        life = self._lifecycle
+        if life is None:
+            return {}
+        counts = dict(life.counts)
+        counts["quarantines"] = self.gateway.totals.get("quarantines", 0)
+        issuer = life.issuer_cert()
+        return {
+            "issuer": cert_summary(issuer, now) if issuer is not None else None,
+            "issuer_warning": life.issuer_warning(dt.datetime.fromtimestamp(now, dt.UTC)),
+            "lifecycle": counts,
+        }
 
     async def peers(self) -> list[PeerInfo]:
         now = self._clock()
@@ -220,4 +254,12 @@ class GatewayControl:
             crl_next_update_seconds=None if crl is None else crl.seconds_left,
             clone_holddowns=totals.get("clone_holddowns", 0),
             firewall=dict(self.gateway.firewall.stats),
+            enrollments=dict(self._enrollments()),
+            renewals={
+                k.removeprefix("renewals_"): v
+                for k, v in (self._lifecycle.counts if self._lifecycle else {}).items()
+                if k.startswith("renewals_")
+            },
+            quarantines=totals.get("quarantines", 0),
+            supersedes=self._lifecycle.counts.get("supersedes", 0) if self._lifecycle else 0,
         )

@@ -51,12 +51,15 @@ from vpnd.gateway.inventory_view import (
     Standing,
     effective_groups,
     generation_of,
+    possible_copy,
     refusal,
     to_supersede,
 )
 from vpnd.gateway.peer_state import PeerState
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPAddress, IPNetwork, PeerIdentity, Reason, Role, VerifyError
+from vpnd.pki.profile import describe_certificate
+from vpnd.pki.profile import generation_of as generation_of_cert
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.policy.firewall import Firewall, PeerView
 from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
@@ -242,15 +245,42 @@ class GatewayCore(Generic[P]):
         *,
         by_peer: bool,
         now: float,
+        wall: float | None = None,
     ) -> list[Effect]:
         """OpenSSL refused a handshake (and sent the alert): count and audit it."""
         self.handshakes[f"refused_{reason}"] += 1
+        copy = self._copy_in_handshake(der, wall)
+        if copy is not None:
+            # The issuer CRL lists superseded serials, so OpenSSL refuses them first:
+            # still say what it is, a copy of a renewed certificate, every time.
+            seen = presented(der)
+            copied = {"event": "possible_copy", "remote": remote, "reason": "possible_copy"}
+            msg = f"refused {remote}{who(seen)} in the TLS handshake: {copy}"
+            return [Audit(WARNING, msg, {**copied, **seen})]
         if not self._refusal_log.allow(host, now):
             return []  # counted above; a flood from one address must not flood the log
         found = presented(der)
-        fields = {"event": "auth_refused", "remote": remote, "reason": reason, "by_peer": by_peer}
+        fields: dict[str, object] = {
+            "event": "auth_refused",
+            "remote": remote,
+            "reason": reason,
+            "by_peer": by_peer,
+        }
         msg = f"refused {remote}{who(found)} in the TLS handshake: {text}"
         return [Audit(WARNING, msg, {**fields, **found})]
+
+    def _copy_in_handshake(self, der: bytes | None, wall: float | None) -> str | None:
+        if der is None or self.inventory is None or wall is None:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            name = describe_certificate(cert).name
+            generation = generation_of_cert(cert)
+        except Exception:  # a refused peer's certificate may be anything
+            return None
+        when = dt.datetime.fromtimestamp(wall, dt.UTC)
+        found = possible_copy(name, cert.serial_number, generation, self.inventory, when)
+        return None if found is None else found.detail
 
     def add(self, peer: P) -> list[Effect]:
         """A verified peer's session started; it holds nothing until its HELLO."""

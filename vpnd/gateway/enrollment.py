@@ -39,6 +39,7 @@ from vpnd.pki.enrollment import (
     EnrollmentRefused,
 )
 from vpnd.proto.enrollment import (
+    BUNDLE_MAX,
     EnrollClosed,
     EnrollIssued,
     EnrollmentReader,
@@ -65,6 +66,10 @@ _CODES = {
     CODE_EXPIRED: EnrollRefusal.EXPIRED,
     CODE_BAD_CSR: EnrollRefusal.BAD_CSR,
 }
+
+
+ANSWER_ROOM = 16 * 1024
+"""Bytes of an ENROLL_ISSUED kept for the certificate chain and client.yaml."""
 
 
 @dataclass(slots=True)
@@ -171,10 +176,8 @@ class EnrollmentHandler:
         remote = fmt_remote(stream.peername)
         inbox = _Inbox(stream)
         try:
-            try:
-                bundle = self._ca_pem()
-            except OSError as err:
-                log.error("enrollment: cannot read the CA bundle: %s", err.strerror or err)
+            bundle = self._bundle()
+            if bundle is None:
                 stream.write(encode_refused(EnrollRefusal.UNAVAILABLE, "unavailable"))
                 return
             stream.write(encode_ca(bundle))
@@ -196,6 +199,19 @@ class EnrollmentHandler:
             pass  # the client hung up (after fetching the CA bundle, as it does)
         finally:
             stream.close()
+
+    def _bundle(self) -> bytes | None:
+        """The CA bundle, if it can be read and leaves room for the certificate and
+        client.yaml in the answer (checked before an invite is spent, not after)."""
+        try:
+            bundle = self._ca_pem()
+        except OSError as err:
+            log.error("enrollment: cannot read the CA bundle: %s", err.strerror or err)
+            return None
+        if len(bundle) > BUNDLE_MAX - ANSWER_ROOM:
+            log.error("enrollment: the CA bundle (%d bytes) is too large to send", len(bundle))
+            return None
+        return bundle
 
     async def _answer(self, stream: Stream, req: EnrollRequest, remote: str, bundle: bytes) -> None:
         now = dt.datetime.fromtimestamp(self._wall(), dt.UTC).replace(microsecond=0)

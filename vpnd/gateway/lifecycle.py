@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+
 from vpnd.gateway.effects import Supersede
 from vpnd.gateway.inventory_view import InventoryView, Standing
 from vpnd.gateway.shell import Peer
@@ -164,6 +166,9 @@ class GatewayLifecycle:
             self.lifetime,
         )
         return view
+
+    def issuer_cert(self) -> x509.Certificate | None:
+        return self.issuer.cert if self.issuer is not None else None
 
     def issuer_warning(self, now: dt.datetime) -> str | None:
         if self.issuer is None:

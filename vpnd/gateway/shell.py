@@ -315,6 +315,7 @@ class Gateway:
                 err.presented,
                 by_peer=err.by_peer,
                 now=self._mono(),
+                wall=self._clock(),
             )
         )
 

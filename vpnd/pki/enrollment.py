@@ -187,14 +187,12 @@ def _sign(
         routes=identity.routes,
         not_before=not_before,
         not_after=not_after,
-        generation=1,
+        generation=identity.generation,
     )
 
 
 def _activated(identity: IdentityRecord, serial: int, now: dt.datetime) -> IdentityRecord:
-    return dataclasses.replace(
-        identity, state=STATE_ACTIVE, current_serial=serial, generation=1, updated_at=now
-    )
+    return dataclasses.replace(identity, state=STATE_ACTIVE, current_serial=serial, updated_at=now)
 
 
 def enrollment_files(directory: Path) -> list[Path]:

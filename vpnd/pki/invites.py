@@ -77,7 +77,7 @@ def create_invite(
     invite_id, secret = new_invite()
     expires = now + dt.timedelta(seconds=ttl_s)
     with inventory.transaction():
-        _refuse_taken_name(inventory, cn, now)
+        generation = _refuse_taken_name(inventory, cn, now)
         store = _PendingLeases(inventory, now)
         chosen = choose_addresses(
             store, cn=cn, role=Role.PEER, wanted=terms.wanted, networks=networks, now=now
@@ -89,7 +89,7 @@ def create_invite(
             groups=terms.groups,
             routes=terms.routes,
             dns_names=(),
-            generation=1,
+            generation=generation,
             current_serial=None,
             state=STATE_PENDING,
             updated_at=now,
@@ -116,19 +116,20 @@ def invite_status(invite: InviteRecord, now: dt.datetime) -> str:
     return INVITE_PENDING
 
 
-def _refuse_taken_name(inventory: Inventory, cn: str, now: dt.datetime) -> None:
-    current = inventory.identity(cn)
-    if current is not None and current.state != STATE_PENDING:
-        raise PkiError(
-            f"{cn!r} is already an enrolled identity; an invite is for a new name "
-            "(revoke it first, or pick another name)"
-        )
+def _refuse_taken_name(inventory: Inventory, cn: str, now: dt.datetime) -> int:
+    """The generation the invited name's first certificate will carry; PkiError while the
+    name holds a valid certificate (a revoked or expired name may be invited again)."""
     valid = [r for r in inventory.by_name(cn) if r.is_valid(now)]
     if valid:
         raise PkiError(
             f"{cn!r} already has a valid certificate (serial {valid[-1].serial_hex}); "
-            "an invite is for a new name"
+            "an invite is for a new name, or one whose certificates are revoked"
         )
+    current = inventory.identity(cn)
+    if current is None:
+        return 1
+    # Re-enrolling a name goes on counting: an old certificate never looks current.
+    return current.generation + 1 if current.current_serial is not None else current.generation
 
 
 class _PendingLeases:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ REQUEST_VERSION = 1
 REQUEST_MAX = 16 * 1024
 BUNDLE_MAX = 64 * 1024
 _U16 = struct.Struct(">H")
+_ID_RE = re.compile(r"[0-9a-f]{1,64}")
+_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _ISSUED_KEYS = frozenset({"name", "serial", "cert", "ca", "client_yaml"})
 
 
@@ -246,6 +249,9 @@ def decode_request(payload: bytes) -> EnrollRequest:
     csr = payload[pos:]
     if not csr:
         raise RemoteProtocolError("enrollment request carries no CSR")
+    # Only the characters tokens are made of: the id goes into the audit log.
+    if not _ID_RE.fullmatch(fields[0]) or not _SECRET_RE.fullmatch(fields[1]):
+        raise RemoteProtocolError("enrollment request: malformed invite id or secret")
     return EnrollRequest(fields[0], fields[1], csr)
 
 

@@ -19,7 +19,7 @@ from vpnd.pki.enrollment import Enrolled, redeem_invite
 from vpnd.pki.identity import PkiError
 from vpnd.pki.inventory import Inventory
 from vpnd.pki.issue_terms import DEFAULT_PEER_DAYS
-from vpnd.pki.issuer import load_issuer
+from vpnd.pki.issuer import Issuer, load_issuer
 from vpnd.proto.enrollment import EnrollRequest
 from vpnd.service.startup import StartupError
 
@@ -53,20 +53,24 @@ def build_enrollment(
     *,
     wall: Callable[[], float],
     mono: Callable[[], float],
+    issuer: Issuer | None = None,
 ) -> EnrollmentHandler:
+    """``issuer``: the one the gateway's lifecycle already loaded (else loaded here)."""
     pki = cfg.pki
     if pki.issuer is None or pki.inventory is None:  # the config loader refuses this
         raise StartupError("enrollment.enabled needs pki.issuer and pki.inventory")
-    try:
-        issuer = load_issuer(
-            pki.issuer.cert,
-            pki.issuer.key,
-            passphrase_file=pki.issuer.key_passphrase_file,
-            roots=roots,
-            now=dt.datetime.fromtimestamp(wall(), dt.UTC),
-        )
-    except PkiError as err:
-        raise StartupError(str(err)) from None
+    if issuer is None:
+        try:
+            issuer = load_issuer(
+                pki.issuer.cert,
+                pki.issuer.key,
+                passphrase_file=pki.issuer.key_passphrase_file,
+                roots=roots,
+                now=dt.datetime.fromtimestamp(wall(), dt.UTC),
+            )
+        except PkiError as err:
+            raise StartupError(str(err)) from None
+    signer = issuer
     inventory_path = pki.inventory
     lifetime = enrolled_lifetime(cfg)
     ca_path = pki.ca
@@ -75,7 +79,7 @@ def build_enrollment(
         with Inventory.open(inventory_path) as inv:
             return redeem_invite(
                 inv,
-                issuer,
+                signer,
                 invite_id=req.invite_id,
                 secret=req.secret,
                 csr_der=req.csr_der,

@@ -209,7 +209,12 @@ class GatewayService:
             gateway.core.inventory = self.lifecycle.view
         if cfg.enrollment.enabled:
             gateway.enrollment = build_enrollment(
-                cfg, self.own, trust.roots, wall=self.edges.wall, mono=self.edges.mono
+                cfg,
+                self.own,
+                trust.roots,
+                wall=self.edges.wall,
+                mono=self.edges.mono,
+                issuer=self.lifecycle.issuer if self.lifecycle is not None else None,
             )
             log.info("enrollment on: clients without a certificate may redeem invites")
         if not cfg.policy.rules:
@@ -330,6 +335,10 @@ class GatewayService:
         if self.gateway is not None:
             self.gateway.refuse_new_peers(reason)
 
+    def _enrollment_counts(self) -> dict[str, int]:
+        handler = self.gateway.enrollment if self.gateway is not None else None
+        return dict(handler.counts) if handler is not None else {}
+
     def _on_fatal(self, why: str) -> None:
         self.fatal = why
         self.should_exit.set()
@@ -402,6 +411,8 @@ class GatewayService:
             policy_rules=lambda: len(self.config.policy.rules),
             clock=self.edges.wall,
             poke_inventory=self.lifecycle.poke if self.lifecycle is not None else None,
+            lifecycle=self.lifecycle,
+            enrollments=self._enrollment_counts,
         )
         if self.nft is not None and cfg.nftables.forward_filter:
             # vpnd_drops{reason="nft_forward_dropped"|"nft_input_dropped"}, a few seconds stale.

@@ -196,7 +196,9 @@ def log_own_certificate(cfg: GatewayConfig | ClientConfig, now: dt.datetime) -> 
         fingerprint(cert)[:16],
         cert.not_valid_after_utc.isoformat(),
     )
-    if left.total_seconds() <= 0:
+    if isinstance(cfg, ClientConfig) and cfg.renewal.enabled:
+        _renewal_expiry_warning(cfg, cert, now)
+    elif left.total_seconds() <= 0:
         log.error(
             "own certificate EXPIRED at %s; ask your admin for a new one",
             cert.not_valid_after_utc.isoformat(),
@@ -208,6 +210,32 @@ def log_own_certificate(cfg: GatewayConfig | ClientConfig, now: dt.datetime) -> 
             cert.not_valid_after_utc.isoformat(),
         )
     return cert
+
+
+RENEWAL_OVERDUE = 0.1
+"""Fraction of the lifetime past ``renewal.at`` after which a client that renews on its
+own warns that it has not managed to (short-lived certificates are always "expiring")."""
+
+
+def _renewal_expiry_warning(cfg: ClientConfig, cert: x509.Certificate, now: dt.datetime) -> None:
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now > na:
+        log.error(
+            "own certificate EXPIRED at %s; renewal is on: connecting so the gateway can "
+            "admit us to renew (if its grace period allows), else ask your admin",
+            na.isoformat(),
+        )
+        return
+    lifetime = (na - nb).total_seconds()
+    elapsed = (now - nb).total_seconds()
+    if lifetime > 0 and elapsed / lifetime >= min(0.99, cfg.renewal.at + RENEWAL_OVERDUE):
+        left = na - now
+        log.warning(
+            "own certificate expires in %s (%s) and automatic renewal has not succeeded "
+            "yet: see vpnctl status",
+            f"{left.days} days" if left.days else f"{int(left.total_seconds() // 3600)} hours",
+            na.isoformat(),
+        )
 
 
 async def expiry_warnings(config: Callable[[], GatewayConfig | ClientConfig], edges: Edges) -> None:

@@ -53,6 +53,15 @@ class MetricsSnapshot:
     firewall: Mapping[str, int] = field(default_factory=dict)
     """``Firewall.stats``: ``allowed_<how>`` verdicts, conntrack ``entries``, ``evicted``,
     ``evicted_peer_limit`` and ``expired`` (its ``dropped_*`` are already in ``drops``)."""
+    enrollments: Mapping[str, int] = field(default_factory=dict)
+    """``EnrollmentHandler.counts``: issued, refused_<code>, rate_limited, busy, timeout,
+    bad_request (empty when enrollment is off)."""
+    renewals: Mapping[str, int] = field(default_factory=dict)
+    """In-tunnel renewals by result: issued, refused, failed (empty when renewal is off)."""
+    quarantines: int = 0
+    """Expired peers admitted only to renew."""
+    supersedes: int = 0
+    """Certificates marked superseded on the first use of their renewal."""
 
 
 class SnapshotCollector:
@@ -116,6 +125,8 @@ class SnapshotCollector:
         )
 
         yield from _firewall_metrics(snap.firewall)
+        yield from _enrollment_metrics(snap.enrollments)
+        yield from _lifecycle_metrics(snap)
 
         if snap.crl_next_update_seconds is not None:
             yield GaugeMetricFamily(
@@ -123,6 +134,36 @@ class SnapshotCollector:
                 "seconds until the CRL's nextUpdate (negative: stale)",
                 value=snap.crl_next_update_seconds,
             )
+
+
+def _lifecycle_metrics(snap: MetricsSnapshot) -> Iterator[Metric]:
+    renewals = CounterMetricFamily(
+        "vpnd_renewals", "in-tunnel certificate renewals by result", labels=["result"]
+    )
+    for result in ("issued", "refused", "failed"):
+        renewals.add_metric([result], snap.renewals.get(result, 0))
+    yield renewals
+    yield CounterMetricFamily(
+        "vpnd_quarantines",
+        "peers with a recently expired certificate admitted only to renew",
+        value=snap.quarantines,
+    )
+    yield CounterMetricFamily(
+        "vpnd_supersedes",
+        "certificates superseded by the first use of their renewal",
+        value=snap.supersedes,
+    )
+
+
+def _enrollment_metrics(counts: Mapping[str, int]) -> Iterator[Metric]:
+    family = CounterMetricFamily(
+        "vpnd_enrollments",
+        "invite enrollment attempts by result (issued, refused_<reason>, rate_limited, ...)",
+        labels=["result"],
+    )
+    for result, count in sorted(counts.items()):
+        family.add_metric([result], count)
+    yield family
 
 
 def _firewall_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:
