@@ -314,3 +314,18 @@ def test_unknown_version_is_one_clear_line(tmp_path: Path) -> None:
         Inventory.open(newer)
     assert "schema version 3" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_migration_that_lost_the_race_is_a_no_op(v1_file: Path) -> None:
+    # Two processes open the same v1 file: the second one gets the lock after the first
+    # committed, re-reads the version and must not migrate (or backfill) again.
+    from vpnd.pki import inventory as inventory_module
+
+    Inventory.open(v1_file).close()
+    conn = sqlite3.connect(v1_file, isolation_level=None)
+    try:
+        inventory_module._migrate(conn, v1_file)
+    finally:
+        conn.close()
+    with Inventory.open(v1_file) as inv:
+        assert sorted(i.name for i in inv.identities()) == ["alice", "carol", "gw1"]

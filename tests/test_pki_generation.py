@@ -15,6 +15,7 @@ from vpnd.pki import (
     Role,
     VerifyError,
     VerifyOptions,
+    describe_certificate,
     generation_of,
     verify_peer,
 )
@@ -132,3 +133,11 @@ def test_malformed_generation_is_refused(
     else:
         assert err.value.reason is Reason.BAD_EXTENSION
         assert fragment in str(err.value)
+
+
+def test_describe_shows_the_generation() -> None:
+    ca = make_ca()
+    assert describe_certificate(ca.issue("alice", generation=5).cert).generation == 5
+    assert describe_certificate(ca.issue("alice", generation=5).cert).to_json()["generation"] == 5
+    broken = ca.raw_leaf(extensions=[(x509.UnrecognizedExtension(GENERATION_OID, b"x"), False)])
+    assert describe_certificate(broken.cert).generation == 1  # never raises

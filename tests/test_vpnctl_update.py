@@ -174,7 +174,7 @@ def test_update_now_sends_the_renew_hint(pki: Path, out: Path, gateway_socket: P
     finally:
         gw.close()
     assert code == 0, err
-    assert "asked the gateway to renew alice now" in text
+    assert "asked the gateway to renew alice now (1 session)" in text
     [request] = gw.requests
     assert request["cmd"] == "renew-hint"
     assert request["args"]["name"] == "alice"
@@ -250,3 +250,45 @@ def test_list_shows_generation_superseded_and_next_renewal(pki: Path, out: Path)
     assert by_serial[f"{signed.serial:x}"]["generation"] == 2
     assert by_serial[f"{signed.serial:x}"]["issuer_fp"] == issuer.fingerprint
     assert by_serial[f"{signed.serial:x}"]["next_renewal"]
+
+
+def test_renew_hint_request_is_validated_like_kick() -> None:
+    from vpnd.control.protocol import Command, ControlError, decode_request
+
+    req = decode_request(b'{"id": 1, "cmd": "renew-hint", "args": {"name": "alice"}}')
+    assert req.cmd is Command.RENEW_HINT
+    assert req.args == {"name": "alice"}
+    for bad in (b"{}", b'{"name": ""}', b'{"name": "a", "groups": 1}', b'{"name": "a\\nb"}'):
+        with pytest.raises(ControlError):
+            decode_request(b'{"id": 1, "cmd": "renew-hint", "args": ' + bad + b"}")
+
+
+def test_update_now_refuses_a_malformed_reply(pki: Path, out: Path, gateway_socket: Path) -> None:
+    issue(out, "alice")
+    gw = FakeGateway(gateway_socket, {"ok": True, "result": {"name": "alice"}})
+    try:
+        code, _, err = run_vpnctl(
+            "update", "alice", "--groups", "ops", "--now", "--socket", str(gateway_socket)
+        )
+    finally:
+        gw.close()
+    assert code == 1
+    assert "the inventory is updated" in assert_one_error_line(err)
+
+
+def test_update_now_against_the_real_control_server(pki: Path, out: Path, tmp_path: Path) -> None:
+    from control_fixtures import ServerThread
+
+    issue(out, "alice", "--groups", "dev")
+    issue(out, "carol")
+    with ServerThread(tmp_path / "vpnd.sock") as running:
+        sock = str(tmp_path / "vpnd.sock")
+        code, text, err = run_vpnctl(
+            "update", "alice", "--groups", "ops", "--now", "--socket", sock
+        )
+        assert code == 0, err
+        assert "(1 session)" in text
+        assert running.handler.hinted == [("alice", "the admin changed this peer's terms")]
+        code, _, err = run_vpnctl("update", "carol", "--groups", "ops", "--now", "--socket", sock)
+        assert code == 1
+        assert "no connected peer named 'carol'" in assert_one_error_line(err)

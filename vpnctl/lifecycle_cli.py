@@ -20,6 +20,7 @@ from vpnctl.argparsing import CliParser, UsageError
 from vpnctl.control_commands import add_socket_option
 from vpnd.control.client import ControlClient, ControlClientError, default_socket
 from vpnd.control.protocol import ControlError, ProtocolError
+from vpnd.control.results import RenewHintResult
 from vpnd.pki.identity_update import IdentityChange, update_identity
 from vpnd.pki.inventory import IdentityRecord
 from vpnd.pki.pkidir import PkiDir
@@ -121,7 +122,8 @@ def _send_hint(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | No
     given: str | None = getattr(args, "socket", None)
     client = ControlClient(given or default_socket())
     try:
-        return client.call("renew-hint", {"name": name, "reason": HINT_REASON}), None
+        doc = client.call("renew-hint", {"name": name, "reason": HINT_REASON})
+        return RenewHintResult.from_json(doc).to_json(), None  # a broken reply is an error
     except ControlError as exc:
         return None, f"{exc.code.value}: {exc.message}"
     except (ControlClientError, ProtocolError) as exc:
@@ -164,7 +166,9 @@ def _change_text(change: IdentityChange, hint: dict[str, Any] | None) -> str:
         lines = f"updated {name}\n" + render.fields(pairs)
         lines += _when_text(change)
     if hint is not None:
-        lines += f"asked the gateway to renew {name} now\n"
+        sessions = hint.get("sessions", 0)
+        plural = "" if sessions == 1 else "s"
+        lines += f"asked the gateway to renew {name} now ({sessions} session{plural})\n"
     return lines
 
 

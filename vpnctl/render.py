@@ -135,4 +135,6 @@ def certificate_text(info: CertificateInfo, days_left: int) -> str:
         ("eku", joined(info.eku)),
         ("key type", info.key_type),
     ]
+    if info.role == "peer":
+        pairs.append(("generation", str(info.generation)))
     return fields(pairs, indent="")

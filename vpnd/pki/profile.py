@@ -245,6 +245,8 @@ class CertificateInfo:
     eku: tuple[str, ...]
     is_ca: bool
     key_type: str
+    generation: int = 1
+    """The generation extension (1 when absent or unreadable)."""
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready dict; the serial is lowercase hex (too big for JSON numbers)."""
@@ -264,6 +266,7 @@ class CertificateInfo:
             "eku": list(self.eku),
             "is_ca": self.is_ca,
             "key_type": self.key_type,
+            "generation": self.generation,
         }
 
 
@@ -312,6 +315,10 @@ def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
         ktype = key_type(cert.public_key())
     except Exception:
         ktype = "unknown"
+    try:
+        generation = generation_of(cert)
+    except PkiError:
+        generation = 1
     return CertificateInfo(
         name=name,
         role=role,
@@ -328,4 +335,5 @@ def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
         eku=eku,
         is_ca=is_ca,
         key_type=ktype,
+        generation=generation,
     )
