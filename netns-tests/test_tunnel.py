@@ -99,7 +99,7 @@ def test_other_ca_revoked_and_expired_peers_are_refused(lab: Lab) -> None:
     lab.start_client("bob")
     _assert_refused(lab, "bob", r"(?i)revoked")
     lab.stop("bob")
-    # alice: a certificate that expired yesterday, signed by the real CA
+    # alice: a certificate that expired a minute ago, signed by the real CA
     certs = lab.issue("alice")
     ca_cert = load_certificate(lab.pki / "ca.pem")
     ca_key = load_private_key(lab.pki / "ca.key")
@@ -112,19 +112,25 @@ def test_other_ca_revoked_and_expired_peers_are_refused(lab: Lab) -> None:
         public_key=key.public_key(),
         role=Role.PEER,
         addresses=[ipaddress.ip_address("10.8.0.40")],
-        not_before=now - dt.timedelta(days=30),
-        not_after=now - dt.timedelta(days=1),
+        # Inside the CA's own lifetime (made minutes ago), so the chain was once valid.
+        not_before=now - dt.timedelta(minutes=4),
+        not_after=now - dt.timedelta(minutes=1),
     )
     (certs / "alice.pem").write_bytes(certificate_pem(cert))
     (certs / "alice.key").write_bytes(private_key_pem(key))
-    lab.start_client("alice", certs=certs)
-    # A permanent local error: the client refuses to start, with one line, and never
-    # dials (the gateway's own refusal of expired certificates is in test_tls_connection).
+    lab.start_client("alice", certs=certs, renewal={"enabled": False})
+    # Without renewal, a permanent local error: the client refuses to start, with one
+    # line, and never dials (the gateway's own refusal is in test_tls_connection).
     _assert_refused(lab, "alice", r"cannot start: pki\.cert: .*expired")
     proc = lab.hosts["alice"].proc
     assert proc is not None and proc.wait(10) == 1  # it exits on its own, non-zero
     lab.stop("alice")
     assert not lab.wait_log("gw", r"\(alice, serial", timeout=0.5)
+    # With renewal (the default) it dials, hoping for quarantine; this gateway has none,
+    # so the handshake refuses it as expired and it gets nothing.
+    lab.start_client("alice", certs=certs)
+    _assert_refused(lab, "alice", r"your certificate has expired")
+    lab.stop("alice")
     assert lab.wait_log("gw", r"refused .*certificate_revoked")
     assert not lab.wait_log("gw", r"accepted", timeout=0.5)
     lab.stop("gw")
