@@ -143,3 +143,10 @@ def test_client_may_not_set_gateway_renewal_keys(pki_dir: Path) -> None:
 def test_gateway_refuses_enrollment_in_client_mode(pki_dir: Path) -> None:
     err = parse_error(with_value(client(), "enrollment", {"enabled": True}), pki_dir)
     assert "enrollment" in str(err)
+
+
+def test_an_issuer_needs_the_inventory(pki_dir: Path) -> None:
+    data = online()
+    del data["pki"]["inventory"]
+    err = parse_error(data, pki_dir)
+    assert "pki.issuer" in str(err) and "pki.inventory" in str(err)

@@ -16,6 +16,7 @@ from vpnd.config import GroupMatch, NetworkMatch, PolicyConfig, Proto, RuleConfi
 from vpnd.gateway.effects import Audit, Drain, Log, Quarantine, Supersede
 from vpnd.gateway.inventory_view import InventoryView, Standing, refusal
 from vpnd.pki.identity import PeerIdentity, Reason
+from vpnd.pki.keys import fingerprint
 from vpnd.proto import CloseCode
 
 LAN = "192.168.50.10"
@@ -224,10 +225,26 @@ def test_a_copy_refused_by_openssl_is_still_audited_as_a_possible_copy() -> None
     ca = make_ca("corp", networks=["10.8.0.0/24"])
     copy = ca.issue("alice", addresses=["10.8.0.2"], generation=1)
     w = World(trust=ca.trust())
-    w.core.inventory = view(
-        superseded=frozenset({copy.cert.serial_number}),
-        alice=standing(current=99, generation=3),
+    forged = make_ca("corp", networks=["10.8.0.0/24"]).issue(
+        "alice", serial=copy.cert.serial_number
     )
+    w.core.inventory = dataclasses.replace(
+        view(
+            superseded=frozenset({copy.cert.serial_number}),
+            alice=standing(current=99, generation=3),
+        ),
+        superseded_fingerprints=frozenset({fingerprint(copy.cert)}),
+    )
+    # A look-alike from another CA, same name and serial: no false alarm about alice.
+    look_alike = (
+        "198.51.100.9:4000",
+        "198.51.100.9",
+        "unknown_ca",
+        "unknown ca",
+        forged.cert.public_bytes(Encoding.DER),
+    )
+    (plain,) = w.core.tls_refused(*look_alike, by_peer=False, now=w.now, wall=NOW.timestamp())
+    assert isinstance(plain, Audit) and plain.fields["event"] == "auth_refused"
     der = copy.cert.public_bytes(Encoding.DER)
     args = ("198.51.100.9:4000", "198.51.100.9", "certificate_revoked", "revoked", der)
     (audit,) = w.core.tls_refused(*args, by_peer=False, now=w.now, wall=NOW.timestamp())

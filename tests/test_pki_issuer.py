@@ -206,3 +206,24 @@ def test_expiry_forecast() -> None:
     assert "vpnctl ca issuer" in soon
     gone = expiry_forecast(iss[0], now=NOW + 91 * DAY, lifetime_s=week, warn_days=14)
     assert gone is not None and "expired" in gone
+
+
+def test_a_gateway_certificate_from_the_issuer_does_not_verify() -> None:
+    ca = root()
+    iss = issuer(ca)
+    gw = issue_certificate(
+        ca_cert=iss[0],
+        ca_key=iss[1],
+        name="gw",
+        public_key=generate_key("ecdsa-p256").public_key(),
+        role=Role.GATEWAY,
+        addresses=[ipaddress.ip_address("10.8.0.1")],
+        dns_names=["gw.test"],
+        not_before=NOW - DAY,
+        not_after=NOW + 7 * DAY,
+    )
+    # A stolen issuer key cannot impersonate a gateway to clients: the issuer is clientAuth.
+    with pytest.raises(VerifyError):
+        verify_peer(
+            [gw, iss[0]], now=NOW, role=Role.GATEWAY, trust=trust(ca[0]), server_name="gw.test"
+        )

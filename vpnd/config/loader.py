@@ -301,6 +301,12 @@ def _check_online_signing(ctx: Context, cfg: GatewayConfig) -> None:
             )
         if cfg.pki.inventory is None:
             raise ctx.error(f"{section}.enabled", "needs pki.inventory (the CA's inventory.sqlite)")
+    if cfg.pki.issuer is not None and cfg.pki.inventory is None:
+        raise ctx.error(
+            "pki.issuer",
+            "needs pki.inventory: the gateway writes the issuer's CRL from it (revoked and "
+            "superseded serials)",
+        )
     if cfg.renewal.quarantine_grace > 0 and not cfg.renewal.enabled:
         raise ctx.error(
             "renewal.quarantine_grace", "quarantine only admits peers to renew: set renewal.enabled"

@@ -9,6 +9,7 @@ table and firewall, and stays batch-shaped.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -149,6 +150,8 @@ class GatewayCore(Generic[P]):
             settings.holddown_takeovers, settings.holddown_window, settings.holddown_hold
         )
         self._refusal_log = LogBudget(10, self.notes)
+        self._copy_log = LogBudget(10, self.notes)
+        """Copies are audited apart from other refusals, and bounded per copy."""
         self.inventory: InventoryView | None = None
         """The CA inventory as last read (None: the gateway runs without one)."""
         self._quarantine_next: tuple[str, int] | None = None
@@ -250,7 +253,7 @@ class GatewayCore(Generic[P]):
         """OpenSSL refused a handshake (and sent the alert): count and audit it."""
         self.handshakes[f"refused_{reason}"] += 1
         copy = self._copy_in_handshake(der, wall)
-        if copy is not None:
+        if copy is not None and self._copy_log.allow(copy, now):
             # The issuer CRL lists superseded serials, so OpenSSL refuses them first:
             # still say what it is, a copy of a renewed certificate, every time.
             seen = presented(der)
@@ -274,10 +277,15 @@ class GatewayCore(Generic[P]):
             return None
         try:
             cert = x509.load_der_x509_certificate(der)
-            name = describe_certificate(cert).name
+            info = describe_certificate(cert)
             generation = generation_of_cert(cert)
         except Exception:  # a refused peer's certificate may be anything
             return None
+        # Only a certificate the inventory itself superseded: a forged look-alike
+        # (self-signed, same name) must not raise a false alarm about a real user.
+        if info.fingerprint not in self.inventory.superseded_fingerprints:
+            return None
+        name = info.name
         when = dt.datetime.fromtimestamp(wall, dt.UTC)
         found = possible_copy(name, cert.serial_number, generation, self.inventory, when)
         return None if found is None else found.detail
@@ -564,9 +572,7 @@ class GatewayCore(Generic[P]):
         view = self.inventory
         standing = view.names[ident.name]
         names = {**view.names, ident.name: _without_older(standing)}
-        self.inventory = InventoryView(
-            names=names, superseded=view.superseded | older, revoked=view.revoked, stamp=view.stamp
-        )
+        self.inventory = dataclasses.replace(view, names=names, superseded=view.superseded | older)
         out.append(Supersede(ident.name, ident.serial, older))
 
     def apply_inventory(self, view: InventoryView, *, now: float) -> list[Effect]:
@@ -590,6 +596,10 @@ class GatewayCore(Generic[P]):
                 continue
             if peer.quarantined:
                 continue
+            if peer.admitted:
+                # The renewal may have been admitted before this view listed it as
+                # current: supersede now (idempotent; a failed write is retried here).
+                self._first_use(peer, out)
             groups = effective_groups(ident, view)
             if groups != peer.view.groups:
                 before = sorted(peer.view.groups)

@@ -38,6 +38,11 @@ class InventoryView:
     revoked: frozenset[int] = frozenset()
     stamp: int = 0
     """The inventory's change stamp this view was read at."""
+    superseded_fingerprints: frozenset[str] = frozenset()
+    """SHA-256 of every superseded certificate: a handshake presenting one is a copy."""
+    online_issuer: str | None = None
+    """The online issuer's subject (RFC 4514): its certificates get groups only through
+    an inventory record, so a leaf minted with a stolen issuer key gets none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,8 @@ def effective_groups(identity: PeerIdentity, view: InventoryView | None) -> froz
         return identity.groups
     standing = view.names.get(identity.name)
     if standing is None:
+        if view.online_issuer is not None and identity.issuer == view.online_issuer:
+            return frozenset()
         return identity.groups
     return identity.groups & standing.groups
 

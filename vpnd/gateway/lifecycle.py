@@ -48,6 +48,10 @@ from vpnd.proto.renewal_frames import RefusalCode
 log = logging.getLogger("vpnd.renewal")
 audit = logging.getLogger("vpnd.audit")
 
+RENEWAL_BURST = 30.0
+RENEWAL_REFILL_S = 120.0
+"""Per name: 30 renewals at once, then one every 2 minutes (a laptop needs one a week)."""
+
 ISSUER_CRL_DAYS = 7
 REFRESH_BEFORE = dt.timedelta(days=ISSUER_CRL_DAYS / 2)
 """The issuer CRL is re-signed when less than this is left before its nextUpdate."""
@@ -62,7 +66,7 @@ _CODES = {
 }
 
 
-def read_view(path: Path, now: dt.datetime) -> InventoryView:
+def read_view(path: Path, now: dt.datetime, online_issuer: str | None = None) -> InventoryView:
     """The inventory as the gateway judges by it (blocking: run it off the loop)."""
     with Inventory.open(path) as inv:
         stamp = inv.change_stamp()
@@ -95,6 +99,10 @@ def read_view(path: Path, now: dt.datetime) -> InventoryView:
         superseded=frozenset(c.serial for c in certs if c.superseded_at is not None),
         revoked=frozenset(c.serial for c in certs if c.revoked_at is not None),
         stamp=stamp,
+        superseded_fingerprints=frozenset(
+            c.fingerprint for c in certs if c.superseded_at is not None
+        ),
+        online_issuer=online_issuer,
     )
 
 
@@ -131,6 +139,7 @@ class GatewayLifecycle:
         self._wall = wall
         self._mono = mono
         self._warn_days = warn_days
+        self._issuer_name = issuer.name if issuer is not None else None
         self.counts: Counter[str] = Counter()
         """renewals_<result> and supersedes: exported as metrics."""
         self.view: InventoryView | None = None
@@ -139,6 +148,7 @@ class GatewayLifecycle:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._crl_next_update: dt.datetime | None = None
+        self._renewal_budget: dict[str, tuple[float, float]] = {}
         self._listed: frozenset[int] | None = None
 
     def _now(self) -> dt.datetime:
@@ -150,7 +160,7 @@ class GatewayLifecycle:
         """At start, before the TLS context exists: the first view, and an issuer CRL on
         disk (OpenSSL needs one for every CA level). PkiError: the gateway does not start."""
         now = self._now()
-        view = read_view(self.inventory, now)
+        view = read_view(self.inventory, now, self._issuer_name)
         self._write_crl(now, view)
         self.view = view
         if self.issuer is None:
@@ -221,7 +231,7 @@ class GatewayLifecycle:
         self._apply_view(view)
 
     def _refresh(self, now: dt.datetime) -> InventoryView:
-        view = read_view(self.inventory, now)
+        view = read_view(self.inventory, now, self._issuer_name)
         self._write_crl(now, view)
         return view
 
@@ -251,10 +261,35 @@ class GatewayLifecycle:
 
     # ---- renewals ------------------------------------------------------------------
 
+    def _allow_renewal(self, name: str, now: float) -> float:
+        """0 when ``name`` may renew now, else the seconds until it may: a peer looping
+        renew/reconnect must not keep the issuer, the inventory and the CRL busy."""
+        tokens, last = self._renewal_budget.get(name, (RENEWAL_BURST, now))
+        tokens = min(RENEWAL_BURST, tokens + (now - last) / RENEWAL_REFILL_S)
+        if tokens < 1:
+            self._renewal_budget[name] = (tokens, now)
+            return (1 - tokens) * RENEWAL_REFILL_S
+        self._renewal_budget[name] = (tokens - 1, now)
+        return 0.0
+
     def renew(self, peer: Peer, request_id: int, csr_der: bytes) -> None:
         """A live session asks for a renewal: sign off the loop, answer on it."""
         loop = asyncio.get_running_loop()
         started = self._mono()
+        wait = self._allow_renewal(peer.identity.name, started)
+        if wait:
+            self.counts["renewals_refused"] += 1
+            msg = f"too many renewals of this certificate: try again in {wait:.0f} s"
+            audit.warning(
+                "renewal of %s refused: %s",
+                peer.identity.name,
+                msg,
+                extra={"event": "renewal", "result": "rate_limited", "peer": peer.identity.name},
+            )
+            with contextlib.suppress(LocalProtocolError):
+                peer.driver.session.refuse_renewal(request_id, RefusalCode.BUSY, msg, started)
+                peer.driver.flush()
+            return
         future = loop.run_in_executor(self._pool, self._sign, peer, csr_der)
         future.add_done_callback(lambda f: self._answer(peer, request_id, f, started))
 
@@ -338,7 +373,7 @@ class GatewayLifecycle:
         with Inventory.open(self.inventory) as inv:
             for old in sorted(effect.older):
                 marked += supersede(inv, old_serial=old, new_serial=effect.serial, now=now)
-        view = read_view(self.inventory, now)
+        view = read_view(self.inventory, now, self._issuer_name)
         self._write_crl(now, view)
         return marked
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from vpnd.pki.authority import (
     authority_key_identifier,
@@ -167,9 +168,13 @@ def create_issuer(
         .not_valid_after(na)
     )
     builder = _ca_extensions(builder, key.public_key(), 0)
-    builder = builder.add_extension(
-        authority_key_identifier(root_cert, root_key), critical=False
-    ).add_extension(_constraints(nets), critical=True)
+    builder = (
+        builder.add_extension(authority_key_identifier(root_cert, root_key), critical=False)
+        .add_extension(_constraints(nets), critical=True)
+        # Peers only: a gateway certificate minted with a stolen issuer key does not
+        # verify for clients (OpenSSL and cryptography apply a CA's EKU to its leaves).
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
     return builder.sign(root_key, signature_hash(root_key))
 
 

@@ -293,7 +293,9 @@ def sign_renewal(
         ident = _identity_for(inv, presented)
         record = _presented_record(inv, presented)
         orphan = _check_current(inv, ident, record, issuer)
-        generation = ident.generation + 1
+        # A retry replaces the never-used orphan at the same generation: however many
+        # answers get lost in a row, the peer can always try again.
+        generation = ident.generation + 1 if orphan is None else ident.generation
         cert = _sign(issuer, ident, key, window, generation)
         new = record_of(cert, issued_at=now, issuer_fp=issuer.fingerprint)
         inv.add(new)

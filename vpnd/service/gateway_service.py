@@ -274,10 +274,11 @@ class GatewayService:
         pki = cfg.pki
         if pki.inventory is None:
             return None
-        online = cfg.renewal.enabled or cfg.enrollment.enabled
         issuer = None
         try:
-            if pki.issuer is not None and online:
+            # Loaded whenever configured: even with renewal and enrollment off, the
+            # gateway keeps the issuer's CRL fresh for the peers it signed earlier.
+            if pki.issuer is not None:
                 issuer = load_issuer(
                     pki.issuer.cert,
                     pki.issuer.key,
