@@ -230,3 +230,34 @@ def test_quarantine_lets_an_expired_laptop_renew_and_refuses_a_revoked_one(lab: 
     status = json.loads(gateway_ctl(lab, "status", "--json"))
     assert status["issuer"]["not_after"]
     assert "Traceback" not in lab.hosts["gw"].log_text()
+
+
+def test_scheduled_renewals_at_two_thirds_of_the_lifetime_lose_no_ping(lab: Lab) -> None:
+    # 12 s certificates: the client renews by itself at about 8 s, with no hint at all.
+    start_gateway(lab, lifetime="12s")
+    files = enrolled(lab, "alice", "alice", "lan")
+    start_from(lab, "alice", files)
+    lab.wait_up("alice")
+    first = peers(lab)["alice"]
+    pings = lab.workdir / "scheduled-pings.log"
+    pinger = lab.hosts["alice"].ns.popen(
+        ["ping", "-n", "-i", "0.01", "-W", "1", "-c", "2500", LAN_HOST], pings
+    )
+    wait_until(
+        lambda: peers(lab).get("alice", {}).get("generation", 0) >= first["generation"] + 3,
+        40,
+        "three scheduled renewals",
+    )
+    try:
+        pinger.wait(60)
+    except subprocess.TimeoutExpired:
+        pinger.kill()
+        raise
+    summary = pings.read_text()
+    print(summary.strip().splitlines()[-2])
+    assert re.search(r"2500 packets transmitted, 2500 received", summary), (
+        lab.hosts["alice"].log_text() + lab.hosts["gw"].log_text()
+    )
+    log = lab.hosts["alice"].log_text()
+    assert log.count("tunnel up: tun0") == 1 and "tunnel down" not in log, log
+    assert "hint" not in lab.hosts["gw"].log_text().lower()

@@ -513,3 +513,14 @@ def test_no_key_material_in_refusals(world: World) -> None:
     pem = certificate_pem(alice.cert).decode()
     assert "BEGIN" not in str(err)
     assert pem.splitlines()[1] not in str(err)
+
+
+def test_short_lifetimes_are_backdated_by_at_most_a_tenth() -> None:
+    from vpnd.pki.issue_terms import BACKDATE, backdate_for
+
+    assert backdate_for(7 * 86400.0) == BACKDATE
+    assert backdate_for(12.0) == dt.timedelta(seconds=1.2)
+    # The renewal point (2/3 of notAfter - notBefore) then lies in the certificate's future.
+    lifetime = 12.0
+    back = backdate_for(lifetime).total_seconds()
+    assert 0.67 * (lifetime + back) > back

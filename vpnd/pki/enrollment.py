@@ -26,7 +26,7 @@ from vpnd.pki.authority import issue_certificate, verify_csr
 from vpnd.pki.enrollment_token import secret_matches
 from vpnd.pki.identity import PkiError, Role
 from vpnd.pki.inventory import STATE_ACTIVE, STATE_PENDING, IdentityRecord, Inventory, InviteRecord
-from vpnd.pki.issue_terms import BACKDATE, record_of
+from vpnd.pki.issue_terms import backdate_for, record_of
 from vpnd.pki.keys import PrivateKey, PublicKey, certificate_pem, fingerprint
 
 # What `vpnd enroll` writes into --dir; the gateway's client.yaml names them relative
@@ -172,7 +172,7 @@ def _sign(
         raise EnrollmentRefused(
             CODE_INVALID, f"{identity.name} is not a peer identity", name=identity.name
         )
-    not_before = max(now - BACKDATE, signer.cert.not_valid_before_utc)
+    not_before = max(now - backdate_for(lifetime_s), signer.cert.not_valid_before_utc)
     not_after = min(now + dt.timedelta(seconds=lifetime_s), signer.cert.not_valid_after_utc)
     if not_after <= now:
         raise EnrollmentRefused(CODE_UNAVAILABLE, "the issuer has expired", name=identity.name)

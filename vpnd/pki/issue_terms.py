@@ -28,6 +28,12 @@ DEFAULT_CRL_DAYS = 7
 BACKDATE = dt.timedelta(minutes=5)
 
 
+def backdate_for(lifetime_s: float) -> dt.timedelta:
+    """The backdate of a short-lived certificate: at most a tenth of its lifetime, so the
+    renewal schedule (a fraction of notAfter - notBefore) still lies in its future."""
+    return min(BACKDATE, dt.timedelta(seconds=lifetime_s / 10))
+
+
 class NameRecords(Protocol):
     def by_name(self, name: str) -> list[CertRecord]: ...
 

@@ -38,7 +38,7 @@ from vpnd.pki.inventory import (
     Inventory,
     serial_hex,
 )
-from vpnd.pki.issue_terms import BACKDATE, record_of
+from vpnd.pki.issue_terms import backdate_for, record_of
 from vpnd.pki.issuer import Issuer
 from vpnd.pki.keys import KEY_TYPES_LEAF, PublicKey, certificate_pem, key_type, public_key_of
 
@@ -241,7 +241,7 @@ def _window(issuer: Issuer, now: dt.datetime, lifetime_s: float) -> tuple[dt.dat
             ISSUER_EXPIRED,
             f"the issuing CA expires {issuer_na:%Y-%m-%d %H:%M} UTC: install a new one",
         )
-    return max(now - BACKDATE, issuer_nb), not_after
+    return max(now - backdate_for(lifetime_s), issuer_nb), not_after
 
 
 def _sign(
