@@ -254,3 +254,15 @@ def test_a_copy_refused_by_openssl_is_still_audited_as_a_possible_copy() -> None
     w.core.inventory = view(alice=standing(current=copy.cert.serial_number))
     (plain,) = w.core.tls_refused(*args, by_peer=False, now=w.now, wall=NOW.timestamp())
     assert isinstance(plain, Audit) and plain.fields["event"] == "auth_refused"
+
+
+def test_quarantine_needs_the_issuer_still_valid() -> None:
+    root = make_ca("corp", networks=["10.8.0.0/24"], path_length=1)
+    gone = root.intermediate("issuer", not_before=NOW - 10 * DAY, not_after=NOW - DAY // 2)
+    leaf = gone.issue(
+        "alice", addresses=["10.8.0.2"], not_before=NOW - 9 * DAY, not_after=NOW - DAY
+    )
+    w = World(trust=gone.trust(), quarantine_grace=2 * 86400.0)
+    chain = tuple(c.public_bytes(Encoding.DER) for c in leaf.chain)
+    found = w.core.verify(chain, "198.51.100.7:1", "198.51.100.7", wall=NOW.timestamp(), now=w.now)
+    assert isinstance(found, list)  # refused: the issuer itself has expired since

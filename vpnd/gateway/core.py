@@ -219,8 +219,19 @@ class GatewayCore(Generic[P]):
             check_revocation(ident, self.trust, now=when)  # today's CRLs, fresh, or refused
         except VerifyError:
             return None
+        if not self._cas_valid(chain, ident, when):
+            return None  # only the leaf may have expired, never its issuer or the root
         self._quarantine_next = (ident.issuer, ident.serial)
         return ident
+
+    def _cas_valid(self, chain: tuple[bytes, ...], ident: PeerIdentity, when: dt.datetime) -> bool:
+        try:
+            cas = [x509.load_der_x509_certificate(der) for der in chain[1:]]
+        except ValueError:
+            return False
+        anchor = anchor_of(ident)
+        cas += [r for r in self.trust.roots if r.subject.rfc4514_string() == anchor]
+        return all(c.not_valid_before_utc <= when < c.not_valid_after_utc for c in cas)
 
     def _refuse_unverified(
         self, chain: tuple[bytes, ...], remote: str, host: str, err: VerifyError, now: float

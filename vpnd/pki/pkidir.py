@@ -443,6 +443,20 @@ class PkiDir:
             for r in inv.revoked()
             if r.revoked_at is not None
         ]
+        # Root-signed certificates a renewal superseded (the gateway publishes the issuer's
+        # own in its CRL); an empty issuer_fp is a record from before issuers existed.
+        root_fp = fingerprint(ca_cert)
+        listed = {e.serial for e in entries}
+        entries += [
+            RevokedEntry(
+                serial=r.serial, revoked_at=r.superseded_at, reason=x509.ReasonFlags.superseded
+            )
+            for r in inv.superseded()
+            if r.superseded_at is not None
+            and r.serial not in listed
+            and r.issuer_fp in ("", root_fp)
+            and r.not_after > now - dt.timedelta(days=30)
+        ]
         next_update = now + dt.timedelta(days=days)
         crl = build_crl(
             ca_cert=ca_cert,
