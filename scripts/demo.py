@@ -3,7 +3,8 @@
 
 Builds a gateway with an internal LAN behind it, two employees' laptops and an
 outsider; makes a CA with vpnctl; shows that verified peers get through and that a
-certificate from another CA and a revoked one get nothing; then removes everything.
+certificate from another CA and a revoked one get nothing; enrolls a new laptop by
+invite and renews its certificate inside the tunnel; then removes everything.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "netns-tests"))
 
+import yaml  # noqa: E402
 from nslib import NetnsFactory, list_namespaces  # noqa: E402
-from vpnlab import GW_OVERLAY, LAN, LAN_HOST, Lab  # noqa: E402
+from vpnlab import GW_OVERLAY, GW_WAN, LAN, LAN_HOST, PORT, VPND, Lab  # noqa: E402
 
 # Default deny; eng may reach the LAN, everyone may ping the gateway, eng may ping ops.
 POLICY = {
@@ -77,7 +79,7 @@ def last_line(text: str, needle: str) -> str:
 
 def _network(demo: Demo, lab: Lab, factory: NetnsFactory) -> None:
     demo.section("1. Network: gateway + internal LAN, laptops alice, bob, carol, outsider mallory")
-    lab.build(clients=("alice", "bob", "mallory", "carol"))
+    lab.build(clients=("alice", "bob", "mallory", "carol", "dave"))
     print(f"  namespaces: {', '.join(ns.name for ns in factory.namespaces)}")
     print("  underlay 172.31.0.0/24 (gw .1), overlay 10.8.0.0/24, LAN 192.168.50.0/24")
 
@@ -88,6 +90,7 @@ def _pki(demo: Demo, lab: Lab) -> Path:
     lab.issue("alice", "--groups", "eng")
     lab.issue("bob", "--groups", "ops")
     lab.issue("carol")
+    demo.show(lab.vpnctl("ca", "issuer"))  # the online issuer: renewals and enrollments
     out = lab.vpnctl("revoke", "carol", "--reason", "keyCompromise")
     demo.show(out)
     demo.show(lab.vpnctl("list"))
@@ -106,7 +109,21 @@ def _gateway_and_peers(demo: Demo, lab: Lab) -> dict[str, str]:
     for rule in POLICY["rules"]:
         print(f"  policy: {rule}")
     before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
-    lab.start_gateway(policy=POLICY)
+    certs = lab.workdir / "certs" / "gw"
+    lab.start_gateway(
+        policy=POLICY,
+        pki={
+            "ca": str(lab.pki / "ca.pem"),
+            "cert": str(certs / "gw.pem"),
+            "key": str(certs / "gw.key"),
+            "crl": str(lab.pki / "crl.pem"),
+            "issuer": {"cert": str(lab.pki / "issuer.pem"), "key": str(lab.pki / "issuer.key")},
+            "inventory": str(lab.pki / "inventory.sqlite"),
+            "inventory_poll": "0.5s",
+        },
+        renewal={"enabled": True, "lifetime": "1h"},
+        enrollment={"enabled": True},
+    )
     demo.check("gateway listening on 172.31.0.1:4443", lambda: lab.wait_log("gw", "listening on"))
     lab.start_client("alice")
     lab.start_client("bob")
@@ -199,9 +216,54 @@ def _live_revocation(demo: Demo, lab: Lab) -> None:
     demo.check("alice was not interrupted", lambda: lab.ping("alice", GW_OVERLAY))
 
 
+def _self_managed(demo: Demo, lab: Lab) -> None:
+    demo.section("8. A new laptop joins by invite and its certificate manages itself")
+    out = lab.vpnctl("invite", "dave", "--server", f"{GW_WAN}:{PORT}", "--ttl", "1h")
+    token = next(line for line in out.splitlines() if line.startswith("vpnd1-"))
+    print(f"  vpnctl invite dave -> {token[:24]}... (one line, single use, 1 h)")
+    etc = lab.workdir / "dave-etc"
+    res = lab.hosts["dave"].ns.run(
+        [VPND, "enroll", "-", "--dir", str(etc)], check=False, input=token + "\n"
+    )
+    demo.check("dave: `vpnd enroll` made its key locally and got a certificate",
+               lambda: res.returncode == 0)  # fmt: skip
+    demo.show(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr)
+    cfg = yaml.safe_load((etc / "client.yaml").read_text())
+    for key in ("ca", "cert", "key"):
+        cfg["pki"][key] = str(etc / cfg["pki"][key])
+    cfg.update(tun={"name": "tun0"}, control_socket=str(lab.workdir / "dave.sock"))
+    lab._start(lab.hosts["dave"], cfg)
+    demo.check("dave: tunnel up from the client.yaml enroll wrote", lambda: lab.wait_log(
+        "dave", r"tunnel up: tun0"))  # fmt: skip
+    demo.check("dave (no groups) cannot reach the internal host",
+               lambda: not lab.ping("dave", LAN_HOST, count=1, timeout=1))  # fmt: skip
+    pinger = lab.hosts["dave"].ns.popen(
+        ["ping", "-n", "-i", "0.01", "-W", "1", "-c", "400", GW_OVERLAY],
+        lab.workdir / "ping-dave.log",
+    )
+    out = lab.vpnctl("update", "dave", "--groups", "eng", "--now",
+                     "--socket", str(lab.workdir / "gw.sock"))  # fmt: skip
+    demo.show(out)
+    demo.check(
+        "the gateway renewed dave's certificate in the tunnel (generation 2)",
+        lambda: lab.wait_log("gw", r"renewed dave: serial \w+ -> \w+ \(generation 2"),
+    )
+    demo.show(last_line(lab.hosts["gw"].log_text(), "renewed dave"))
+    reaches = lambda: lab.ping("dave", LAN_HOST, count=1, timeout=1)  # noqa: E731
+    demo.check("dave (now eng) reaches the internal host", lambda: lab.wait_for(reaches, 5))
+    pinger.wait(30)
+    summary = (lab.workdir / "ping-dave.log").read_text()
+    demo.check("not one of dave's 400 pings (10 ms apart) was lost across the renewal",
+               lambda: "400 packets transmitted, 400 received" in summary)  # fmt: skip
+    demo.check(
+        "dave's old certificate is superseded: listed in vpnctl list",
+        lambda: lab.wait_for(lambda: "superseded" in lab.vpnctl("list"), 5),
+    )
+
+
 def _teardown(demo: Demo, lab: Lab, before: dict[str, str]) -> None:
-    demo.section("8. Tear-down")
-    for name in ("mallory", "carol", "alice", "bob", "gw"):
+    demo.section("9. Tear-down")
+    for name in ("mallory", "carol", "dave", "alice", "bob", "gw"):
         lab.stop(name)
     demo.check(
         "alice's kernel state is exactly as before (ip addr + ip route)",
@@ -228,6 +290,7 @@ def main() -> int:
         _verified_traffic(demo, lab)
         _refused_peers(demo, lab, mallory_certs)
         _live_revocation(demo, lab)
+        _self_managed(demo, lab)
         _teardown(demo, lab, before)
     finally:
         problems = lab.cleanup() + factory.cleanup()
