@@ -13,7 +13,7 @@ from pki_fixtures import DAY, NOW, Leaf, make_ca
 from policy_fixtures import ACK, SYN, TCP, ipv4, tcp
 
 from vpnd.config import GroupMatch, NetworkMatch, PolicyConfig, Proto, RuleConfig
-from vpnd.gateway.effects import Audit, Drain, Log, Quarantine, Supersede
+from vpnd.gateway.effects import Audit, Drain, Log, Quarantine, Refuse, Supersede
 from vpnd.gateway.inventory_view import InventoryView, Standing, refusal
 from vpnd.pki.identity import PeerIdentity, Reason
 from vpnd.pki.keys import fingerprint
@@ -210,6 +210,9 @@ def test_quarantine_refuses_outside_the_grace_revoked_or_superseded() -> None:
 
     outside = try_(World(trust=ca.trust(), quarantine_grace=2 * 86400.0), old)
     assert isinstance(outside, list)  # expired 3 days ago, grace 2 days
+    (told,) = of_type(outside, Refuse)  # the same plain sentence as a cut at notAfter
+    assert told.code is CloseCode.CERT_EXPIRED
+    assert told.message == old.cert.not_valid_after_utc.isoformat()
     recent = ca.issue(
         "alice", addresses=["10.8.0.2"], not_before=NOW - 10 * DAY, not_after=NOW - DAY
     )

@@ -246,7 +246,13 @@ class GatewayCore(Generic[P]):
             out.append(Audit(WARNING, f"refused {remote}{who(found)}: {err}", {**fields, **found}))
         # The handshake already succeeded, so no TLS alert can carry our reason: a
         # CLOSE frame does, and the client prints it.
-        out.append(Refuse(CloseCode.AUTH_FAILED, err.reason.value))
+        expired = _expired_at(chain) if err.reason is Reason.EXPIRED else None
+        if expired is not None:
+            # (With a quarantine grace OpenSSL lets expired peers through; past the grace
+            # they hear the same sentence as a session cut at notAfter.)
+            out.append(Refuse(CloseCode.CERT_EXPIRED, expired))
+        else:
+            out.append(Refuse(CloseCode.AUTH_FAILED, err.reason.value))
         return out
 
     def tls_refused(
@@ -658,6 +664,13 @@ class GatewayCore(Generic[P]):
 
     def _fields(self, peer: PeerState) -> dict[str, object]:
         return peer_fields(peer.identity, peer.remote)
+
+
+def _expired_at(chain: tuple[bytes, ...]) -> str | None:
+    try:
+        return x509.load_der_x509_certificate(chain[0]).not_valid_after_utc.isoformat()
+    except (ValueError, IndexError):
+        return None
 
 
 def anchor_of(ident: PeerIdentity) -> str:
