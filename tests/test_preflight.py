@@ -377,3 +377,23 @@ def test_gateway_start_refuses_with_one_line_before_touching_anything(
     assert started == []  # refused before the TUN, netlink, nftables or the listener
     assert len(errors) == 1, errors
     assert errors[0].startswith("cannot start: ") and needle in errors[0]
+
+
+def test_the_online_issuer_is_checked(site: Site, tmp_path: Path) -> None:
+    from vpnd.files.atomic import PRIVATE, atomic_write
+    from vpnd.pki.keys import generate_key, private_key_pem
+
+    config = site.gateway()
+    text = config.read_text()
+    (site.dir / "issuer.pem").write_bytes((site.dir / "ca.pem").read_bytes())
+    atomic_write(site.dir / "issuer.key", private_key_pem(generate_key("ecdsa-p256")), PRIVATE)
+    (site.dir / "inventory.sqlite").write_bytes(b"x")
+    config.write_text(
+        text.replace(
+            "pki:\n",
+            f"pki:\n  issuer: {{cert: {site.dir}/issuer.pem, key: {site.dir}/issuer.key}}\n"
+            f"  inventory: {site.dir}/inventory.sqlite\n",
+            1,
+        )
+    )
+    one_problem(site.run(config), "pki.issuer:", "does not match")

@@ -41,6 +41,7 @@ from vpnd.net.ownership import LinkOwner, alias_owner, classify_link
 from vpnd.pki import TrustStore, load_trust_store, verify_chain
 from vpnd.pki.crl import crl_number, crl_problem, load_crls
 from vpnd.pki.identity import PkiError, Reason, Role, VerifyError
+from vpnd.pki.issuer import expiry_forecast, load_issuer
 from vpnd.pki.keys import load_certificates, load_private_key
 from vpnd.transport.tlsctx import TlsConfigError, client_context, server_context
 
@@ -80,6 +81,7 @@ def check(
     _check_identity(cfg, now, report)
     if gateway:
         assert isinstance(cfg, GatewayConfig)
+        _check_lifecycle(cfg, now, report)
         _check_port("listen", cfg.listen, report)
     if cfg.metrics.listen is not None:
         _check_port("metrics.listen", cfg.metrics.listen, report)
@@ -90,6 +92,37 @@ def check(
             "or grant it with AmbientCapabilities=CAP_NET_ADMIN"
         )
     return report
+
+
+# --- the online issuer and the inventory --------------------------------------------------
+
+
+def _check_lifecycle(cfg: GatewayConfig, now: dt.datetime, report: Report) -> None:
+    pki = cfg.pki
+    # The inventory is only opened at start: opening migrates an old schema, and a
+    # check has no side effects.
+    if pki.issuer is None:
+        return
+    try:
+        roots = load_certificates(pki.ca)
+        issuer = load_issuer(
+            pki.issuer.cert,
+            pki.issuer.key,
+            passphrase_file=pki.issuer.key_passphrase_file,
+            roots=roots,
+            now=now,
+        )
+    except PkiError as err:
+        report.problems.append(f"pki.issuer: {err}")
+        return
+    warning = expiry_forecast(
+        issuer.cert, now=now, lifetime_s=cfg.renewal.lifetime, warn_days=pki.expiry_warning_days
+    )
+    if warning:
+        report.warnings.append(f"pki.issuer: {warning}")
+    report.ok.append(
+        f"issuer {issuer.name} valid until {issuer.not_after.date().isoformat()}, signed by pki.ca"
+    )
 
 
 # --- certificate, key, CA and CRL ------------------------------------------------------
