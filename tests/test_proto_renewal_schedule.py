@@ -111,3 +111,18 @@ def test_unusable_parameters_are_one_clear_error(kwargs: dict[str, Any], words: 
     not_after = args.pop("not_after")
     with pytest.raises(ValueError, match=words):
         RenewalSchedule(T0, not_after, **args)
+
+
+def test_defer_until_holds_back_a_schedule_that_is_due_on_arrival() -> None:
+    from vpnd.proto.renewal import RenewalSchedule
+
+    # A certificate backdated by most of its lifetime: due the moment it arrives.
+    sched = RenewalSchedule(1000.0, 1100.0, at=0.5, jitter=0.0)
+    assert sched.due(1090.0)
+    sched.defer_until(1095.0)
+    assert not sched.due(1090.0) and sched.seconds_until(1090.0) == 5.0
+    assert sched.due(1095.0)
+    sched.defer_until(1000.0)  # never earlier than already planned
+    assert sched.next_attempt_wall() == 1095.0
+    sched.hint()  # a hint still renews at once
+    assert sched.due(1090.0)

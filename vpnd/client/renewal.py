@@ -43,6 +43,8 @@ POLL = 60.0
 NOT_CONNECTED_POLL = 1.0
 """How often a due renewal looks for a live session."""
 JITTER = 0.05
+MIN_RENEWAL_GAP = 60.0
+"""Seconds between two scheduled renewals at least (a tenth of the lifetime if shorter)."""
 """Spread of the renewal point, a fraction of the lifetime (less near the ends)."""
 MAX_CHAIN = 4
 """Certificates accepted in a RENEW_ISSUED answer (leaf, issuer, and some slack)."""
@@ -185,6 +187,9 @@ class Renewer:
                 jitter=min(JITTER, at / 2, (1.0 - at) / 2),
                 rng=self._rng,
             )
+            if self.last_renewed is not None:
+                gap = min(MIN_RENEWAL_GAP, sched.lifetime / 10)
+                sched.defer_until(self.last_renewed + gap)
             if self._hinted:
                 sched.hint()
             cached = (fp, at, sched)

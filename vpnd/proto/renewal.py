@@ -84,6 +84,11 @@ class RenewalSchedule:
         """Seconds from ``wall`` to the next attempt; 0 when due."""
         return 0.0 if self.due(wall) else self._next - wall
 
+    def defer_until(self, wall: float) -> None:
+        """No attempt before ``wall`` unless hinted: a certificate that is already due when
+        it arrives (a gateway that backdates a lot) must not be renewed in a loop."""
+        self._next = max(self._next, wall)
+
     def hint(self) -> None:
         """The gateway (or an operator) asked for a renewal: due at once."""
         self._hinted = True
