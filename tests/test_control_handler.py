@@ -314,5 +314,6 @@ async def test_status_and_metrics_show_the_issuer_and_the_lifecycle(gateway: Fak
         "quarantines": 4,
     }
     snap = ctl.metrics_snapshot()
+    assert [e.kind for e in snap.cert_expiry if e.kind == "issuer"] == ["issuer"]
     assert snap.renewals == {"issued": 3, "refused": 1}
     assert (snap.quarantines, snap.supersedes) == (4, 2)

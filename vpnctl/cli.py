@@ -357,7 +357,9 @@ def build_parser() -> CliParser:
         help="how long each signed CRL stays valid (nextUpdate), stored in the inventory",
     )
     _add_passphrase_option(p)
-    issuer_cli.register(command, ca_sub, _signing_pki, _add_passphrase_option)
+    issuer_cli.register(
+        command, ca_sub, _signing_pki, _add_passphrase_option, lambda a: PkiDir(_pki_path(a))
+    )
 
     p = command(
         "issue",

@@ -239,6 +239,10 @@ class GatewayControl:
             CertExpiry("ca", cert_summary(self.ca_cert, now).name, seconds_left(self.ca_cert, now)),
             *(CertExpiry("peer", name, left) for name, left in sorted(soonest.items())),
         ]
+        issuer = self._lifecycle.issuer_cert() if self._lifecycle is not None else None
+        if issuer is not None:
+            summary = cert_summary(issuer, now)
+            expiry.append(CertExpiry("issuer", summary.name, seconds_left(issuer, now)))
         crl = self._crl_info()
         totals = self.gateway.totals
         return MetricsSnapshot(

@@ -35,6 +35,7 @@ from vpnd.net.ownership import format_alias
 from vpnd.net.tun import TunDevice
 from vpnd.net.tun_writer import ThreadedTunWriter
 from vpnd.pki import TrustStore, load_trust_store
+from vpnd.pki.ca_forecast import CaExpiry, ExpiryWarner, ca_expiry
 from vpnd.pki.crl import crl_number
 from vpnd.pki.identity import IPNetwork, PkiError
 from vpnd.pki.issuer import load_issuer
@@ -44,6 +45,7 @@ from vpnd.service.enrollment_setup import build_enrollment
 from vpnd.service.reload_plan import ReloadPlan, plan_reload
 from vpnd.service.runstate import InstanceLock, InstanceState
 from vpnd.service.startup import (
+    EXPIRY_CHECK_INTERVAL,
     Edges,
     Listener,
     StartupError,
@@ -159,6 +161,7 @@ class GatewayService:
         self.control: GatewayControl | None = None
         self.listener: Listener | None = None
         self.lifecycle: GatewayLifecycle | None = None
+        self._ca_warner = ExpiryWarner()
         self._undo = contextlib.AsyncExitStack()
         self._stopped = False
 
@@ -302,6 +305,32 @@ class GatewayService:
         except PkiError as err:
             raise StartupError(str(err)) from None
         return lifecycle
+
+    def ca_expiries(self) -> list[CaExpiry]:
+        """The trusted roots and the online issuer, with how soon each expires."""
+        now = self.edges.now()
+        trust = self.watcher.trust if self.watcher is not None else None
+        out = [ca_expiry("root", root, now) for root in (trust.roots if trust else ())]
+        issuer = self.lifecycle.issuer if self.lifecycle is not None else None
+        if issuer is not None:
+            out.append(ca_expiry("issuer", issuer.cert, now))
+        return out
+
+    def warn_ca_expiry(self) -> None:
+        """Warn at 90, 30 and 7 days before a CA or the issuer expires (once each)."""
+        for exp in self._ca_warner.due(self.ca_expiries()):
+            level = logging.ERROR if exp.days_left < 7 else logging.WARNING
+            log.log(
+                level,
+                "%s",
+                exp.line(),
+                extra={"event": "ca_expiry", "ca": exp.name, "days_left": exp.days_left},
+            )
+
+    async def _ca_expiry_loop(self) -> None:
+        while True:
+            await self.edges.sleep(EXPIRY_CHECK_INTERVAL)
+            self.warn_ca_expiry()
 
     def _on_inventory(self, view: InventoryView) -> None:
         if self.gateway is not None:
@@ -468,6 +497,9 @@ class GatewayService:
             self._undo.push_async_callback(self.lifecycle.stop)
         expiry = asyncio.create_task(expiry_warnings(lambda: self.config, self.edges))
         self._undo.callback(expiry.cancel)
+        self.warn_ca_expiry()
+        cas = asyncio.create_task(self._ca_expiry_loop())
+        self._undo.callback(cas.cancel)
         if self.edges.signals:
             reload_on_sighup(self.control.reload, self._undo)
 
