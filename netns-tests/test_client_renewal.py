@@ -12,21 +12,8 @@ from vpnlab import LAN_HOST, VPNCTL, Lab
 
 def _renewing_gateway(lab: Lab) -> None:
     lab.vpnctl("ca", "issuer")
-    certs = lab.workdir / "certs" / "gw"
     lab.start_gateway(
-        pki={
-            "ca": str(lab.pki / "ca.pem"),
-            "cert": str(certs / "gw.pem"),
-            "key": str(certs / "gw.key"),
-            "crl": str(lab.pki / "crl.pem"),
-            "issuer": {
-                "cert": str(lab.pki / "issuer.pem"),
-                "key": str(lab.pki / "issuer.key"),
-                "crl": str(lab.workdir / "issuer-crl.pem"),
-            },
-            "inventory": str(lab.pki / "inventory.sqlite"),
-            "inventory_poll": "1s",
-        },
+        pki=lab.issuing_pki(inventory_poll="1s"),
         renewal={"enabled": True, "lifetime": "7d"},
     )
 

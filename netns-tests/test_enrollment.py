@@ -38,16 +38,8 @@ def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
 
 
 def start_gateway(lab: Lab) -> None:
-    certs = lab.workdir / "certs" / "gw"
     lab.start_gateway(
-        pki={
-            "ca": str(lab.pki / "ca.pem"),
-            "cert": str(certs / "gw.pem"),
-            "key": str(certs / "gw.key"),
-            "crl": str(lab.pki / "crl.pem"),
-            "issuer": {"cert": str(lab.pki / "issuer.pem"), "key": str(lab.pki / "issuer.key")},
-            "inventory": str(lab.pki / "inventory.sqlite"),
-        },
+        pki=lab.issuing_pki(),
         enrollment={"enabled": True},
     )
     assert lab.wait_log("gw", r"listening on"), lab.hosts["gw"].log_text()

@@ -46,21 +46,8 @@ def lab(netns_factory: NetnsFactory) -> Iterator[Lab]:
 
 
 def start_gateway(lab: Lab, *, lifetime: str = "1h", grace: str = "0s", **extra: object) -> None:
-    certs = lab.workdir / "certs" / "gw"
     lab.start_gateway(
-        pki={
-            "ca": str(lab.pki / "ca.pem"),
-            "cert": str(certs / "gw.pem"),
-            "key": str(certs / "gw.key"),
-            "crl": str(lab.pki / "crl.pem"),
-            "issuer": {
-                "cert": str(lab.pki / "issuer.pem"),
-                "key": str(lab.pki / "issuer.key"),
-                "crl": str(lab.workdir / "issuer-crl.pem"),
-            },
-            "inventory": str(lab.pki / "inventory.sqlite"),
-            "inventory_poll": "0.5s",
-        },
+        pki=lab.issuing_pki(),
         renewal={"enabled": True, "lifetime": lifetime, "quarantine_grace": grace},
         enrollment={"enabled": True},
         **extra,

@@ -191,6 +191,24 @@ class Lab:
         host.overlay_ip = GW_OVERLAY
         return self._start(host, cfg)
 
+    def issuing_pki(self, *, inventory_poll: str = "0.5s") -> dict[str, object]:
+        """The gateway's ``pki:`` with the online issuer (``vpnctl ca issuer``, made by the
+        caller) and the inventory: what renewal and enrollment need."""
+        certs = self.workdir / "certs" / "gw"
+        return {
+            "ca": str(self.pki / "ca.pem"),
+            "cert": str(certs / "gw.pem"),
+            "key": str(certs / "gw.key"),
+            "crl": str(self.pki / "crl.pem"),
+            "issuer": {
+                "cert": str(self.pki / "issuer.pem"),
+                "key": str(self.pki / "issuer.key"),
+                "crl": str(self.workdir / "issuer-crl.pem"),
+            },
+            "inventory": str(self.pki / "inventory.sqlite"),
+            "inventory_poll": inventory_poll,
+        }
+
     def start_client(self, name: str, certs: Path | None = None, **extra: object) -> Host:
         host = self.hosts[name]
         certs = certs or self.workdir / "certs" / name

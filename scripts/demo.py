@@ -109,18 +109,9 @@ def _gateway_and_peers(demo: Demo, lab: Lab) -> dict[str, str]:
     for rule in POLICY["rules"]:
         print(f"  policy: {rule}")
     before = {n: lab.hosts[n].ns.snapshot() for n in ("gw", "alice")}
-    certs = lab.workdir / "certs" / "gw"
     lab.start_gateway(
         policy=POLICY,
-        pki={
-            "ca": str(lab.pki / "ca.pem"),
-            "cert": str(certs / "gw.pem"),
-            "key": str(certs / "gw.key"),
-            "crl": str(lab.pki / "crl.pem"),
-            "issuer": {"cert": str(lab.pki / "issuer.pem"), "key": str(lab.pki / "issuer.key")},
-            "inventory": str(lab.pki / "inventory.sqlite"),
-            "inventory_poll": "0.5s",
-        },
+        pki=lab.issuing_pki(),
         renewal={"enabled": True, "lifetime": "1h"},
         enrollment={"enabled": True},
     )

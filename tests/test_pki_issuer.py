@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from vpnd.files.atomic import PRIVATE, PUBLIC, atomic_write
-from vpnd.pki.authority import ca_networks, create_ca, issue_certificate
+from vpnd.pki.authority import (
+    ca_extensions,
+    ca_networks,
+    create_ca,
+    ip_constraints,
+    issue_certificate,
+)
 from vpnd.pki.identity import PkiError, Reason, Role, VerifyError
 from vpnd.pki.issuer import (
     allows_issuer,
@@ -22,7 +29,7 @@ from vpnd.pki.issuer import (
     upgrade_root,
 )
 from vpnd.pki.keys import PrivateKey, certificate_pem, generate_key, private_key_pem
-from vpnd.pki.verify import TrustStore, verify_peer
+from vpnd.pki.verify import TrustStore, VerifyOptions, verify_peer
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -128,37 +135,43 @@ def test_a_pathlen0_root_refuses_issuers_until_upgraded() -> None:
         upgrade_root(new, old[1])
 
 
-def test_two_levels_below_the_root_are_refused() -> None:
-    ca = root(path_length=3)
-    mid = issuer(ca)
-    # Hand-build a CA under the issuer with room for more (what a stolen key might try).
+def _ca_under(
+    parent: tuple[x509.Certificate, PrivateKey], name: str, path_length: int
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A hand-built CA with room below it: what a stolen key might mint."""
     key = generate_key("ecdsa-p256")
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    deeper = (
+    public = key.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "deeper")]))
-        .issuer_name(mid[0].subject)
-        .public_key(key.public_key())
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .issuer_name(parent[0].subject)
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - DAY)
         .not_valid_after(NOW + 30 * DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(mid[1].public_key()),
-            critical=False,
-        )
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.IPAddress(NET)], excluded_subtrees=None),
-            critical=True,
-        )
-        .sign(mid[1], hashes.SHA256())
     )
+    builder = ca_extensions(builder, public, path_length)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(parent[1].public_key()),
+        critical=False,
+    ).add_extension(ip_constraints([NET]), critical=True)
+    return builder.sign(parent[1], hashes.SHA256()), key
+
+
+def test_two_levels_below_the_root_are_refused() -> None:
+    # Every pathlen allows the chain: only the verifier's one-intermediate limit refuses.
+    ca = root(path_length=3)
+    mid = _ca_under(ca, "mid", 2)
+    deeper = _ca_under(mid, "deeper", 1)
+    chain = [leaf(deeper), deeper[0], mid[0]]
+    unlimited = VerifyOptions(max_chain_depth=None)
+    verify_peer(chain, now=NOW, role=Role.PEER, trust=trust(ca[0]), options=unlimited)
     with pytest.raises(VerifyError) as info:
-        verify_peer(
-            [leaf((deeper, key)), deeper, mid[0]], now=NOW, role=Role.PEER, trust=trust(ca[0])
-        )
+        verify_peer(chain, now=NOW, role=Role.PEER, trust=trust(ca[0]))
     assert info.value.reason is Reason.CHAIN_INVALID
+    # One level (the issuer's place) still verifies.
+    verify_peer([leaf(mid), mid[0]], now=NOW, role=Role.PEER, trust=trust(ca[0]))
 
 
 def write_issuer(tmp_path: Path, cert: x509.Certificate, key: PrivateKey) -> tuple[Path, Path]:

@@ -125,9 +125,8 @@ def refusal_line(event: RenewalRefused) -> str:
 
 
 def generation_of(identity: PeerIdentity | None) -> int | None:
-    """The certificate's generation counter once ``PeerIdentity`` carries it."""
-    value = getattr(identity, "generation", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """The certificate's generation counter (None while no identity is known)."""
+    return identity.generation if identity is not None else None
 
 
 Adopt = Callable[[bool], Awaitable[bool]]

@@ -51,7 +51,6 @@ from vpnd.gateway.inventory_view import (
     InventoryView,
     Standing,
     effective_groups,
-    generation_of,
     possible_copy,
     refusal,
     to_supersede,
@@ -59,8 +58,7 @@ from vpnd.gateway.inventory_view import (
 from vpnd.gateway.peer_state import PeerState
 from vpnd.pki import TrustStore, check_revocation, verify_peer
 from vpnd.pki.identity import IPAddress, IPNetwork, PeerIdentity, Reason, Role, VerifyError
-from vpnd.pki.profile import describe_certificate
-from vpnd.pki.profile import generation_of as generation_of_cert
+from vpnd.pki.profile import describe_certificate, generation_of
 from vpnd.policy.addresses import AddressConflict, AddressTable
 from vpnd.policy.firewall import Firewall, PeerView
 from vpnd.policy.takeover import CLONE_REASON, TakeoverGuard, Verdict
@@ -295,7 +293,7 @@ class GatewayCore(Generic[P]):
         try:
             cert = x509.load_der_x509_certificate(der)
             info = describe_certificate(cert)
-            generation = generation_of_cert(cert)
+            generation = generation_of(cert)
         except Exception:  # a refused peer's certificate may be anything
             return None
         # Only a certificate the inventory itself superseded: a forged look-alike
@@ -682,7 +680,7 @@ def anchor_of(ident: PeerIdentity) -> str:
 
 
 def _age(ident: PeerIdentity) -> tuple[int, dt.datetime, int]:
-    return (generation_of(ident), ident.not_before, ident.serial)
+    return (ident.generation, ident.not_before, ident.serial)
 
 
 def _without_older(standing: Standing) -> Standing:

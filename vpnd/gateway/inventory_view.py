@@ -57,7 +57,7 @@ def refusal(identity: PeerIdentity, view: InventoryView, wall: dt.datetime) -> R
     serial = identity.serial
     if serial in view.revoked:
         return Refusal(Reason.REVOKED, f"serial {serial:x} is revoked")
-    copy = possible_copy(identity.name, serial, generation_of(identity), view, wall)
+    copy = possible_copy(identity.name, serial, identity.generation, view, wall)
     if copy is not None:
         return copy
     if serial in view.superseded:
@@ -86,11 +86,6 @@ def possible_copy(
         f"serial {serial:x} (generation {generation}) was superseded by generation "
         f"{standing.generation}: refused as a possible copy",
     )
-
-
-def generation_of(identity: PeerIdentity) -> int:
-    """The certificate's renewal generation (1 when it carries none)."""
-    return identity.generation
 
 
 def effective_groups(identity: PeerIdentity, view: InventoryView | None) -> frozenset[str]:

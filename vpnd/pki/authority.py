@@ -120,6 +120,7 @@ def create_ca(
     if not isinstance(path_length, int) or not 0 <= path_length <= 8:
         raise PkiError(f"path length must be between 0 and 8, not {path_length!r}")
     public = signer.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)  # _check_ca_key: EC only
     ski = x509.SubjectKeyIdentifier.from_public_key(public)
     builder = (
         x509.CertificateBuilder()
@@ -129,7 +130,22 @@ def create_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(nb)
         .not_valid_after(na)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+    )
+    builder = ca_extensions(builder, public, path_length)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+    ).add_extension(ip_constraints(nets), critical=True)
+    return builder.sign(signer, signature_hash(signer))
+
+
+def ca_extensions(
+    builder: x509.CertificateBuilder, public: ec.EllipticCurvePublicKey, path_length: int
+) -> x509.CertificateBuilder:
+    """What every vpnd CA carries: CA with ``path_length``, keyCertSign + cRLSign, SKI."""
+    return (
+        builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=path_length), critical=True
+        )
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -144,18 +160,15 @@ def create_ca(
             ),
             critical=True,
         )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .add_extension(
-            x509.NameConstraints(
-                permitted_subtrees=[x509.IPAddress(n) for n in nets], excluded_subtrees=None
-            ),
-            critical=True,
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
-    return builder.sign(signer, signature_hash(signer))
+
+
+def ip_constraints(networks: Sequence[IPNetwork]) -> x509.NameConstraints:
+    """Name constraints permitting exactly the overlay ``networks``."""
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.IPAddress(n) for n in networks], excluded_subtrees=None
+    )
 
 
 def ca_networks(ca_cert: x509.Certificate) -> tuple[IPNetwork, ...]:

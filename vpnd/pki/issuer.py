@@ -26,8 +26,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from vpnd.pki.authority import (
     authority_key_identifier,
+    ca_extensions,
     ca_networks,
     check_ca_pair,
+    ip_constraints,
     signature_hash,
 )
 from vpnd.pki.extensions import get_extension_or_none
@@ -78,36 +80,6 @@ def allows_issuer(root: x509.Certificate) -> bool:
     """Whether certificates signed by an intermediate of ``root`` can verify."""
     depth = path_length(root)
     return depth is None or depth >= 1
-
-
-def _ca_extensions(
-    builder: x509.CertificateBuilder, public: ec.EllipticCurvePublicKey, depth: int
-) -> x509.CertificateBuilder:
-    ski = x509.SubjectKeyIdentifier.from_public_key(public)
-    return (
-        builder.add_extension(x509.BasicConstraints(ca=True, path_length=depth), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-    )
-
-
-def _constraints(networks: Sequence[IPNetwork]) -> x509.NameConstraints:
-    return x509.NameConstraints(
-        permitted_subtrees=[x509.IPAddress(n) for n in networks], excluded_subtrees=None
-    )
 
 
 def _networks_within(
@@ -167,10 +139,10 @@ def create_issuer(
         .not_valid_before(nb)
         .not_valid_after(na)
     )
-    builder = _ca_extensions(builder, key.public_key(), 0)
+    builder = ca_extensions(builder, key.public_key(), 0)
     builder = (
         builder.add_extension(authority_key_identifier(root_cert, root_key), critical=False)
-        .add_extension(_constraints(nets), critical=True)
+        .add_extension(ip_constraints(nets), critical=True)
         # Peers only: a gateway certificate minted with a stolen issuer key does not
         # verify for clients (OpenSSL and cryptography apply a CA's EKU to its leaves).
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -208,11 +180,11 @@ def upgrade_root(root_cert: x509.Certificate, root_key: PrivateKey) -> x509.Cert
         .not_valid_before(root_cert.not_valid_before_utc)
         .not_valid_after(root_cert.not_valid_after_utc)
     )
-    builder = _ca_extensions(builder, public, 1)
+    builder = ca_extensions(builder, public, 1)
     ski = x509.SubjectKeyIdentifier.from_public_key(public)
     builder = builder.add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-    ).add_extension(_constraints(ca_networks(root_cert)), critical=True)
+    ).add_extension(ip_constraints(ca_networks(root_cert)), critical=True)
     return builder.sign(root_key, signature_hash(root_key))
 
 
