@@ -227,8 +227,7 @@ class GatewayCore(Generic[P]):
             cas = [x509.load_der_x509_certificate(der) for der in chain[1:]]
         except ValueError:
             return False
-        anchor = anchor_of(ident)
-        cas += [r for r in self.trust.roots if r.subject.rfc4514_string() == anchor]
+        cas += [r for r in self.trust.roots if _is_root_of(r, ident)]
         return all(c.not_valid_before_utc <= when < c.not_valid_after_utc for c in cas)
 
     def _refuse_unverified(
@@ -672,11 +671,20 @@ def _expired_at(chain: tuple[bytes, ...]) -> str | None:
 
 
 def anchor_of(ident: PeerIdentity) -> str:
-    """The root a peer's chain ends at (by name): a renewal signed by the online issuer
-    is the same peer as the root-signed certificate it replaces."""
+    """The CA a peer's chain ends at, as a lineage: a renewal signed by the online issuer
+    is the same peer as the root-signed certificate it replaces, and a certificate under
+    a rotated root (the next generation of the same CA) the same as one under the old."""
+    if ident.lineage:
+        return ident.lineage
     if ident.chain_serials:
         return ident.chain_serials[-1][0]
     return ident.issuer
+
+
+def _is_root_of(root: x509.Certificate, ident: PeerIdentity) -> bool:
+    if ident.root_fingerprint:
+        return root.fingerprint(hashes.SHA256()).hex() == ident.root_fingerprint
+    return root.subject.rfc4514_string() == anchor_of(ident)
 
 
 def _age(ident: PeerIdentity) -> tuple[int, dt.datetime, int]:

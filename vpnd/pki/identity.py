@@ -106,6 +106,11 @@ class PeerIdentity:
     what a live CRL re-check needs to find revoked intermediates."""
     generation: int = 1
     """Renewal generation from the generation extension (1 when absent)."""
+    lineage: str = ""
+    """The verified root's DN without generationQualifier: a rotated root is the same CA
+    (``vpnd.pki.names.lineage``); empty when not known."""
+    root_fingerprint: str = ""
+    """SHA-256 of the root the chain was verified to (which CA of a rotation)."""
 
     @property
     def serial_hex(self) -> str:

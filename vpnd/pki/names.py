@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from vpnd.pki.identity import PkiError
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -75,3 +78,14 @@ def canonical_dns_name(raw: str) -> str:
                 "(no wildcards, no leading or trailing '-')"
             )
     return dns
+
+
+def lineage(name: x509.Name) -> str:
+    """A CA's lineage: its DN without generationQualifier. A rotated root is the next
+    generation of the same CA, so a peer's name under either is the same peer."""
+    kept = [
+        x509.RelativeDistinguishedName([a for a in rdn if a.oid != NameOID.GENERATION_QUALIFIER])
+        for rdn in name.rdns
+        if any(a.oid != NameOID.GENERATION_QUALIFIER for a in rdn)
+    ]
+    return x509.Name(kept).rfc4514_string()

@@ -24,12 +24,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from vpnd.pki.crl import crl_pem, crl_problem
 from vpnd.pki.identity import PkiError
 from vpnd.pki.issuer import signed_by
 from vpnd.pki.keys import PrivateKey, certificate_pem, fingerprint
+from vpnd.pki.names import lineage
+
+__all__ = ["TrustBundle", "lineage", "parse_bundle", "sign_bundle", "verify_bundle"]
 
 FORMAT = "vpnd-trust/1"
 MAX_BYTES = 200 * 1024
@@ -56,17 +58,6 @@ class TrustBundle:
     @property
     def root_fingerprints(self) -> tuple[str, ...]:
         return tuple(fingerprint(r) for r in self.roots)
-
-
-def lineage(name: x509.Name) -> str:
-    """The CA's lineage: its DN without generationQualifier. A rotated root is the next
-    generation of the same CA, so a peer's name under either is the same peer."""
-    kept = [
-        x509.RelativeDistinguishedName([a for a in rdn if a.oid != NameOID.GENERATION_QUALIFIER])
-        for rdn in name.rdns
-        if any(a.oid != NameOID.GENERATION_QUALIFIER for a in rdn)
-    ]
-    return x509.Name(kept).rfc4514_string()
 
 
 def _sign(key: PrivateKey, data: bytes) -> bytes:

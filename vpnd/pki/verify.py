@@ -42,7 +42,7 @@ from vpnd.pki.identity import (
     VerifyError,
 )
 from vpnd.pki.keys import fingerprint, load_certificates
-from vpnd.pki.names import canonical_dns_name, canonical_name
+from vpnd.pki.names import canonical_dns_name, canonical_name, lineage
 from vpnd.pki.profile import generation_of, peer_attributes_of
 from vpnd.pki.strength import weak_key, weak_signature
 
@@ -568,6 +568,8 @@ def verify_peer(
             (cert.issuer.rfc4514_string(), cert.serial_number) for cert in built[:-1]
         ),
         generation=generation,
+        lineage=lineage(built[-1].subject),
+        root_fingerprint=fingerprint(built[-1]),
     )
 
 
