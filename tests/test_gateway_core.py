@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import struct
@@ -110,6 +111,26 @@ def test_a_renewal_under_another_ca_is_a_different_peer() -> None:
     w.join(ident("alice", "10.8.0.2", issuer="CN=one"))
     new, effects = w.join(ident("alice", "10.8.0.3", issuer="CN=two", serial=9))
     assert not closes(effects) and new.admitted
+
+
+def test_a_renewal_under_the_rotated_root_takes_over() -> None:
+    # The next generation of the same CA (vpnctl ca rotate): the same peer, so the new
+    # certificate takes over the live session instead of an address conflict.
+    w = World()
+    old_id = dataclasses.replace(
+        ident("alice", "10.8.0.2", issuer="CN=corp-ca"), lineage="CN=corp-ca"
+    )
+    new_id = dataclasses.replace(
+        ident("alice", "10.8.0.2", issuer="2.5.4.44=2,CN=corp-ca", serial=9),
+        lineage="CN=corp-ca",
+        generation=2,
+    )
+    old, _ = w.join(old_id)
+    new, effects = w.join(new_id)
+    assert of_type(effects, Drain) == [
+        Drain(old.key, 1.0, CloseCode.REPLACED, "replaced by a renewed certificate")
+    ]
+    assert w.core.table.lookup(ipaddress.ip_address("10.8.0.2")) is new
 
 
 # (seconds since the first session, admitted?) with 2 takeovers per 10 s, a 30 s hold.
